@@ -1,0 +1,138 @@
+"""`fabula create`: bring up the whole architecture, idempotently.
+
+Order (as FabulAWS does it): servers and firewalls; then the databases, the cache and the
+release build side by side; then the worker, which runs migrations; then the web servers; the
+load balancer last, so web servers take traffic only once the schema is in place.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from fabula import pki, release, secrets
+from fabula.context import Context
+from fabula.errors import ConfigError, FabulaError
+from fabula.providers.base import Backend, Host
+from fabula.roles import ROLES
+from fabula.roles.web import HTTPS_PORT
+from fabula.roles.worker import migrate
+from fabula.supervisor import Supervisor
+from fabula.topology import plan_servers
+
+
+def check_ports_free(ctx: Context) -> None:
+    lb = ctx.env.lb
+    if ctx.provider.load_balancer.is_running():
+        return  # ours already holds them
+    for key, port in (("https_port", lb.https_port), ("http_port", lb.http_port)):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((str(lb.bind), port))
+            except OSError as exc:
+                raise ConfigError(f"{ctx.config.path}: environments.{ctx.env_name}.lb.{key}: "
+                                  f"{lb.bind}:{port} is not available ({exc.strerror})",
+                                  "choose a free port, or stop what uses it "
+                                  f"(`ss -ltnp 'sport = :{port}'` shows it)") from None
+
+
+def in_parallel(ctx: Context, items: list, action: Callable) -> list:
+    """Run `action` on each item at once; if any fail, raise one error naming each failure."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        futures = [pool.submit(action, item) for item in items]
+    errors = [f.exception() for f in futures if f.exception()]
+    if errors:
+        if len(errors) == 1:
+            raise errors[0]
+        raise FabulaError("\n".join(str(e) for e in errors))
+    return [f.result() for f in futures]
+
+
+def create(ctx: Context) -> None:
+    ctx.provider.check_prerequisites()
+    check_ports_free(ctx)
+    started = time.monotonic()
+    ctx.paths.env_dir.mkdir(parents=True, exist_ok=True)
+    ctx.paths.env_dir.chmod(0o755)
+    if not ctx.state.subnet:
+        ctx.provider.allocate_subnet()
+    ctx.state.servers = plan_servers(ctx.env, ctx.state)
+    ctx.state.save(ctx.paths)  # recorded before anything is made, so `destroy` can always find it
+    ctx.secrets = secrets.load_or_create(ctx.paths)
+    ctx.ca = pki.CertificateAuthority(ctx.paths)
+
+    ctx.out.step("network", f"subnet {ctx.state.subnet}")
+    ctx.provider.ensure_network()
+    servers = list(ctx.state.servers.values())
+    for record in servers:
+        ctx.hosts[record.name] = ctx.provider.ensure_server(record.name, record.role, record.address)
+    for host in ctx.hosts.values():
+        ctx.provider.apply_firewall(host, ROLES[host.role].ingress(ctx))
+    in_parallel(ctx, list(ctx.hosts.values()), lambda h: Supervisor(h).ensure_running())
+    ctx.out.step("servers", f"{len(servers)} up: " + ", ".join(f"{s.name} {s.address}" for s in servers))
+
+    def databases() -> None:
+        converge(ctx, ctx.host(ctx.state.one("db-primary").name))
+        in_parallel(ctx, [ctx.host(r.name) for r in ctx.state.by_role("db-replica")],
+                    lambda h: converge(ctx, h))
+
+    def cache() -> None:
+        converge(ctx, ctx.host(ctx.state.one("cache").name))
+
+    def build() -> None:
+        ctx.release = release.build(ctx)
+
+    in_parallel(ctx, [databases, cache, build], lambda job: job())
+
+    workers = [ctx.host(s.name) for s in ctx.state.by_role("worker")]
+    webs = [ctx.host(s.name) for s in ctx.state.by_role("web")]
+    in_parallel(ctx, workers, lambda h: converge(ctx, h))
+    if not workers:
+        migrate_on = webs[0]
+        ROLES["web"].converge(ctx, migrate_on)
+        migrate(ctx, migrate_on)
+    in_parallel(ctx, webs, lambda h: converge(ctx, h))
+
+    ctx.provider.load_balancer.ensure([Backend(h.name, h.address, HTTPS_PORT) for h in webs])
+    wait_in_service(ctx, [h.name for h in webs])
+    for record in servers:
+        if record.role in ("web", "worker"):
+            record.release = ctx.release.id
+    ctx.state.release = ctx.release.id
+    ctx.state.save(ctx.paths)
+    remove_surplus(ctx)
+    ctx.out.step("done", f"environment {ctx.env_name} is up in {time.monotonic() - started:.1f}s")
+
+
+def converge(ctx: Context, host: Host) -> None:
+    ROLES[host.role].converge(ctx, host)
+
+
+def wait_in_service(ctx: Context, names: list[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = ctx.provider.load_balancer.health()
+        down = [n for n in names if health.get(n) != "UP"]
+        if not down:
+            ctx.out.step("lb", f"{len(names)} web server(s) in service at {ctx.provider.load_balancer.url()}")
+            return
+        if time.monotonic() > deadline:
+            raise FabulaError(f"load balancer: {', '.join(down)} not healthy after {timeout:.0f}s "
+                              f"(GET /healthcheck.html over HTTPS)",
+                              f"see `fabula logs {ctx.env_name} {down[0]}`")
+        time.sleep(0.3)
+
+
+def remove_surplus(ctx: Context) -> None:
+    """Servers that exist on the machine but are no longer in the plan (fewer web servers asked)."""
+    prefix_dir = ctx.paths.servers_dir
+    if not prefix_dir.exists():
+        return
+    for path in prefix_dir.iterdir():
+        if path.name not in ctx.state.servers:
+            ctx.out.step(path.name, "removing (no longer in fabula.yml)")
+            ctx.provider.remove_server(path.name)

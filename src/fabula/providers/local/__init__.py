@@ -1,0 +1,189 @@
+"""The local provider: each server is a Linux network namespace on a bridge of its environment,
+with its own address, nftables firewall, private directory and supervisord."""
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from fabula.config import EnvironmentConfig
+from fabula.errors import FabulaError, PermissionError_, PrerequisiteError
+from fabula.providers.base import Host, IngressRule, Provider, run_local
+from fabula.providers.local import network
+from fabula.providers.local.host import LocalHost
+from fabula.providers.local.loadbalancer import HAProxyLoadBalancer
+from fabula.state import EnvPaths, EnvState
+from fabula.templates import render
+
+AUTO_SUBNETS = ipaddress.ip_network("10.213.0.0/16")
+# commands the local provider itself needs, and the Debian package that has each
+TOOLS = {"ip": "iproute2", "nft": "nftables", "supervisord": "supervisor", "haproxy": "haproxy",
+         "setpriv": "util-linux"}
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def kill_and_wait(pids: list[int], grace: float = 15) -> None:
+    """TERM, then KILL what is still there after `grace` seconds; wait until all are gone."""
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_all(_alive(pids), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line names `text` (an environment's directory), in any namespace."""
+    needle = text.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+class LocalProvider(Provider):
+    name = "local"
+
+    def __init__(self, paths: EnvPaths, env: EnvironmentConfig, state: EnvState):
+        self.paths, self.env, self.state = paths, env, state
+        self.bridge = f"fb{paths.tag}"
+        self.load_balancer = HAProxyLoadBalancer(env.lb, paths.lb_dir, paths.pki_dir / "ca.pem",
+                                                 lambda: self.gateway, paths.project, paths.env)
+
+    # -- naming ---------------------------------------------------------------------------
+    def netns(self, server: str) -> str:
+        return f"fab.{self.paths.project}.{self.paths.env}.{server}"
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network | None:
+        return ipaddress.ip_network(self.state.subnet) if self.state.subnet else None
+
+    @property
+    def gateway(self) -> str | None:
+        return str(next(self.subnet.hosts())) if self.subnet else None
+
+    # -- checks ---------------------------------------------------------------------------
+    def check_prerequisites(self) -> None:
+        if os.geteuid() != 0:
+            raise PermissionError_("the local provider needs root: it makes network namespaces, "
+                                   "a bridge and firewall tables", "run fabula with sudo (or as root)")
+        missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+        if missing:
+            raise PrerequisiteError(f"missing Debian package(s): {', '.join(missing)}",
+                                    f"run `make setup` or `apt-get install {' '.join(missing)}`")
+
+    def allocate_subnet(self) -> str:
+        if self.env.subnet:
+            return str(self.env.subnet)
+        lock_path = self.paths.root / ".subnets.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            taken = network.routed_networks()
+            for other in self.paths.root.glob("*/state.json"):
+                subnet = json.loads(other.read_text()).get("subnet")
+                if subnet and other.parent != self.paths.env_dir:
+                    taken.append(ipaddress.ip_network(subnet))
+            for candidate in AUTO_SUBNETS.subnets(new_prefix=24):
+                if not any(candidate.overlaps(t) for t in taken):
+                    self.state.subnet = str(candidate)
+                    self.state.save(self.paths)  # claimed while the lock is held
+                    return str(candidate)
+        raise FabulaError(f"no free /24 left in {AUTO_SUBNETS}", "set `subnet:` for this environment")
+
+    # -- servers --------------------------------------------------------------------------
+    def ensure_network(self) -> None:
+        network.ensure_bridge(self.bridge, self.gateway, self.subnet.prefixlen)
+
+    def _host(self, name: str, role: str, address: str) -> LocalHost:
+        return LocalHost(name, role, address, self.paths.servers_dir / name, self.netns(name))
+
+    def host(self, name: str, role: str, address: str) -> Host:
+        return self._host(name, role, address)
+
+    def server_exists(self, name: str) -> bool:
+        return self.netns(name) in network.netns_names()
+
+    def ensure_server(self, name: str, role: str, address: str) -> Host:
+        host = self._host(name, role, address)
+        network.ensure_namespace(self.netns(name), network.veth_name(self.paths.tag, name), self.bridge,
+                                 address, self.subnet.prefixlen, self.gateway)
+        host.make_dirs([self.paths.servers_dir, Path(host.root)])
+        host.make_dirs([host.path(d) for d in ("etc", "run", "log", "data", "releases", "tmp")])
+        return host
+
+    def apply_firewall(self, host: Host, rules: list[IngressRule]) -> bool:
+        ruleset = render(__file__, "firewall.nft.j2", server=host.name, subnet=str(self.subnet), rules=rules)
+        changed = host.put_file(host.path("etc", "firewall.nft"), ruleset, mode=0o600)
+        if changed or not host.run(["nft", "list", "table", "inet", "fabula"]).ok:
+            host.check(["nft", "-f", str(host.path("etc", "firewall.nft"))])
+        return changed
+
+    def _stop_server(self, name: str) -> None:
+        netns = self.netns(name)
+        if netns not in network.netns_names():
+            return
+        conf = self.paths.servers_dir / name / "supervisor" / "supervisord.conf"
+        host = self._host(name, "", "")
+        if host.supervisor_pid(conf):
+            # an orderly stop first: PostgreSQL shuts down cleanly, Celery finishes its tasks
+            host.run(["supervisorctl", "-c", str(conf), "shutdown"], timeout=90)
+        pids = [int(p) for p in run_local(["ip", "netns", "pids", netns]).stdout.split()]
+        kill_and_wait(pids)
+
+    def remove_server(self, name: str) -> None:
+        self._stop_server(name)
+        network.remove_namespace(self.netns(name), network.veth_name(self.paths.tag, name))
+        shutil.rmtree(self.paths.servers_dir / name, ignore_errors=True)
+
+    def destroy(self) -> list[str]:
+        removed = []
+        prefix = f"fab.{self.paths.project}.{self.paths.env}."
+        names = {ns[len(prefix):] for ns in network.netns_names() if ns.startswith(prefix)}
+        names |= set(self.state.servers)
+        if self.paths.servers_dir.exists():
+            names |= {p.name for p in self.paths.servers_dir.iterdir()}
+        for name in sorted(names):
+            if self.server_exists(name):
+                removed.append(f"server {name}")
+            self.remove_server(name)
+        if self.load_balancer.is_running():
+            removed.append("load balancer")
+        self.load_balancer.stop()
+        # anything else still running from this environment's directory (e.g. after a crash)
+        kill_and_wait(processes_mentioning(str(self.paths.env_dir) + "/"))
+        if self.bridge in network.link_names():
+            removed.append(f"bridge {self.bridge}")
+        network.remove_bridge(self.bridge)
+        return removed

@@ -1,0 +1,103 @@
+"""The platform's load balancer on this machine: HAProxy in the machine's own namespace,
+terminating TLS and health-checking each web server over HTTPS (GET /healthcheck.html)."""
+from __future__ import annotations
+
+import csv
+import io
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from fabula.config import LoadBalancerConfig
+from fabula.errors import FabulaError
+from fabula.pki import self_signed
+from fabula.providers.base import Backend, LoadBalancer, run_local
+from fabula.providers.local.host import LocalHost
+from fabula.supervisor import Program, Supervisor
+from fabula.templates import render
+
+CHECK_INTERVAL = "1s"  # with fall 2: a dead server is out of rotation within about 2-3 s
+
+
+class HAProxyLoadBalancer(LoadBalancer):
+    def __init__(self, lb: LoadBalancerConfig, lb_dir: Path, ca_file: Path, gateway: Callable[[], str | None],
+                 project: str, env: str):
+        self.lb, self.dir, self.ca_file, self.gateway = lb, lb_dir, ca_file, gateway
+        self.project, self.env = project, env
+        # the load balancer's own supervisor runs in the machine's namespace
+        self.platform = LocalHost("lb", "lb", str(lb.bind), lb_dir, netns=None)
+        self.supervisor = Supervisor(self.platform)
+
+    def url(self) -> str:
+        port = "" if self.lb.https_port == 443 else f":{self.lb.https_port}"
+        return f"https://{self.lb.bind}{port}/"
+
+    def source_addresses(self) -> tuple[str, ...]:
+        gateway = self.gateway()
+        return (gateway,) if gateway else ()
+
+    def is_running(self) -> bool:
+        return self.platform.supervisor_pid(self.supervisor.conf) is not None
+
+    def _certificate(self) -> bytes:
+        if self.lb.certificate:
+            try:
+                return self.lb.certificate.read_bytes().rstrip() + b"\n" + self.lb.key.read_bytes()
+            except OSError as exc:
+                raise FabulaError(f"lb.certificate/lb.key: cannot read {exc.filename}: {exc.strerror}",
+                                  "point lb.certificate and lb.key at readable PEM files") from None
+        existing = self.platform.read_file(self.dir / "lb.pem")
+        if existing:
+            return existing
+        pair = self_signed(f"{self.project}-{self.env}", [str(self.lb.bind), "localhost"])
+        return pair.cert_pem + pair.key_pem
+
+    def ensure(self, backends: list[Backend]) -> None:
+        self.platform.make_dirs([self.dir])
+        self.platform.put_file(self.dir / "lb.pem", self._certificate(), mode=0o600)
+        https_suffix = "" if self.lb.https_port == 443 else f":{self.lb.https_port}"
+        config = render(__file__, "haproxy.cfg.j2", project=self.project, env=self.env, lb_dir=self.dir,
+                        bind=self.lb.bind, http_port=self.lb.http_port, https_port=self.lb.https_port,
+                        https_suffix=https_suffix, ca_file=self.ca_file, backends=backends,
+                        check_interval=CHECK_INTERVAL)
+        candidate = self.dir / "haproxy.cfg.new"
+        candidate.write_text(config)
+        checked = run_local(["haproxy", "-c", "-q", "-f", str(candidate)])
+        if not checked.ok:
+            raise FabulaError(f"load balancer: HAProxy rejects the generated configuration "
+                              f"{candidate}:\n{checked.stdout}{checked.stderr}")
+        candidate.unlink()
+        changed = self.platform.put_file(self.dir / "haproxy.cfg", config)
+        self.supervisor.ensure_running()
+        started = self.supervisor.apply([Program(
+            name="haproxy", command=["haproxy", "-W", "-db", "-f", str(self.dir / "haproxy.cfg")],
+            stopsignal="USR1", stopwaitsecs=30)])
+        if changed and not started:
+            # seamless reload: the master starts new workers, old ones finish their connections
+            self.supervisor.signal("haproxy", "USR2")
+        self.supervisor.wait_running(["haproxy"], timeout=30)
+
+    def _stats(self) -> list[dict[str, str]]:
+        sock_path = self.dir / "haproxy.sock"
+        if not sock_path.exists():
+            return []
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(3)
+                sock.connect(str(sock_path))
+                sock.sendall(b"show stat\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+        except OSError:
+            return []
+        text = data.decode().lstrip("# ")
+        return list(csv.DictReader(io.StringIO(text)))
+
+    def health(self) -> dict[str, str]:
+        return {row["svname"]: row["status"] for row in self._stats()
+                if row.get("pxname") == "web" and row.get("svname") not in ("FRONTEND", "BACKEND")}
+
+    def stop(self) -> None:
+        if self.is_running():
+            self.supervisor.ctl("shutdown", timeout=60)

@@ -1,0 +1,96 @@
+"""What web and worker servers share: the app's release, its environment (the twelve-factor
+settings), and PgBouncer pooling connections to the databases over TLS."""
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from fabula.context import Context
+from fabula.providers.base import Host
+from fabula.supervisor import Program, Supervisor
+from fabula.templates import render
+
+APP_USER = "www-data"
+APP_PORT = 8000
+PGBOUNCER_PORT = 6432
+
+
+def current(host: Host) -> PurePosixPath:
+    return host.path("current")
+
+
+def python(host: Host) -> str:
+    return str(current(host) / "venv" / "bin" / "python")
+
+
+def install_release(ctx: Context, host: Host) -> bool:
+    """Put the release on the server and point `current` at it; True if `current` moved."""
+    path = host.install_release(ctx.release.path, ctx.release.id)
+    target = f"releases/{ctx.release.id}"
+    link = current(host)
+    if host.run(["readlink", str(link)]).stdout.strip() == target:
+        return False
+    host.check(["ln", "-sfn", target, f"{link}.new"])
+    host.check(["mv", "-T", f"{link}.new", str(link)])  # atomic switch
+    return bool(path)
+
+
+def app_environment(ctx: Context, host: Host) -> dict[str, str]:
+    s, db = ctx.secrets, ctx.database_name
+    cache = ctx.state.one("cache")
+    local_db = f"postgres://app:{s.db_app_password}@127.0.0.1:{PGBOUNCER_PORT}"
+    has_replica = bool(ctx.state.by_role("db-replica"))
+    allowed = [str(ctx.env.lb.bind), "localhost", "127.0.0.1", host.address, *ctx.env.hosts]
+    return {
+        "DATABASE_URL": f"{local_db}/{db}",
+        "DATABASE_REPLICA_URL": f"{local_db}/{db}_replica" if has_replica else f"{local_db}/{db}",
+        "REDIS_URL": f"redis://:{s.redis_password}@{cache.address}:6379/0",
+        "CELERY_BROKER_URL": f"amqp://fabula:{s.rabbitmq_password}@{cache.address}:5672//",
+        "DJANGO_SECRET_KEY": s.django_secret_key,
+        "DJANGO_ALLOWED_HOSTS": ",".join(dict.fromkeys(allowed)),
+        "DJANGO_SETTINGS_MODULE": ctx.config.project.app.settings,
+        "STATIC_ROOT": str(current(host) / "static"),
+        "FABULA_ENVIRONMENT": ctx.env_name,
+        "FABULA_SERVER": host.name,
+        "FABULA_ROLE": host.role,
+        "FABULA_RELEASE": ctx.release.id,
+        "PYTHONUNBUFFERED": "1",
+        # a home of the server's own: tools that keep files in ~ (gunicorn's control socket) don't collide
+        "HOME": str(host.path("data", "home")),
+    }
+
+
+def pgbouncer(ctx: Context, host: Host) -> tuple[Program, bool]:
+    """PgBouncer's files and program; True if its configuration changed."""
+    conf_dir, run_dir = host.path("etc", "pgbouncer"), host.path("run", "pgbouncer")
+    host.make_dirs([conf_dir], mode=0o700, owner="postgres")
+    host.make_dirs([run_dir], owner="postgres")
+    primary, replica = ctx.state.one("db-primary"), ctx.state.one("db-replica")
+    changed = host.put_file(conf_dir / "root.crt", ctx.ca.cert_pem, owner="postgres")
+    changed |= host.put_file(conf_dir / "userlist.txt", f'"app" "{ctx.secrets.db_app_password}"\n',
+                             mode=0o600, owner="postgres")
+    changed |= host.put_file(conf_dir / "pgbouncer.ini", render(
+        __file__, "pgbouncer.ini.j2", name=host.name, database=ctx.database_name, primary=primary.address,
+        replica=replica.address if replica else None, conf_dir=conf_dir, run_dir=run_dir), owner="postgres")
+    return Program("pgbouncer", ["/usr/sbin/pgbouncer", str(conf_dir / "pgbouncer.ini")], user="postgres"), changed
+
+
+def reload_changed(host: Host, started: set[str], changed: dict[str, bool], how: dict[str, str]) -> None:
+    """Apply configuration changes to programs that were already running: by signal where the
+    program reloads online (`how` maps name -> signal), else by restart."""
+    supervisor = Supervisor(host)
+    for name, was_changed in changed.items():
+        if was_changed and name not in started:
+            if name in how:
+                supervisor.signal(name, how[name])
+            else:
+                supervisor.restart(name)
+
+
+def prepare_app_dirs(host: Host) -> None:
+    host.make_dirs([host.path("data", "home")], mode=0o700, owner=APP_USER)
+
+
+def run_manage(ctx: Context, host: Host, *args: str, timeout: float = 1800):
+    manage = str(current(host) / "code" / ctx.config.project.app.manage)
+    return host.check([python(host), manage, *args], user=APP_USER, env=app_environment(ctx, host),
+                      timeout=timeout)

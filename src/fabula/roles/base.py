@@ -1,0 +1,50 @@
+"""What every role is: the packages it needs, who may reach it, and how it converges a server."""
+from __future__ import annotations
+
+import time
+from pathlib import PurePosixPath
+
+from fabula.context import Context
+from fabula.errors import FabulaError
+from fabula.pki import certificate_names
+from fabula.providers.base import Host, IngressRule
+
+
+class Role:
+    name: str = ""
+    packages: tuple[str, ...] = ()
+    services: tuple[str, ...] = ()   # supervisor programs, as shown by `describe`
+
+    def ingress(self, ctx: Context) -> list[IngressRule]:
+        return []
+
+    def services_for(self, ctx: Context) -> tuple[str, ...]:
+        return self.services
+
+    def converge(self, ctx: Context, host: Host) -> None:
+        raise NotImplementedError
+
+
+def ensure_certificate(ctx: Context, host: Host, cert: PurePosixPath, key: PurePosixPath,
+                       owner: str) -> bool:
+    """The server's certificate from the environment's CA, issued again only if its address changed."""
+    current = host.read_file(cert)
+    if current and certificate_names(current) == [host.address] and host.read_file(key):
+        changed = host.put_file(cert, current, mode=0o644, owner=owner)
+        return host.put_file(key, host.read_file(key), mode=0o600, owner=owner) or changed
+    pair = ctx.ca.issue(host.name, [host.address])
+    host.put_file(cert, pair.cert_pem, mode=0o644, owner=owner)
+    host.put_file(key, pair.key_pem, mode=0o600, owner=owner)
+    return True
+
+
+def wait_port(host: Host, address: str, port: int, timeout: float = 60, what: str = "") -> None:
+    """Poll until something accepts TCP connections on address:port from inside the server."""
+    deadline = time.monotonic() + timeout
+    probe = ["bash", "-c", f"exec 3<>/dev/tcp/{address}/{port}"]
+    while not host.run(probe, timeout=5).ok:
+        if time.monotonic() > deadline:
+            raise FabulaError(f"{host.name}: {what or 'service'} does not accept connections on "
+                              f"{address}:{port} after {timeout:.0f}s",
+                              f"see `fabula logs <env> {host.name}`")
+        time.sleep(0.2)

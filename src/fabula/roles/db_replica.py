@@ -1,0 +1,46 @@
+"""db-replica: a hot standby fed by streaming replication from the primary (pg_basebackup, then
+a replication slot so the primary keeps the WAL the replica has not yet received)."""
+from __future__ import annotations
+
+from fabula.context import Context
+from fabula.providers.base import Host, IngressRule
+from fabula.roles import postgres
+from fabula.roles.base import Role
+
+
+class DatabaseReplica(Role):
+    name = "db-replica"
+    packages = postgres.PACKAGES
+    services = ("postgresql",)
+
+    def ingress(self, ctx: Context) -> list[IngressRule]:
+        return [IngressRule(5432, tuple(ctx.addresses("web", "worker")), "postgresql reads from web and worker")]
+
+    def conninfo(self, ctx: Context, host: Host) -> str:
+        primary = ctx.state.one("db-primary")
+        conf = postgres.conf_dir(host)
+        return (f"host={primary.address} port=5432 user=replicator passfile={conf / 'pgpass'} "
+                f"sslmode=verify-full sslrootcert={conf / 'root.crt'} application_name={host.name}")
+
+    def converge(self, ctx: Context, host: Host) -> None:
+        primary = ctx.state.one("db-primary")
+        host.make_dirs([postgres.conf_dir(host)], mode=0o700, owner="postgres")
+        host.put_file(postgres.conf_dir(host) / "pgpass",
+                      f"{primary.address}:5432:*:replicator:{ctx.secrets.db_replication_password}\n",
+                      mode=0o600, owner="postgres")
+        changed = postgres.install_config(ctx, host, primary_conninfo=self.conninfo(ctx, host))
+        if not postgres.is_initialized(host):
+            self._base_backup(ctx, host)
+        postgres.start(host, changed)
+        ctx.out.step(host.name, f"PostgreSQL replica streaming from {primary.name}")
+
+    def _base_backup(self, ctx: Context, host: Host) -> None:
+        data = postgres.data_dir(host)
+        partial = f"{data}.partial"
+        ctx.out.step(host.name, "pg_basebackup from the primary")
+        host.check(["rm", "-rf", partial])
+        host.make_dirs([host.path("data")])
+        host.check([str(postgres.PG_BIN / "pg_basebackup"), "-d", self.conninfo(ctx, host), "-D", partial, "-X", "stream",
+                    "-S", postgres.slot_name(host.name), "-c", "fast"], user="postgres", timeout=1800)
+        host.check(["touch", f"{partial}/standby.signal"], user="postgres")
+        host.check(["mv", partial, str(data)])

@@ -1,0 +1,83 @@
+"""PostgreSQL 15 as both database roles run it: files, TLS certificate, program, readiness, SQL."""
+from __future__ import annotations
+
+import time
+from pathlib import PurePosixPath
+
+from fabula.context import Context
+from fabula.errors import FabulaError
+from fabula.providers.base import Host, Result
+from fabula.roles.base import ensure_certificate
+from fabula.supervisor import Program, Supervisor
+from fabula.templates import render
+
+PG_BIN = PurePosixPath("/usr/lib/postgresql/15/bin")
+PACKAGES = ("postgresql-15",)
+
+
+def data_dir(host: Host) -> PurePosixPath:
+    return host.path("data", "postgresql")
+
+
+def conf_dir(host: Host) -> PurePosixPath:
+    return host.path("etc", "postgresql")
+
+
+def socket_dir(host: Host) -> PurePosixPath:
+    return host.path("run", "postgresql")
+
+
+def is_initialized(host: Host) -> bool:
+    return host.read_file(data_dir(host) / "PG_VERSION") is not None
+
+
+def install_config(ctx: Context, host: Host, primary_conninfo: str | None = None) -> bool:
+    host.make_dirs([conf_dir(host)], mode=0o700, owner="postgres")
+    host.make_dirs([socket_dir(host)], mode=0o755, owner="postgres")
+    changed = ensure_certificate(ctx, host, conf_dir(host) / "server.crt", conf_dir(host) / "server.key",
+                                 owner="postgres")
+    changed |= host.put_file(conf_dir(host) / "root.crt", ctx.ca.cert_pem, owner="postgres")
+    changed |= host.put_file(conf_dir(host) / "postgresql.conf", render(
+        __file__, "postgresql.conf.j2", name=host.name, role=host.role, address=host.address,
+        socket_dir=socket_dir(host), conf_dir=conf_dir(host), primary_conninfo=primary_conninfo,
+        slot=slot_name(host.name)), owner="postgres")
+    changed |= host.put_file(conf_dir(host) / "pg_hba.conf", render(
+        __file__, "pg_hba.conf.j2", database=ctx.database_name, subnet=ctx.state.subnet), owner="postgres")
+    changed |= host.put_file(conf_dir(host) / "pg_ident.conf", "# written by fabula\n", owner="postgres")
+    return changed
+
+
+def slot_name(server: str) -> str:
+    return "fabula_" + server.replace("-", "_")
+
+
+def program(host: Host) -> Program:
+    return Program(name="postgresql", user="postgres",
+                   command=[str(PG_BIN / "postgres"), "-D", str(data_dir(host)),
+                            "-c", f"config_file={conf_dir(host) / 'postgresql.conf'}"],
+                   stopsignal="INT", stopwaitsecs=60, startsecs=1)
+
+
+def start(host: Host, config_changed: bool) -> None:
+    supervisor = Supervisor(host)
+    started = supervisor.apply([program(host)])
+    if config_changed and not started:
+        supervisor.restart("postgresql")
+    wait_ready(host)
+
+
+def wait_ready(host: Host, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    probe = [str(PG_BIN / "pg_isready"), "-q", "-h", str(socket_dir(host))]
+    while not host.run(probe, timeout=10).ok:
+        if time.monotonic() > deadline:
+            raise FabulaError(f"{host.name}: PostgreSQL is not ready after {timeout:.0f}s",
+                              f"see `fabula logs <env> {host.name} postgresql`")
+        time.sleep(0.2)
+
+
+def psql(host: Host, sql: str, database: str = "postgres") -> Result:
+    """Run SQL as the postgres superuser over the server's Unix socket (given on stdin, so that
+    passwords in it never appear in a process list)."""
+    return host.check([str(PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(socket_dir(host)),
+                       "-U", "postgres", "-d", database], user="postgres", input=sql)

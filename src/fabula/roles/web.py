@@ -1,0 +1,65 @@
+"""web: nginx on 443 (TLS with the environment's internal certificate) in front of gunicorn
+running the app; static files from the release; PgBouncer to the databases."""
+from __future__ import annotations
+
+from fabula.context import Context
+from fabula.errors import FabulaError
+from fabula.providers.base import Host, IngressRule, run_local
+from fabula.roles import appserver
+from fabula.roles.base import Role, ensure_certificate, wait_port
+from fabula.supervisor import Program, Supervisor
+from fabula.templates import render
+
+HTTPS_PORT = 443
+
+
+class Web(Role):
+    name = "web"
+    packages = ("nginx-light", "pgbouncer")
+    services = ("nginx", "gunicorn", "pgbouncer")
+
+    def ingress(self, ctx: Context) -> list[IngressRule]:
+        return [IngressRule(HTTPS_PORT, ctx.provider.load_balancer.source_addresses(),
+                            "https from the load balancer")]
+
+    def gunicorn(self, ctx: Context, host: Host) -> Program:
+        cur = appserver.current(host)
+        return Program(
+            "gunicorn",
+            [appserver.python(host), "-m", "gunicorn", "--bind", f"127.0.0.1:{appserver.APP_PORT}",
+             "--workers", str(ctx.env.gunicorn_workers), "--chdir", str(cur / "code"),
+             "--pythonpath", str(cur / "fabula"), "--graceful-timeout", "30", "--access-logfile", "-",
+             "fabula_wsgi:application"],
+            user=appserver.APP_USER, directory=str(cur / "code"),
+            environment={**appserver.app_environment(ctx, host),
+                         "FABULA_WSGI_APP": ctx.config.project.app.wsgi},
+            stopwaitsecs=35)
+
+    def nginx(self, ctx: Context, host: Host) -> tuple[Program, bool]:
+        conf_dir = host.path("etc", "nginx")
+        host.make_dirs([conf_dir])
+        host.make_dirs([host.path("tmp", "nginx")], owner="www-data")
+        changed = ensure_certificate(ctx, host, conf_dir / "server.crt", conf_dir / "server.key", owner="root")
+        text = render(__file__, "nginx.conf.j2", name=host.name, root=host.root, address=host.address,
+                      conf_dir=conf_dir, app_port=appserver.APP_PORT)
+        conf = conf_dir / "nginx.conf"
+        changed |= host.put_file(conf, text)
+        tested = host.run(["nginx", "-t", "-q", "-c", str(conf)])
+        if not tested.ok:
+            raise FabulaError(f"{host.name}: nginx rejects {conf}:\n{tested.stderr}")
+        return Program("nginx", ["nginx", "-c", str(conf), "-g", "daemon off;"]), changed
+
+    def converge(self, ctx: Context, host: Host) -> None:
+        appserver.prepare_app_dirs(host)
+        moved = appserver.install_release(ctx, host)
+        bouncer, bouncer_changed = appserver.pgbouncer(ctx, host)
+        nginx, nginx_changed = self.nginx(ctx, host)
+        supervisor = Supervisor(host)
+        started = supervisor.apply([bouncer, self.gunicorn(ctx, host), nginx])
+        appserver.reload_changed(host, started, {"pgbouncer": bouncer_changed, "nginx": nginx_changed,
+                                                 "gunicorn": moved},
+                                 how={"pgbouncer": "HUP", "nginx": "HUP", "gunicorn": "HUP"})
+        supervisor.wait_running(["pgbouncer", "gunicorn", "nginx"])
+        wait_port(host, "127.0.0.1", appserver.APP_PORT, what="gunicorn")
+        wait_port(host, host.address, HTTPS_PORT, what="nginx")
+        ctx.out.step(host.name, f"nginx and gunicorn serving release {ctx.release.id}")

@@ -1,0 +1,63 @@
+"""worker: the same release as the web servers, without nginx: Celery worker and beat (when the
+app has a Celery app), PgBouncer to the databases. Migrations run here, once, before the web
+servers take traffic."""
+from __future__ import annotations
+
+from fabula.context import Context
+from fabula.providers.base import Host
+from fabula.roles import appserver
+from fabula.roles.base import Role
+from fabula.supervisor import Program, Supervisor
+
+CELERY_STOP_WAIT = 600  # long tasks (the seed: 5-10 minutes) finish before a stop completes
+
+
+class Worker(Role):
+    name = "worker"
+    packages = ("pgbouncer",)
+
+    def services_for(self, ctx: Context) -> tuple[str, ...]:
+        return ("pgbouncer", "celery", "celerybeat") if ctx.config.project.app.celery else ("pgbouncer",)
+
+    def celery_programs(self, ctx: Context, host: Host) -> list[Program]:
+        app = ctx.config.project.app.celery
+        if not app:
+            return []
+        code = str(appserver.current(host) / "code")
+        env = appserver.app_environment(ctx, host)
+        beat_dir = host.path("data", "celerybeat")
+        host.make_dirs([beat_dir], owner=appserver.APP_USER)
+        base = [appserver.python(host), "-m", "celery", "-A", app]
+        return [
+            Program("celery", base + ["worker", "--loglevel", "INFO", "--concurrency",
+                                      str(ctx.env.celery_concurrency), "--hostname", f"celery@{host.name}"],
+                    user=appserver.APP_USER, directory=code, environment=env, stopwaitsecs=CELERY_STOP_WAIT),
+            Program("celerybeat", base + ["beat", "--loglevel", "INFO", "--schedule",
+                                          str(beat_dir / "schedule"), "--pidfile="],
+                    user=appserver.APP_USER, directory=code, environment=env),
+        ]
+
+    def converge(self, ctx: Context, host: Host) -> None:
+        appserver.prepare_app_dirs(host)
+        moved = appserver.install_release(ctx, host)
+        bouncer, bouncer_changed = appserver.pgbouncer(ctx, host)
+        supervisor = Supervisor(host)
+        started = supervisor.apply([bouncer])
+        appserver.reload_changed(host, started, {"pgbouncer": bouncer_changed}, how={"pgbouncer": "HUP"})
+        supervisor.wait_running(["pgbouncer"])
+        migrate(ctx, host)
+        celery = self.celery_programs(ctx, host)
+        if celery:
+            started = supervisor.apply(celery)
+            appserver.reload_changed(host, started, {p.name: moved for p in celery}, how={})
+            supervisor.wait_running([p.name for p in celery])
+            ctx.out.step(host.name, "celery worker and beat running")
+
+
+def migrate(ctx: Context, host: Host) -> None:
+    if ctx.state.migrated_release == ctx.release.id:
+        return
+    ctx.out.step(host.name, "running migrations")
+    appserver.run_manage(ctx, host, "migrate", "--noinput")
+    ctx.state.migrated_release = ctx.release.id
+    ctx.state.save(ctx.paths)

@@ -1,0 +1,22 @@
+"""fabula's WSGI entry point on web servers: the app's own WSGI callable, plus /healthcheck.html.
+
+The health check answers here, before Django, so that it does not depend on the app having a
+view for it or on ALLOWED_HOSTS; it answers only while gunicorn is serving the app, since the
+app's WSGI module is imported when this module is (a broken app fails to boot).
+"""
+import importlib
+import os
+
+_module, _, _attribute = os.environ["FABULA_WSGI_APP"].partition(":")
+_app = getattr(importlib.import_module(_module), _attribute or "application")
+
+HEALTH_PATH = "/healthcheck.html"
+
+
+def application(environ, start_response):
+    if environ.get("PATH_INFO") == HEALTH_PATH:
+        body = ("OK %s\n" % os.environ.get("FABULA_RELEASE", "")).encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Cache-Control", "no-store"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+    return _app(environ, start_response)

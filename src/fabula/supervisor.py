@@ -1,0 +1,108 @@
+"""Each server's process supervisor (supervisord): the programs a role runs, and their state.
+
+Provider-neutral: it only writes files and runs supervisorctl on a Host.
+"""
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import dataclass, field
+
+from fabula.errors import FabulaError
+from fabula.providers.base import Host
+from fabula.templates import render
+
+RUNNING = "RUNNING"
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    command: list[str]
+    user: str = "root"
+    environment: dict[str, str] = field(default_factory=dict)
+    directory: str | None = None
+    stopsignal: str = "TERM"
+    stopwaitsecs: int = 10
+    startsecs: int = 2
+
+
+def _env_value(value: str) -> str:
+    # supervisor interpolates %(...)s and splits on commas outside quotes
+    return '"' + value.replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_program(program: Program, logdir: str) -> str:
+    environment = ",".join(f"{k}={_env_value(v)}" for k, v in sorted(program.environment.items()))
+    command = " ".join(shlex.quote(a) for a in program.command).replace("%", "%%")
+    return render(__file__, "program.conf.j2", p=program, command=command,
+                  environment=environment, logdir=logdir)
+
+
+class Supervisor:
+    def __init__(self, host: Host):
+        self.host = host
+        self.conf = host.path("supervisor", "supervisord.conf")
+        self.programs_dir = host.path("supervisor", "programs")
+
+    def ctl(self, *args: str, timeout: float = 120):
+        return self.host.run(["supervisorctl", "-c", str(self.conf), *args], timeout=timeout)
+
+    def ensure_running(self) -> None:
+        self.host.make_dirs([self.host.path("supervisor"), self.programs_dir, self.host.path("log"),
+                             self.host.path("run")])
+        self.host.put_file(self.conf, render(__file__, "supervisord.conf.j2", name=self.host.name,
+                                             root=str(self.host.root)))
+        self.host.start_supervisor(self.conf)
+
+    def apply(self, programs: list[Program]) -> set[str]:
+        """Install exactly these programs; start new ones and restart changed ones. Returns those."""
+        changed = set()
+        for program in programs:
+            text = render_program(program, str(self.host.path("log")))
+            # 0600: a program's environment may hold the app's secrets
+            if self.host.put_file(self.programs_dir / f"{program.name}.conf", text, mode=0o600):
+                changed.add(program.name)
+        if changed:
+            self.ctl("reread")
+            self.ctl("update")
+        return changed
+
+    def status(self) -> dict[str, str]:
+        """Program name -> supervisor state (RUNNING, STARTING, BACKOFF, FATAL, STOPPED...)."""
+        result = self.ctl("status", timeout=15)
+        states = {}
+        for line in result.stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and not line.startswith(("unix://", "error")):
+                states[parts[0]] = parts[1]
+        return states
+
+    def pids(self) -> dict[str, int]:
+        result = self.ctl("status", timeout=15)
+        pids = {}
+        for line in result.stdout.splitlines():
+            parts = line.replace(",", " ").split()
+            if "pid" in parts:
+                pids[parts[0]] = int(parts[parts.index("pid") + 1])
+        return pids
+
+    def restart(self, name: str) -> None:
+        self.host.check(["supervisorctl", "-c", str(self.conf), "restart", name], timeout=300)
+
+    def signal(self, name: str, sig: str) -> None:
+        self.host.check(["supervisorctl", "-c", str(self.conf), "signal", sig, name])
+
+    def wait_running(self, names: list[str], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.status()
+            bad = {n: states.get(n, "MISSING") for n in names if states.get(n) != RUNNING}
+            if not bad:
+                return
+            if time.monotonic() > deadline or any(s in ("FATAL", "BACKOFF") for s in bad.values()) and \
+                    time.monotonic() > deadline - timeout / 2:
+                detail = ", ".join(f"{n} is {s}" for n, s in bad.items())
+                raise FabulaError(f"{self.host.name}: {detail}",
+                                  f"see `fabula logs <env> {self.host.name} {next(iter(bad))}`")
+            time.sleep(0.3)
