@@ -1,6 +1,7 @@
 """What fabula shows the user: progress on stderr, results (tables, JSON) on stdout."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -10,7 +11,8 @@ from rich.console import Console
 class Output:
     def __init__(self, quiet: bool = False, console: Console | None = None,
                  err_console: Console | None = None):
-        self.console = console or Console()
+        # a pipe gets 160 columns rather than 80, so that tables stay readable in logs and CI
+        self.console = console or (Console() if sys.stdout.isatty() else Console(width=160))
         self.err = err_console or Console(stderr=True)
         self.quiet = quiet
         self._started = time.monotonic()

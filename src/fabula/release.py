@@ -66,7 +66,8 @@ def build(ctx: Context, rev: str = "HEAD") -> Release:
 
         ctx.out.step("release", f"building {release_id} from {commit[:12]}")
         tree = f"{commit}:{prefix}" if prefix else commit
-        archive = subprocess.run(["git", "-C", str(ctx.config.source_dir), "archive", "--format=tar", tree],
+        toplevel = _git(ctx.config.source_dir, "rev-parse", "--show-toplevel")
+        archive = subprocess.run(["git", "-C", toplevel, "archive", "--format=tar", tree],
                                  capture_output=True)
         if archive.returncode != 0:
             raise FabulaError(f"release {release_id}: git archive failed: {archive.stderr.decode().strip()}")

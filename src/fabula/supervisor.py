@@ -33,7 +33,9 @@ def _env_value(value: str) -> str:
 
 
 def render_program(program: Program, logdir: str) -> str:
-    environment = ",".join(f"{k}={_env_value(v)}" for k, v in sorted(program.environment.items()))
+    # supervisor keeps its own HOME (root's) for programs run as another user: give them one
+    variables = {"HOME": program.directory or "/tmp", **program.environment}
+    environment = ",".join(f"{k}={_env_value(v)}" for k, v in sorted(variables.items()))
     command = " ".join(shlex.quote(a) for a in program.command).replace("%", "%%")
     return render(__file__, "program.conf.j2", p=program, command=command,
                   environment=environment, logdir=logdir)

@@ -38,7 +38,8 @@ def print_table(out: Output, report: dict) -> None:
     for column in ("server", "role", "address", "state", "services", "release", "lb health"):
         table.add_column(column)
     for s in report["servers"]:
-        services = " ".join(f"{name}:{_status_style(state)}" for name, state in s["services"].items())
+        services = " ".join(f"[green]{name}[/]" if state == "up" else f"[red]{name}({state})[/]"
+                            for name, state in s["services"].items())
         table.add_row(s["name"], s["role"], s["address"], _status_style(s["state"]), services,
                       s["release"] or "-", _status_style(s["lb"]) if s["role"] == "web" else "")
     out.console.print(table)
@@ -92,6 +93,8 @@ def exec_(env: EnvArgument, server: Annotated[str, typer.Argument(help="server n
     """Run a command on one server of ENV (as root), e.g. `fabula exec testing db1 -- ps aux`."""
     ctx = open_environment(config, env, Output())
     require_server(ctx, server)
+    if command and command[0] == "--":
+        command = command[1:]
     raise typer.Exit(ctx.host(server).interactive(command))
 
 

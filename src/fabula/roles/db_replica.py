@@ -2,7 +2,10 @@
 a replication slot so the primary keeps the WAL the replica has not yet received)."""
 from __future__ import annotations
 
+import time
+
 from fabula.context import Context
+from fabula.errors import FabulaError
 from fabula.providers.base import Host, IngressRule
 from fabula.roles import postgres
 from fabula.roles.base import Role
@@ -32,6 +35,7 @@ class DatabaseReplica(Role):
         if not postgres.is_initialized(host):
             self._base_backup(ctx, host)
         postgres.start(host, changed)
+        wait_streaming(host)
         ctx.out.step(host.name, f"PostgreSQL replica streaming from {primary.name}")
 
     def _base_backup(self, ctx: Context, host: Host) -> None:
@@ -39,8 +43,17 @@ class DatabaseReplica(Role):
         partial = f"{data}.partial"
         ctx.out.step(host.name, "pg_basebackup from the primary")
         host.check(["rm", "-rf", partial])
-        host.make_dirs([host.path("data")])
+        host.make_dirs([partial], mode=0o700, owner="postgres")
         host.check([str(postgres.PG_BIN / "pg_basebackup"), "-d", self.conninfo(ctx, host), "-D", partial, "-X", "stream",
                     "-S", postgres.slot_name(host.name), "-c", "fast"], user="postgres", timeout=1800)
         host.check(["touch", f"{partial}/standby.signal"], user="postgres")
         host.check(["mv", partial, str(data)])
+
+
+def wait_streaming(host: Host, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while postgres.psql(host, "SELECT status FROM pg_stat_wal_receiver").stdout.strip() != "streaming":
+        if time.monotonic() > deadline:
+            raise FabulaError(f"{host.name}: the replica is not streaming from the primary after {timeout:.0f}s",
+                              f"see `fabula logs <env> {host.name} postgresql`")
+        time.sleep(0.3)

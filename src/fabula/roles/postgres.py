@@ -55,6 +55,7 @@ def program(host: Host) -> Program:
     return Program(name="postgresql", user="postgres",
                    command=[str(PG_BIN / "postgres"), "-D", str(data_dir(host)),
                             "-c", f"config_file={conf_dir(host) / 'postgresql.conf'}"],
+                   environment={"HOME": str(conf_dir(host))},  # libpq looks for client certificates in ~
                    stopsignal="INT", stopwaitsecs=60, startsecs=1)
 
 

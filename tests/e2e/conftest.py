@@ -1,0 +1,102 @@
+"""The end-to-end environment: the sample app's 6 servers and load balancer, created once for the
+module with the real CLI and destroyed afterwards, also when a test fails."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Run, free_port, make_app_repo, run_fabula
+
+ENV = "ci"
+
+
+@dataclass
+class Environment:
+    project: str
+    app_dir: Path
+    state_dir: Path
+    https_port: int
+    http_port: int
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.https_port}"
+
+    @property
+    def env_dir(self) -> Path:
+        return self.state_dir / f"{self.project}-{ENV}"
+
+    def fabula(self, *args: str, timeout: float = 600) -> Run:
+        return run_fabula(*args, cwd=self.app_dir, state_dir=self.state_dir, timeout=timeout)
+
+    def describe(self) -> dict:
+        result = self.fabula("describe", ENV, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def server(self, name: str) -> dict:
+        return next(s for s in self.describe()["servers"] if s["name"] == name)
+
+    def exec(self, server: str, *command: str, timeout: float = 60) -> Run:
+        return self.fabula("exec", ENV, server, "--", *command, timeout=timeout)
+
+    def supervisorctl(self, server: str, *args: str) -> Run:
+        conf = self.env_dir / "servers" / server / "supervisor" / "supervisord.conf"
+        return self.exec(server, "supervisorctl", "-c", str(conf), *args)
+
+    def psql(self, server: str, sql: str) -> str:
+        socket_dir = self.env_dir / "servers" / server / "run" / "postgresql"
+        db = self.project.replace("-", "_")
+        result = self.exec(server, "runuser", "-u", "postgres", "--", "psql", "-X", "-A", "-t", "-h",
+                           str(socket_dir), "-d", db, "-c", sql)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def address(self, server: str) -> str:
+        return self.server(server)["address"]
+
+
+def leftovers(env: Environment) -> list[str]:
+    """What of the environment is still on the machine: namespaces, processes, its directory."""
+    found = []
+    prefix = f"fab.{env.project}.{ENV}."
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    found += [f"namespace {n}" for n in names if n.startswith(prefix)]
+    needle = str(env.env_dir).encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "cmdline").read_bytes():
+                    found.append(f"process {proc.name}")
+            except OSError:
+                pass
+    if env.env_dir.exists():
+        found.append(f"directory {env.env_dir}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def environment():
+    if os.geteuid() != 0:
+        pytest.skip("end-to-end tests need root (network namespaces)")
+    # under /var/tmp, not pytest's 0700 tmp dirs: service users (postgres, www-data) must traverse it
+    base = Path(tempfile.mkdtemp(prefix="fabula-e2e-", dir="/var/tmp"))
+    base.chmod(0o755)
+    env = Environment(project=f"e2e-{secrets.token_hex(3)}", app_dir=base / "app", state_dir=base / "state",
+                      https_port=free_port(), http_port=free_port())
+    make_app_repo(env.app_dir, env.project, ENV, env.https_port, env.http_port)
+    try:
+        created = env.fabula("create", ENV, timeout=900)
+        assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
+        yield env
+    finally:
+        env.fabula("destroy", ENV, "--yes", timeout=300)
+        shutil.rmtree(base, ignore_errors=True)
