@@ -134,7 +134,9 @@ def require_server(ctx, server: str) -> str:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # without standalone mode, click returns a command's exit status instead of exiting
+        status = app(standalone_mode=False)
+        sys.exit(status if isinstance(status, int) else ExitStatus.OK)
     except FabulaError as exc:
         Output().error(str(exc))
         sys.exit(exc.exit_status)
