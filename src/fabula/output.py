@@ -23,11 +23,12 @@ class Output:
             return
         with self._lock:
             elapsed = time.monotonic() - self._started
-            self.err.print(f"[dim]{elapsed:6.1f}s[/dim] [bold]{where:<12}[/bold] {message}", highlight=False)
+            self.err.print(f"[dim]{elapsed:6.1f}s[/dim] [bold]{where:<12}[/bold] {message}", highlight=False,
+                           soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        self.err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
     def error(self, message: str) -> None:
         self.err.print("[red]error:[/red] ", end="", highlight=False)
-        self.err.print(message, markup=False, highlight=False)
+        self.err.print(message, markup=False, highlight=False, soft_wrap=True)

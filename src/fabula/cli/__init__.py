@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from fabula.errors import ExitStatus, FabulaError
+from fabula.errors import FabulaError
 from fabula.operations import open_environment
 from fabula.operations.create import create as create_environment
 from fabula.operations.describe import describe as describe_environment
@@ -134,22 +134,7 @@ def require_server(ctx, server: str) -> str:
 
 def main() -> None:
     try:
-        # without standalone mode, click returns a command's exit status instead of exiting
-        status = app(standalone_mode=False)
-        sys.exit(status if isinstance(status, int) else ExitStatus.OK)
+        app()  # standalone: usage errors are printed by typer and exit with status 2
     except FabulaError as exc:
         Output().error(str(exc))
         sys.exit(exc.exit_status)
-    except KeyboardInterrupt:
-        Output().error("interrupted; run the same command again to finish, or `fabula destroy` to remove")
-        sys.exit(130)
-    except typer.Abort:
-        sys.exit(ExitStatus.ERROR)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors
-        import click
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(ExitStatus.BAD_INPUT)
-        raise

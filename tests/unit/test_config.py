@@ -1,0 +1,96 @@
+"""fabula.yml validation: each mistake gets one message naming the file, the key and the fix."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fabula.config import load_config
+from fabula.errors import ConfigError
+from tests.helpers import SAMPLE_APP
+
+VALID = """\
+project: polls
+app:
+  wsgi: polls.wsgi:application
+  settings: polls.settings
+environments:
+  testing:
+    servers: {web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}
+    lb: {bind: 127.0.0.1, https_port: 8443, http_port: 8080}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "fabula.yml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_for(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    return str(caught.value)
+
+
+def test_the_sample_apps_config_is_valid():
+    config = load_config(SAMPLE_APP / "fabula.yml")
+    env = config.environment("testing")
+    assert env.servers.by_role() == {"db-primary": 1, "db-replica": 1, "cache": 1, "worker": 1, "web": 2}
+    assert config.source_dir == SAMPLE_APP.resolve()
+    assert config.project.app.celery == "polls.celery:app"
+
+
+def test_defaults_fill_what_is_left_out(tmp_path):
+    config = load_config(write(tmp_path, "project: p\napp: {wsgi: a.wsgi, settings: a.settings}\n"
+                                         "environments: {staging: {}}\n"))
+    env = config.environment("staging")
+    assert (env.provider, env.lb.https_port, env.servers.web) == ("local", 8443, 2)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    message = error_for(tmp_path, "project: polls\napp: [unclosed\n")
+    assert "fabula.yml" in message and "line 3" in message and "invalid YAML" in message
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path):
+    message = error_for(tmp_path, VALID.replace("lb:", "lbb:"))
+    assert "environments.testing.lbb: unknown key 'lbb'" in message
+
+
+def test_wrong_type_says_what_is_expected(tmp_path):
+    message = error_for(tmp_path, VALID.replace("https_port: 8443", "https_port: high"))
+    assert "environments.testing.lb.https_port" in message and "integer" in message
+
+
+def test_unknown_role_lists_the_roles(tmp_path):
+    message = error_for(tmp_path, VALID.replace("cache: 1", "memcache: 1"))
+    assert "environments.testing.servers.memcache: unknown role 'memcache'" in message
+    assert "web, worker, cache, db-primary, db-replica" in message
+
+
+def test_zero_web_servers_is_refused(tmp_path):
+    message = error_for(tmp_path, VALID.replace("web: 2", "web: 0"))
+    assert "environments.testing.servers.web: at least 1 web server(s) are needed (got 0)" in message
+
+
+def test_an_address_pool_too_small_is_refused(tmp_path):
+    message = error_for(tmp_path, VALID + "    subnet: 10.99.0.0/29\n")
+    assert "environments.testing" in message and "holds 5 server addresses but 6 servers" in message
+
+
+def test_certificate_without_key_is_refused(tmp_path):
+    message = error_for(tmp_path, VALID.replace("http_port: 8080}", "http_port: 8080, certificate: /x.pem}"))
+    assert "environments.testing.lb" in message and "both `certificate` and `key`" in message
+
+
+def test_unknown_environment_lists_the_known_ones(tmp_path):
+    config = load_config(write(tmp_path, VALID))
+    with pytest.raises(ConfigError, match="no environment 'prod'.*\n.*use one of: testing"):
+        config.environment("prod")
+
+
+def test_missing_file_says_how_to_point_at_one(tmp_path):
+    with pytest.raises(ConfigError, match="no such file.*\n.*-c PATH"):
+        load_config(tmp_path / "nope.yml")
