@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
+from fabula.cli import main
 from tests.helpers import run_fabula
 from tests.unit.test_config import VALID
 
@@ -52,22 +49,18 @@ def test_a_port_already_taken_is_named_and_nothing_is_created(project, tmp_path)
     assert not state.exists()
 
 
-@needs_root
-def test_without_root_the_local_provider_says_so():
-    # a folder the unprivileged user can read (pytest's own tmp folders are root's alone)
-    project = Path(tempfile.mkdtemp(prefix="fabula-unit-", dir="/var/tmp"))
-    try:
-        project.chmod(0o755)
-        (project / "fabula.yml").write_text(VALID)
-        env = {**os.environ, "FABULA_STATE_DIR": str(project / "state")}
-        result = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                                 sys.executable, "-m", "fabula", "create", "testing"],
-                                cwd=project, env=env, capture_output=True, text=True)
-        assert result.returncode == 3, result.stderr
-        assert "needs root" in result.stderr and "sudo" in result.stderr
-        assert not (project / "state").exists()
-    finally:
-        shutil.rmtree(project)
+def test_without_root_the_local_provider_says_so(project, tmp_path, monkeypatch, capsys):
+    # in-process, as an unprivileged user would see it
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("FABULA_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(sys, "argv", ["fabula", "create", "testing"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 3
+    err = capsys.readouterr().err
+    assert "needs root" in err and "sudo" in err
+    assert not (tmp_path / "state").exists()
 
 
 def test_destroy_without_a_terminal_asks_for_yes(project, tmp_path):

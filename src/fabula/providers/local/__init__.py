@@ -174,13 +174,16 @@ class LocalProvider(Provider):
         names |= set(self.state.servers)
         if self.paths.servers_dir.exists():
             names |= {p.name for p in self.paths.servers_dir.iterdir()}
-        for name in sorted(names):
-            if self.server_exists(name):
-                removed.append(f"server {name}")
-            self.remove_server(name)
         if self.load_balancer.is_running():
             removed.append("load balancer")
         self.load_balancer.stop()
+        # the reverse of create's order: clients stop before what they use (Celery before RabbitMQ)
+        order = {"web": 0, "worker": 1, "cache": 2, "db-replica": 3, "db-primary": 4}
+        roles = {name: record.role for name, record in self.state.servers.items()}
+        for name in sorted(names, key=lambda n: (order.get(roles.get(n, ""), 5), n)):
+            if self.server_exists(name):
+                removed.append(f"server {name}")
+            self.remove_server(name)
         # anything else still running from this environment's directory (e.g. after a crash)
         kill_and_wait(processes_mentioning(str(self.paths.env_dir) + "/"))
         if self.bridge in network.link_names():
