@@ -24,7 +24,7 @@ class Program:
     directory: str | None = None
     stopsignal: str = "TERM"
     stopwaitsecs: int = 10
-    startsecs: int = 2
+    startsecs: int = 1
 
 
 def _env_value(value: str) -> str:
