@@ -41,10 +41,16 @@ tell *where* a link's cost goes, and they are less sensitive to noise than tps. 
 machine's CPU use (in cores) that was *not* one of these processes during the run: if it is well
 above zero, something else was running and that row's tps is depressed; re-run. Loopback has no
 network latency, so this measures the CPU cost of each link, not the round-trip cost of an extra
-hop across a real network (which would add the same latency to both proxy variants).
+hop across a real network (the stunnel pair adds a hop; stunnel pgsql as many as native TLS).
+
+New-connection runs: SCRAM costs milliseconds of CPU per connection (4096 PBKDF2 iterations, once in
+pgbench and once in whoever checks the password: PostgreSQL for direct links, PgBouncer otherwise),
+which dwarfs both the TLS handshake and the per-query link cost; the CPU columns show that. PgBouncer
+is one single-threaded process: 1,000,000 / its `CPU pgbouncer` is the most transactions (here: new
+connections) per second it can serve, whatever the link behind it.
 
 Run as root (PostgreSQL, PgBouncer and stunnel run as the `postgres` user):
-`.venv/bin/python bench/dblink.py [--duration 8] [--clients 8] [--jobs 2]`. It takes about two
+`.venv/bin/python bench/dblink.py [--duration 8] [--clients 8] [--jobs 2] [--rounds 1]`. It takes about two
 minutes and removes every process and file it created, also on an error or Ctrl-C.
 """
 from __future__ import annotations
@@ -85,6 +91,7 @@ AS_POSTGRES = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups
 HOST = "127.0.0.1"
 DB = USER = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+NOISY = 0.3  # cores of CPU used by other processes during a run above which its tps is suspect
 
 
 class Failure(Exception):
@@ -387,6 +394,7 @@ class Result:
     conn_ms: float | None
     cpu_us: dict[str, float]  # per transaction
     other_cores: float
+    spread: float | None = None  # half the min-max range of tps over rounds, relative
 
 
 def field_of(pattern: str, text: str, cast=float, default=None):
@@ -413,11 +421,21 @@ def bench(link: Link, new_conn: bool, args, password: str, conf: Path, children:
                 "postgres": cpu_seconds(postmaster, with_children=True),
                 "machine": machine_busy_seconds(), "wall": time.monotonic()}
 
+    def settled() -> bool:
+        """The run's backends have exited and been reaped (a direct link's), or are idle in the pool."""
+        new = [pid for pid, _ in _children(postmaster) if pid not in existing]
+        if link.pgbouncer is None:
+            return not new
+        return all((_stat(pid) or ["X"])[0] not in "ZX" for pid in new)
+
+    existing = {pid for pid, _ in _children(postmaster)}
     before = sample()
     out = run(argv, what=f"pgbench on {link.label}", env=libpq_env(link, password, conf),
               timeout=args.duration + 120)
+    # a backend's CPU time is only readable while it lives, then in the postmaster's cutime once
+    # reaped: sampling in between would lose it
+    wait_until(settled, what=f"the backends of pgbench on {link.label}", timeout=15, children=children)
     after = sample()
-    children.check_alive()
     n = field_of(r"number of transactions actually processed: (\d+)", out, int)
     if n == 0:
         raise Failure(f"pgbench on {link.label} processed no transaction:\n{out}")
@@ -428,6 +446,19 @@ def bench(link: Link, new_conn: bool, args, password: str, conf: Path, children:
                   latency_ms=field_of(r"latency average = ([\d.]+) ms", out),
                   conn_ms=field_of(r"average connection time = ([\d.]+) ms", out) if new_conn else None,
                   cpu_us={k: v / n * 1e6 for k, v in used.items()}, other_cores=max(0.0, other))
+
+
+def merge(rounds: list[Result]) -> Result:
+    """The mean of several rounds of one link and mode (CPU weighted by transactions)."""
+    n = sum(r.transactions for r in rounds)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    tps = [r.tps for r in rounds]
+    return Result(rounds[0].link, rounds[0].new_conn, tps=mean(tps), transactions=n,
+                  failed=sum(r.failed for r in rounds), latency_ms=mean([r.latency_ms for r in rounds]),
+                  conn_ms=None if rounds[0].conn_ms is None else mean([r.conn_ms for r in rounds]),
+                  cpu_us={k: sum(r.cpu_us[k] * r.transactions for r in rounds) / n for k in rounds[0].cpu_us},
+                  other_cores=mean([r.other_cores for r in rounds]),
+                  spread=(max(tps) - min(tps)) / 2 / mean(tps) if len(rounds) > 1 else None)
 
 
 # --------------------------------------------------------------------------- output
@@ -464,20 +495,27 @@ def report(console: Console, results: list[Result], args, links: list[Link], loa
                             (True, "new connection per transaction: pgbench -S -C")):
         rows = [r for r in results if r.new_conn == new_conn]
         base = next(r for r in rows if r.link.key == "direct").tps
-        table = Table(title=f"{title} -T {args.duration} -c {args.clients} -j {args.jobs}  (CPU in µs per transaction)",
+        rounds = f", mean of {args.rounds} rounds" if args.rounds > 1 else ""
+        table = Table(title=f"{title} -T {args.duration} -c {args.clients} -j {args.jobs}{rounds}  "
+                            "(CPU in µs per transaction)",
                       title_justify="left")
         for col in ("link", "tps", "vs direct", "lat ms", "conn ms", "CPU pgbench", "CPU pgbouncer",
                     "CPU stunnel", "CPU postgres", "CPU total", "other CPU"):
             table.add_column(col, justify="left" if col == "link" else "right")
         for r in rows:
             c = r.cpu_us
-            table.add_row(r.link.label + (f" ({r.failed} failed)" if r.failed else ""), f"{r.tps:,.0f}",
+            table.add_row(r.link.label + (f" ({r.failed} failed)" if r.failed else ""),
+                          f"{r.tps:,.0f}" + ("" if r.spread is None else f" ±{r.spread:.0%}"),
                           f"{r.tps / base:.2f}x", f"{r.latency_ms:.3f}",
                           "-" if r.conn_ms is None else f"{r.conn_ms:.3f}",
                           f"{c['pgbench']:.0f}", f"{c['pgbouncer']:.0f}" if r.link.pgbouncer else "-",
                           f"{c['stunnel']:.0f}" if r.link.stunnels else "-", f"{c['postgres']:.0f}",
-                          f"{sum(c.values()):.0f}", f"{r.other_cores:.2f}")
+                          f"{sum(c.values()):.0f}", f"{r.other_cores:.2f}" + (" !" if r.other_cores > NOISY else ""))
         console.print(table)
+    if any(r.other_cores > NOISY for r in results):
+        console.print(f"! = other processes used more than {NOISY} cores during that run: its tps is depressed. "
+                      "The CPU µs/tx columns are the more robust figures; re-run on a quiet machine, "
+                      "or with --rounds 2.")
     ver = Table(title="Versions", title_justify="left", show_header=False)
     ver.add_column("what")
     ver.add_column("version")
@@ -494,7 +532,7 @@ def report(console: Console, results: list[Result], args, links: list[Link], loa
                  f"(link CPU {sum(by[k].cpu_us[p] for p in ('pgbouncer', 'stunnel')):.0f} vs "
                  f"{native.cpu_us['pgbouncer']:.0f} µs/tx)" for k in ("stunnel_pgsql", "stunnel_pair")]
         console.print(f"  {mode}: " + "; ".join(parts) +
-                      f"; TLS itself (pgbouncer TLS vs plain) {native.tps / by['pgb_plain'].tps:.2f}x")
+                      f"; pgbouncer TLS / pgbouncer plain {native.tps / by['pgb_plain'].tps:.2f}x")
 
 
 # --------------------------------------------------------------------------- main
@@ -505,6 +543,8 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=8, help="seconds per pgbench run (default 8)")
     parser.add_argument("--clients", type=int, default=8, help="pgbench -c (default 8)")
     parser.add_argument("--jobs", type=int, default=2, help="pgbench -j (default 2)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the series, every other round in reverse order; report means (default 1)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/dblink.py needs root (it runs the servers as the postgres user)", file=sys.stderr)
@@ -614,15 +654,18 @@ logging_collector = off
                     raise Failure(f"stunnel pair: no TLS session in the client's log:\n{tail(logs / 'stunnel_client.log')}")
                 link.tls = f"{suites[-1].replace(' ciphersuite:', '')} (stunnel client<->server); plain at PostgreSQL"
         console.print(f"[dim]setup done in {time.monotonic() - started:.0f} s; "
-                      f"{2 * len(links)} runs of {args.duration} s follow[/dim]")
+                      f"{2 * len(links) * args.rounds} runs of {args.duration} s follow[/dim]")
 
         load_before = Path("/proc/loadavg").read_text().split()[0]
-        results = []
-        for new_conn in (False, True):
-            for link in links:
-                r = bench(link, new_conn, args, password, conf, children, pg.popen.pid)
-                results.append(r)
-                console.print(f"[dim]  {link.label:16} {'-C' if new_conn else '  '} {r.tps:10,.0f} tps[/dim]")
+        runs = []
+        for rnd in range(args.rounds):
+            for new_conn in (False, True):
+                for link in (links if rnd % 2 == 0 else links[::-1]):
+                    r = bench(link, new_conn, args, password, conf, children, pg.popen.pid)
+                    runs.append(r)
+                    console.print(f"[dim]  {link.label:16} {'-C' if new_conn else '  '} {r.tps:10,.0f} tps[/dim]")
+        results = [merge([r for r in runs if r.link is link and r.new_conn == new_conn])
+                   for new_conn in (False, True) for link in links]
         load_after = Path("/proc/loadavg").read_text().split()[0]
         report(console, results, args, links, (load_before, load_after))
     except KeyboardInterrupt:
