@@ -132,6 +132,12 @@ def require_server(ctx, server: str) -> str:
     return server
 
 
+from fabula.cli import db as _db_commands, deploy as _deploy_commands  # noqa: E402
+
+_db_commands.register(app)
+_deploy_commands.register(app)
+
+
 def main() -> None:
     try:
         app()  # standalone: usage errors are printed by typer and exit with status 2

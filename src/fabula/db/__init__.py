@@ -1,0 +1,1 @@
+"""Database operations on the environment's PostgreSQL servers (provider-neutral)."""

@@ -1,0 +1,1 @@
+"""Releases, deploys, the environment's lock and its history of operations."""
