@@ -36,6 +36,8 @@ class AppConfig(Strict):
     requirements: str = "requirements.txt"
     celery: Annotated[str, Field(pattern=DOTTED_CALLABLE)] | None = None
     manage: str = "manage.py"
+    maintenance_page: Path | None = Field(default=None, description=(
+        "HTML file (relative to the config) served with status 503 during maintenance"))
     python: str = Field(default="/usr/bin/python3", description="interpreter the app's virtualenv is built on")
 
 
@@ -70,8 +72,18 @@ class LoadBalancerConfig(Strict):
         return self
 
 
+class DatabaseConfig(Strict):
+    synchronous: bool = Field(default=False, description=(
+        "a commit returns only once a replica has it: no acknowledged write is lost in a failover, "
+        "but writes wait for the replica (and stop while no replica is streaming)"))
+    backups: Path | None = Field(default=None, description="folder for `fabula db backup`; default "
+                                 "<state root>/backups/<project>-<env>")
+
+
 class EnvironmentConfig(Strict):
     provider: Literal["local"] = "local"
+    production: bool = Field(default=False, description="refuse destructive copies into it without --force")
+    db: DatabaseConfig = DatabaseConfig()
     servers: ServerCounts = ServerCounts()
     lb: LoadBalancerConfig = LoadBalancerConfig()
     subnet: ipaddress.IPv4Network | None = Field(

@@ -89,6 +89,9 @@ class ServerRecord:
     role: str
     address: str
     release: str | None = None
+    # a database server that must be rebuilt from the primary before it serves (e.g. a fenced
+    # former primary): it admits no connections and is not used as a replica until then
+    rebuild: bool = False
 
 
 @dataclass
@@ -100,6 +103,8 @@ class EnvState:
     servers: dict[str, ServerRecord] = field(default_factory=dict)
     release: str | None = None
     migrated_release: str | None = None
+    # replicas the primary waits for on commit (db.synchronous), once they stream
+    sync_standbys: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, paths: EnvPaths) -> "EnvState | None":
@@ -118,3 +123,6 @@ class EnvState:
     def one(self, role: str) -> ServerRecord | None:
         found = self.by_role(role)
         return found[0] if found else None
+
+    def serving_replicas(self) -> list[ServerRecord]:
+        return [s for s in self.by_role("db-replica") if not s.rebuild]

@@ -15,6 +15,7 @@ from fabula.operations import open_environment
 from fabula.operations.create import create as create_environment
 from fabula.operations.describe import describe as describe_environment
 from fabula.operations.destroy import destroy as destroy_environment
+from fabula.maintenance import set_maintenance
 from fabula.output import Output
 from fabula.roles import ROLES
 from fabula.supervisor import Supervisor
@@ -84,6 +85,16 @@ def destroy(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
         typer.confirm(f"Destroy {ctx.project}/{env} and all its data?", abort=True)
     destroy_environment(ctx)
     out.console.print(f"environment {env} destroyed")
+
+
+@app.command()
+def maintenance(env: EnvArgument, state: Annotated[str, typer.Argument(help="on or off")],
+                config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Turn maintenance mode on (every web server answers 503 with the maintenance page) or off."""
+    if state not in ("on", "off"):
+        raise FabulaError(f"maintenance takes `on` or `off`, not {state!r}")
+    ctx = open_environment(config, env, Output())
+    set_maintenance(ctx, state == "on")
 
 
 @app.command(name="exec", context_settings={"allow_interspersed_args": False})

@@ -1,10 +1,126 @@
 """`fabula db ...`: replication status, failover, replicas, backups."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+from rich.table import Table
+
+from fabula.db.backup import backup, list_backups, restore
+from fabula.db.copy import copy_database, load_runtime
+from fabula.db.failover import promote, reset_replicas
+from fabula.db.status import db_status
+from fabula.operations import open_environment
+from fabula.output import Output
+
+ConfigOption = Annotated[Path, typer.Option("-c", "--config", help="path of fabula.yml")]
+EnvArgument = Annotated[str, typer.Argument(help="environment name")]
+DEFAULT_CONFIG = Path("fabula.yml")
+
+
+def _lag(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def print_status(out: Output, report: dict) -> None:
+    table = Table(title=f"databases of {report['environment']} "
+                        f"({'synchronous' if report['synchronous'] else 'asynchronous'} replication)")
+    for column in ("server", "role", "address", "up", "timeline", "WAL", "state", "sync", "lag bytes",
+                   "replay lag", "measured lag"):
+        table.add_column(column)
+    for s in report["servers"]:
+        replica = s["role"] == "db-replica"
+        table.add_row(s["name"], s["role"] + (" (to rebuild)" if s.get("rebuild") else ""), s["address"],
+                      "[green]yes[/]" if s.get("up") else "[red]no[/]", str(s.get("timeline", "-")),
+                      s.get("wal_lsn", "-"), s.get("state", "") if replica else "",
+                      (s.get("sync_state") or "-") if replica else "",
+                      str(s.get("lag_bytes", "-")) if replica else "",
+                      _lag(s.get("replay_lag_s")) if replica else "",
+                      _lag(s.get("heartbeat_lag_s")) if replica else "")
+    out.console.print(table)
 
 
 def register(app: typer.Typer) -> None:
     db_app = typer.Typer(help="Database operations: status, promote, reset-replicas, backups, copy.",
                          no_args_is_help=True)
     app.add_typer(db_app, name="db")
+
+    @db_app.command("status")
+    def status(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """Each database server's role, timeline, WAL position; each replica's state and lag."""
+        out = Output()
+        report = db_status(open_environment(config, env, out))
+        print(json.dumps(report, indent=2)) if as_json else print_status(out, report)
+
+    @db_app.command("promote")
+    def promote_(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+                 replica: Annotated[Optional[str], typer.Option("--replica", help="which replica")] = None) -> None:
+        """Make a replica the primary: fence the old primary, promote, repoint every PgBouncer."""
+        out = Output()
+        ctx = open_environment(config, env, out)
+        ctx.provider.check_prerequisites()
+        load_runtime(ctx)
+        result = promote(ctx, replica)
+        out.console.print(f"{result['new_primary']} is the primary; {result['old_primary']} is fenced "
+                          f"until `fabula db reset-replicas {env}`")
+
+    @db_app.command("reset-replicas")
+    def reset(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
+        """Rebuild the replicas from the current primary."""
+        out = Output()
+        ctx = open_environment(config, env, out)
+        ctx.provider.check_prerequisites()
+        load_runtime(ctx)
+        reset_replicas(ctx)
+        print_status(out, db_status(ctx))
+
+    @db_app.command("backup")
+    def backup_(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+                to: Annotated[Optional[Path], typer.Option("--to", help="file or folder")] = None) -> None:
+        """Back up the app's database (pg_dump custom format, from the primary)."""
+        out = Output()
+        ctx = open_environment(config, env, out)
+        ctx.provider.check_prerequisites()
+        out.console.print(str(backup(ctx, to)))
+
+    @db_app.command("backups")
+    def backups(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+                as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """List the environment's backups."""
+        out = Output()
+        found = list_backups(open_environment(config, env, out))
+        if as_json:
+            print(json.dumps(found, indent=2))
+            return
+        table = Table(title=f"backups of {env}")
+        for column in ("file", "created", "size", "release"):
+            table.add_column(column)
+        for b in found:
+            table.add_row(b["path"], b.get("created", "?"), f"{b['size'] // 1024} KiB", b.get("release") or "-")
+        out.console.print(table)
+
+    @db_app.command("restore")
+    def restore_(env: EnvArgument, backup_file: Annotated[Path, typer.Argument(help="a backup file")],
+                 config: ConfigOption = DEFAULT_CONFIG,
+                 force: Annotated[bool, typer.Option("--force", help="restore another database's backup")] = False) -> None:
+        """Restore a backup as the app's database, under maintenance mode."""
+        out = Output()
+        ctx = open_environment(config, env, out)
+        ctx.provider.check_prerequisites()
+        kept = restore(ctx, backup_file, force=force)
+        out.console.print(f"restored {backup_file}; the previous database is kept as {kept}")
+
+    @db_app.command("copy")
+    def copy(source: Annotated[str, typer.Argument(help="environment to copy from")],
+             target: Annotated[str, typer.Argument(help="environment to copy into")],
+             config: ConfigOption = DEFAULT_CONFIG,
+             force: Annotated[bool, typer.Option("--force", help="allow a production target")] = False) -> None:
+        """Copy SOURCE's database into TARGET, then run TARGET's migrations."""
+        out = Output()
+        source_ctx, target_ctx = open_environment(config, source, out), open_environment(config, target, out)
+        source_ctx.provider.check_prerequisites()
+        kept = copy_database(source_ctx, target_ctx, force=force)
+        out.console.print(f"{target} now has {source}'s data; its previous database is kept as {kept}")

@@ -15,6 +15,7 @@ from fabula import pki, release, secrets
 from fabula.context import Context
 from fabula.errors import ConfigError, FabulaError
 from fabula.providers.base import Backend, Host
+from fabula.db.topology import apply_firewalls, apply_synchronous
 from fabula.roles import ROLES
 from fabula.roles.web import HTTPS_PORT
 from fabula.roles.worker import migrate
@@ -70,8 +71,7 @@ def create(ctx: Context) -> None:
     servers = list(ctx.state.servers.values())
     for record in servers:
         ctx.hosts[record.name] = ctx.provider.ensure_server(record.name, record.role, record.address)
-    for host in ctx.hosts.values():
-        ctx.provider.apply_firewall(host, ROLES[host.role].ingress(ctx))
+    apply_firewalls(ctx)
     in_parallel(ctx, list(ctx.hosts.values()), lambda h: Supervisor(h).ensure_running())
     ctx.out.step("servers", f"{len(servers)} up: " + ", ".join(f"{s.name} {s.address}" for s in servers))
 
@@ -79,6 +79,7 @@ def create(ctx: Context) -> None:
         converge(ctx, ctx.host(ctx.state.one("db-primary").name))
         in_parallel(ctx, [ctx.host(r.name) for r in ctx.state.by_role("db-replica")],
                     lambda h: converge(ctx, h))
+        apply_synchronous(ctx)
 
     def cache() -> None:
         converge(ctx, ctx.host(ctx.state.one("cache").name))

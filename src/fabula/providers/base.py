@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import subprocess
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from fabula.errors import CommandFailed
 
@@ -64,6 +64,14 @@ class Host(abc.ABC):
     @abc.abstractmethod
     def make_dirs(self, paths: list[PurePosixPath], *, mode: int = 0o755, owner: str = "root") -> None:
         ...
+
+    @abc.abstractmethod
+    def fetch_file(self, path: PurePosixPath, local: "Path") -> None:
+        """Copy a (possibly large) file from the server to this machine."""
+
+    @abc.abstractmethod
+    def push_file(self, local: "Path", path: PurePosixPath, *, mode: int = 0o600, owner: str = "root") -> None:
+        """Copy a (possibly large) file from this machine to the server."""
 
     @abc.abstractmethod
     def install_release(self, release_dir: str, release_id: str) -> PurePosixPath:

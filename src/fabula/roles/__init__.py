@@ -10,3 +10,10 @@ from fabula.roles.worker import Worker
 ROLES: dict[str, Role] = {r.name: r for r in (Web(), Worker(), Cache(), DatabasePrimary(), DatabaseReplica())}
 
 __all__ = ["ROLES", "Role"]
+
+
+def firewall_rules(ctx, record) -> list:
+    """The security group of one server: its role's, or nothing while it awaits a rebuild."""
+    if record.rebuild:
+        return []
+    return ROLES[record.role].ingress(ctx)

@@ -38,11 +38,11 @@ def app_environment(ctx: Context, host: Host) -> dict[str, str]:
     s, db = ctx.secrets, ctx.database_name
     cache = ctx.state.one("cache")
     local_db = f"postgres://app:{s.db_app_password}@127.0.0.1:{PGBOUNCER_PORT}"
-    has_replica = bool(ctx.state.by_role("db-replica"))
     allowed = [str(ctx.env.lb.bind), "localhost", "127.0.0.1", host.address, *ctx.env.hosts]
     return {
         "DATABASE_URL": f"{local_db}/{db}",
-        "DATABASE_REPLICA_URL": f"{local_db}/{db}_replica" if has_replica else f"{local_db}/{db}",
+        # PgBouncer points this at a serving replica, or at the primary while there is none
+        "DATABASE_REPLICA_URL": f"{local_db}/{db}_replica",
         "REDIS_URL": f"redis://:{s.redis_password}@{cache.address}:6379/0",
         "CELERY_BROKER_URL": f"amqp://fabula:{s.rabbitmq_password}@{cache.address}:5672//",
         "DJANGO_SECRET_KEY": s.django_secret_key,
@@ -64,13 +64,14 @@ def pgbouncer(ctx: Context, host: Host) -> tuple[Program, bool]:
     conf_dir, run_dir = host.path("etc", "pgbouncer"), host.path("run", "pgbouncer")
     host.make_dirs([conf_dir], mode=0o700, owner="postgres")
     host.make_dirs([run_dir], owner="postgres")
-    primary, replica = ctx.state.one("db-primary"), ctx.state.one("db-replica")
+    primary, replicas = ctx.state.one("db-primary"), ctx.state.serving_replicas()
+    replica = replicas[0] if replicas else primary
     changed = host.put_file(conf_dir / "root.crt", ctx.ca.cert_pem, owner="postgres")
     changed |= host.put_file(conf_dir / "userlist.txt", f'"app" "{ctx.secrets.db_app_password}"\n',
                              mode=0o600, owner="postgres")
     changed |= host.put_file(conf_dir / "pgbouncer.ini", render(
         __file__, "pgbouncer.ini.j2", name=host.name, database=ctx.database_name, primary=primary.address,
-        replica=replica.address if replica else None, conf_dir=conf_dir, run_dir=run_dir), owner="postgres")
+        replica=replica.address, conf_dir=conf_dir, run_dir=run_dir), owner="postgres")
     return Program("pgbouncer", ["/usr/sbin/pgbouncer", str(conf_dir / "pgbouncer.ini")], user="postgres"), changed
 
 

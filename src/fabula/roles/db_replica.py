@@ -9,6 +9,7 @@ from fabula.errors import FabulaError
 from fabula.providers.base import Host, IngressRule
 from fabula.roles import postgres
 from fabula.roles.base import Role
+from fabula.supervisor import Supervisor
 
 
 class DatabaseReplica(Role):
@@ -32,10 +33,18 @@ class DatabaseReplica(Role):
                       f"{primary.address}:5432:*:replicator:{ctx.secrets.db_replication_password}\n",
                       mode=0o600, owner="postgres")
         changed = postgres.install_config(ctx, host, primary_conninfo=self.conninfo(ctx, host))
+        record = ctx.state.servers[host.name]
+        if record.rebuild and postgres.is_initialized(host):
+            ctx.out.step(host.name, f"rebuilding as a replica of {primary.name}")
+            Supervisor(host).ctl("stop", "postgresql", timeout=90)
+            host.check(["rm", "-rf", str(postgres.data_dir(host))])
         if not postgres.is_initialized(host):
             self._base_backup(ctx, host)
         postgres.start(host, changed)
         wait_streaming(host)
+        if record.rebuild:
+            record.rebuild = False
+            ctx.state.save(ctx.paths)
         ctx.out.step(host.name, f"PostgreSQL replica streaming from {primary.name}")
 
     def _base_backup(self, ctx: Context, host: Host) -> None:

@@ -40,11 +40,23 @@ def install_config(ctx: Context, host: Host, primary_conninfo: str | None = None
     changed |= host.put_file(conf_dir(host) / "postgresql.conf", render(
         __file__, "postgresql.conf.j2", name=host.name, role=host.role, address=host.address,
         socket_dir=socket_dir(host), conf_dir=conf_dir(host), primary_conninfo=primary_conninfo,
-        slot=slot_name(host.name)), owner="postgres")
+        slot=slot_name(host.name), sync_names=sync_names(ctx, host)), owner="postgres")
     changed |= host.put_file(conf_dir(host) / "pg_hba.conf", render(
         __file__, "pg_hba.conf.j2", database=ctx.database_name, subnet=ctx.state.subnet), owner="postgres")
     changed |= host.put_file(conf_dir(host) / "pg_ident.conf", "# written by fabula\n", owner="postgres")
     return changed
+
+
+def sync_names(ctx: Context, host: Host) -> str:
+    """synchronous_standby_names for a primary: its streaming replicas, when db.synchronous."""
+    if is_primary(ctx, host) and ctx.env.db.synchronous and ctx.state.sync_standbys:
+        return "FIRST 1 (" + ", ".join(f'"{n}"' for n in ctx.state.sync_standbys) + ")"
+    return ""
+
+
+def is_primary(ctx: Context, host: Host) -> bool:
+    record = ctx.state.servers.get(host.name)
+    return record is not None and record.role == "db-primary"
 
 
 def slot_name(server: str) -> str:
@@ -60,11 +72,16 @@ def program(host: Host) -> Program:
 
 
 def start(host: Host, config_changed: bool) -> None:
+    """Start PostgreSQL, or reload it if its configuration changed: every setting fabula changes
+    after the first start (hba, TLS files, replication, synchronous names) takes a reload, so
+    connections in use are never cut for it."""
     supervisor = Supervisor(host)
     started = supervisor.apply([program(host)])
-    if config_changed and not started:
-        supervisor.restart("postgresql")
+    if supervisor.status().get("postgresql") != "RUNNING":
+        supervisor.ctl("start", "postgresql", timeout=120)  # e.g. stopped for a rebuild
     wait_ready(host)
+    if config_changed and not started:
+        psql(host, "SELECT pg_reload_conf()")
 
 
 def wait_ready(host: Host, timeout: float = 90) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fabula.context import Context
 from fabula.errors import FabulaError
 from fabula.providers.base import Host, IngressRule, run_local
+from fabula import maintenance
 from fabula.roles import appserver
 from fabula.roles.base import Role, ensure_certificate, wait_port
 from fabula.supervisor import Program, Supervisor
@@ -40,8 +41,10 @@ class Web(Role):
         host.make_dirs([conf_dir])
         host.make_dirs([host.path("tmp", "nginx")], owner="www-data")
         changed = ensure_certificate(ctx, host, conf_dir / "server.crt", conf_dir / "server.key", owner="root")
+        maintenance.install_page(ctx, host)
         text = render(__file__, "nginx.conf.j2", name=host.name, root=host.root, address=host.address,
-                      conf_dir=conf_dir, app_port=appserver.APP_PORT)
+                      conf_dir=conf_dir, app_port=appserver.APP_PORT,
+                      maintenance_dir=maintenance.directory(host))
         conf = conf_dir / "nginx.conf"
         changed |= host.put_file(conf, text)
         tested = host.run(["nginx", "-t", "-q", "-c", str(conf)])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
 
@@ -68,6 +69,17 @@ class LocalHost(Host):
             Path(path).mkdir(parents=True, exist_ok=True)
             os.chown(path, uid, gid)
             os.chmod(path, mode)
+
+    def fetch_file(self, path, local: Path) -> None:
+        shutil.copyfile(path, local)
+
+    def push_file(self, local: Path, path, *, mode=0o600, owner="root") -> None:
+        uid, gid = _ids(owner)
+        partial = Path(f"{path}.partial")
+        shutil.copyfile(local, partial)
+        os.chown(partial, uid, gid)
+        os.chmod(partial, mode)
+        partial.rename(path)
 
     def install_release(self, release_dir: str, release_id: str) -> PurePosixPath:
         target = self.path("releases", release_id)

@@ -1,0 +1,151 @@
+"""`fabula db backup`, `backups`, `restore` and `copy`.
+
+A backup is pg_dump's custom format of the app's database, taken on the primary: a consistent
+snapshot (one transaction) that restores into this or any other environment, with its own
+roles, and that `pg_restore --list` can check before anything is touched. A base backup would
+copy the whole cluster (every database, the roles, the WAL) and restore only into a cluster
+of the same shape, which is what `reset-replicas` does, not what a backup is for.
+
+Restore never works in place: the backup is restored into a new database, and only when that
+succeeded are the two swapped, under maintenance mode. The database it replaced is kept.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from pathlib import Path, PurePosixPath
+
+from fabula.context import Context
+from fabula.errors import FabulaError
+from fabula.maintenance import set_maintenance
+from fabula.roles import postgres
+from fabula.state import write_atomically
+
+SUFFIX = ".dump"
+
+
+def backup_dir(ctx: Context) -> Path:
+    configured = ctx.env.db.backups
+    if configured:
+        return configured if configured.is_absolute() else ctx.config.path.parent / configured
+    return ctx.paths.root / "backups" / f"{ctx.project}-{ctx.env_name}"
+
+
+def primary_host(ctx: Context):
+    record = ctx.state.one("db-primary")
+    if record is None or not ctx.provider.server_exists(record.name):
+        raise FabulaError(f"{ctx.env_name} has no running primary", f"run `fabula create {ctx.env_name}`")
+    return ctx.host(record.name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def backup(ctx: Context, to: Path | None = None) -> Path:
+    host = primary_host(ctx)
+    db = ctx.database_name
+    size = int(postgres.psql(host, f"SELECT pg_database_size('{db}')").stdout.strip())
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = Path(to) if to else backup_dir(ctx) / f"{ctx.project}-{ctx.env_name}-{stamp}{SUFFIX}"
+    if target.is_dir():
+        target = target / f"{ctx.project}-{ctx.env_name}-{stamp}{SUFFIX}"
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    free = shutil.disk_usage(target.parent).free
+    if free < size:  # a dump is smaller than the database; the database's size is the safe bound
+        raise FabulaError(f"not enough space for a backup of {db} in {target.parent}: "
+                          f"{free // 2**20} MiB free, up to {size // 2**20} MiB needed (nothing was written)",
+                          "free some space or pass --to PATH on another disk")
+    remote = host.path("tmp", f"backup-{stamp}{SUFFIX}")
+    ctx.out.step(host.name, f"pg_dump {db}")
+    host.make_dirs([host.path("tmp")], mode=0o1777)
+    try:
+        host.check([str(postgres.PG_BIN / "pg_dump"), "-h", str(postgres.socket_dir(host)), "-U", "postgres",
+                    "-Fc", "-d", db, "-f", str(remote)], user="postgres", timeout=3600)
+        partial = target.with_name(target.name + ".partial")
+        host.fetch_file(remote, partial)
+        partial.chmod(0o600)
+        partial.rename(target)
+    finally:
+        host.run(["rm", "-f", str(remote)])
+    meta = {"project": ctx.project, "environment": ctx.env_name, "database": db,
+            "created": stamp, "size": target.stat().st_size, "sha256": _sha256(target),
+            "release": ctx.state.release, "format": "pg_dump custom (-Fc)"}
+    write_atomically(target.with_name(target.name + ".json"), json.dumps(meta, indent=2).encode(), mode=0o600)
+    ctx.out.step("backup", f"{target} ({meta['size'] // 1024} KiB)")
+    return target
+
+
+def list_backups(ctx: Context) -> list[dict]:
+    found = []
+    folder = backup_dir(ctx)
+    for dump in sorted(folder.glob(f"*{SUFFIX}")) if folder.exists() else []:
+        meta_path = dump.with_name(dump.name + ".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        found.append({"path": str(dump), "size": dump.stat().st_size, **meta})
+    return found
+
+
+def _check_archive(ctx: Context, host, remote: PurePosixPath, source: Path, force: bool) -> None:
+    listing = host.run([str(postgres.PG_BIN / "pg_restore"), "--list", str(remote)], user="postgres")
+    if not listing.ok:
+        raise FabulaError(f"{source} is not a readable pg_dump archive ({listing.stderr.strip()}); "
+                          "nothing was changed", "restore a file made by `fabula db backup`")
+    dumped = next((line.split(":", 1)[1].strip() for line in listing.stdout.splitlines()
+                   if line.startswith(";     dbname:")), None)
+    if dumped != ctx.database_name and not force:
+        raise FabulaError(f"{source} is a backup of database {dumped!r}, not of {ctx.database_name!r} "
+                          f"(another project?); nothing was changed",
+                          "pass --force to restore it anyway")
+    meta_path = source.with_name(source.name + ".json")
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("sha256") not in (None, _sha256(source)):
+        raise FabulaError(f"{source} does not match the checksum recorded when it was made (damaged?); "
+                          "nothing was changed")
+
+
+def restore(ctx: Context, source: Path, force: bool = False, migrate=None) -> str:
+    """Restore `source` as the app's database; returns the name the replaced database is kept as."""
+    source = Path(source)
+    if not source.is_file():
+        raise FabulaError(f"no backup file {source}", f"`fabula db backups {ctx.env_name}` lists them")
+    host = primary_host(ctx)
+    db = ctx.database_name
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S")
+    remote = host.path("tmp", f"restore-{stamp}{SUFFIX}")
+    host.make_dirs([host.path("tmp")], mode=0o1777)
+    host.push_file(source, remote, owner="postgres")
+    staging, kept = f"{db}_restoring", f"{db}_before_restore_{stamp}"
+    maintenance = False
+    try:
+        _check_archive(ctx, host, remote, source, force)
+        set_maintenance(ctx, True)
+        maintenance = True
+        ctx.out.step(host.name, f"restoring {source.name} into {staging}")
+        postgres.psql(host, f"DROP DATABASE IF EXISTS {staging};\nCREATE DATABASE {staging} OWNER app;")
+        restored = host.run([str(postgres.PG_BIN / "pg_restore"), "-h", str(postgres.socket_dir(host)),
+                             "-U", "postgres", "--no-owner", "--role=app", "--exit-on-error", "-d", staging,
+                             str(remote)], user="postgres", timeout=3600)
+        if not restored.ok:
+            postgres.psql(host, f"DROP DATABASE IF EXISTS {staging}")
+            raise FabulaError(f"restoring {source} failed, the database was left as it was:\n"
+                              f"{restored.stderr.strip()[-1500:]}")
+        ctx.out.step(host.name, f"swapping {db} for the restored database (kept as {kept})")
+        postgres.psql(host, f"""
+ALTER DATABASE {db} ALLOW_CONNECTIONS false;
+SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid();
+ALTER DATABASE {db} RENAME TO {kept};
+ALTER DATABASE {staging} RENAME TO {db};
+""")
+        if migrate:
+            migrate()
+    finally:
+        host.run(["rm", "-f", str(remote)])
+        if maintenance:
+            set_maintenance(ctx, False)
+    return kept

@@ -1,0 +1,151 @@
+"""`fabula db promote` and `fabula db reset-replicas`.
+
+Planned failover (the primary answers): fence the primary first (a clean shutdown, after which
+it takes no write), wait until the replica has replayed everything the primary wrote up to its
+shutdown checkpoint, then promote. Emergency (the primary does not answer): promote the replica
+and fence the old primary so that it can never come back as a second primary. Either way every
+PgBouncer is then repointed and the old primary waits, admitting no one, to be rebuilt as a
+replica by `reset-replicas`. No step is left to the operator.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+from fabula.context import Context
+from fabula.db.status import query, server_status
+from fabula.db.topology import apply_firewalls, apply_synchronous, repoint_app_servers
+from fabula.errors import FabulaError
+from fabula.roles import ROLES, postgres
+from fabula.supervisor import Supervisor
+
+
+def choose_replica(ctx: Context, name: str | None) -> str:
+    candidates = [r.name for r in ctx.state.serving_replicas()]
+    if name and name not in candidates:
+        raise FabulaError(f"{name} is not a serving replica of {ctx.env_name}",
+                          f"replicas: {', '.join(candidates) or 'none'}")
+    for candidate in ([name] if name else candidates):
+        status = server_status(ctx, candidate)
+        if status.get("up") and status.get("in_recovery"):
+            return candidate
+    raise FabulaError(f"no healthy replica to promote in {ctx.env_name} (nothing was changed)",
+                      f"`fabula db status {ctx.env_name}` shows the replicas; "
+                      f"`fabula db reset-replicas {ctx.env_name}` rebuilds them")
+
+
+def lsn_value(lsn: str) -> int:
+    high, low = lsn.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def shutdown_checkpoint(ctx: Context, name: str) -> int:
+    host = ctx.host(name)
+    out = host.check([str(postgres.PG_BIN / "pg_controldata"), str(postgres.data_dir(host))],
+                     user="postgres").stdout
+    state = re.search(r"Database cluster state:\s+(.+)", out).group(1).strip()
+    if state != "shut down":
+        raise FabulaError(f"{name}: PostgreSQL did not shut down cleanly ({state})")
+    return lsn_value(re.search(r"Latest checkpoint location:\s+(\S+)", out).group(1))
+
+
+def fence(ctx: Context, name: str) -> list[str]:
+    """Make sure a former primary cannot take writes again; return what could not be done."""
+    host = ctx.host(name)
+    problems = []
+    supervisor = Supervisor(host)
+    supervisor.ctl("stop", "postgresql", timeout=90)
+    # without its program, nothing restarts it; with standby.signal, were it started anyway it
+    # would come up read-only; `rebuild` keeps create from treating it as a primary
+    host.run(["rm", "-f", str(supervisor.programs_dir / "postgresql.conf")])
+    supervisor.ctl("update")
+    if postgres.is_initialized(host):
+        host.run(["touch", str(postgres.data_dir(host) / "standby.signal")], user="postgres")
+    ctx.state.servers[name].rebuild = True
+    ctx.state.servers[name].role = "db-replica"
+    ctx.state.save(ctx.paths)
+    try:
+        ctx.provider.apply_firewall(host, [])
+    except FabulaError as exc:
+        problems.append(f"firewall: {exc}")
+    if host.run([str(postgres.PG_BIN / "pg_isready"), "-q", "-h", str(postgres.socket_dir(host))]).ok:
+        problems.append("PostgreSQL still answers")
+    return problems
+
+
+def promote(ctx: Context, replica: str | None = None) -> dict:
+    old = ctx.state.one("db-primary").name
+    new = choose_replica(ctx, replica)
+    primary_status = server_status(ctx, old)
+    planned = bool(primary_status.get("up")) and not primary_status.get("in_recovery")
+    started = time.monotonic()
+    if planned:
+        ctx.out.step(old, "planned failover: fencing the primary (clean shutdown)")
+        Supervisor(ctx.host(old)).ctl("stop", "postgresql", timeout=120)
+        final = shutdown_checkpoint(ctx, old)
+        wait_replayed(ctx, new, final, old)
+    else:
+        ctx.out.step(old, "the primary does not answer: emergency failover")
+        if not ctx.env.db.synchronous:
+            ctx.out.warn("asynchronous replication: writes the replica had not received are lost "
+                         "(db.synchronous: true prevents this)")
+    problems = fence(ctx, old)
+    ctx.out.step(old, "fenced: takes no writes, admits no connections, waits for reset-replicas")
+    ctx.out.step(new, "promoting")
+    promoted = query(ctx, new, "SELECT pg_promote(true, 60)")
+    if not promoted or promoted[0][0] != "t":
+        raise FabulaError(f"{new}: pg_promote did not complete", f"see `fabula logs {ctx.env_name} {new} postgresql`")
+    ctx.state.servers[new].role = "db-primary"
+    ctx.state.sync_standbys = []
+    ctx.state.save(ctx.paths)
+    # the new primary as a primary: its config, replication slots for the others, the app's roles
+    ROLES["db-primary"].converge(ctx, ctx.host(new))
+    apply_firewalls(ctx)
+    repoint_app_servers(ctx)
+    apply_synchronous(ctx)
+    seconds = time.monotonic() - started
+    ctx.out.step("db", f"{new} is the primary ({'planned' if planned else 'emergency'}, {seconds:.1f}s)")
+    for problem in problems:
+        ctx.out.warn(f"{old}: fencing incomplete: {problem}")
+    return {"old_primary": old, "new_primary": new, "planned": planned, "seconds": round(seconds, 2)}
+
+
+def wait_replayed(ctx: Context, replica: str, target: int, old: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = query(ctx, replica, "SELECT pg_last_wal_replay_lsn()")
+        if rows and rows[0][0] and lsn_value(rows[0][0]) >= target:
+            return
+        if time.monotonic() > deadline:
+            # the replica is behind: bring the primary back rather than lose writes
+            Supervisor(ctx.host(old)).ctl("start", "postgresql")
+            raise FabulaError(f"{replica} has not replayed the primary's last writes after {timeout:.0f}s; "
+                              f"{old} was restarted as the primary and nothing was changed",
+                              f"check `fabula db status {ctx.env_name}`")
+        time.sleep(0.1)
+
+
+def reset_replicas(ctx: Context) -> None:
+    """Rebuild every replica from the current primary (a former primary becomes a replica)."""
+    primary = ctx.host(ctx.state.one("db-primary").name)
+    replicas = ctx.state.by_role("db-replica")
+    if not replicas:
+        raise FabulaError(f"{ctx.env_name} has no replica", "set servers.db-replica in fabula.yml and run create")
+    for record in replicas:
+        record.rebuild = True
+    ctx.state.sync_standbys = []
+    ctx.state.save(ctx.paths)
+    apply_synchronous(ctx)       # commits must not wait for replicas being rebuilt
+    repoint_app_servers(ctx)     # reads go to the primary meanwhile
+    for record in replicas:
+        # a fresh slot, so the primary keeps WAL from the new base backup on, not from long ago
+        postgres.psql(primary, f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                               f"WHERE slot_name = '{postgres.slot_name(record.name)}' AND NOT active")
+    ROLES["db-primary"].converge(ctx, primary)   # creates the replicas' slots
+    for record in replicas:
+        host = ctx.host(record.name)
+        Supervisor(host).ensure_running()
+        ROLES["db-replica"].converge(ctx, host)
+    apply_firewalls(ctx)
+    apply_synchronous(ctx)
+    repoint_app_servers(ctx)

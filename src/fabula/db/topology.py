@@ -1,0 +1,38 @@
+"""Keeping the environment in step with which database server is primary and which replicas
+serve: firewalls, synchronous replication, and the app servers' PgBouncers."""
+from __future__ import annotations
+
+from fabula.context import Context
+from fabula.roles import appserver, firewall_rules, postgres
+from fabula.supervisor import Supervisor
+
+
+def apply_firewalls(ctx: Context) -> None:
+    for record in ctx.state.servers.values():
+        ctx.provider.apply_firewall(ctx.host(record.name), firewall_rules(ctx, record))
+
+
+def apply_synchronous(ctx: Context) -> None:
+    """With db.synchronous, make the primary wait for its streaming replicas on commit. Set only
+    once they stream: before that, a commit would wait for a replica that is not there."""
+    wanted = [r.name for r in ctx.state.serving_replicas()] if ctx.env.db.synchronous else []
+    primary = ctx.host(ctx.state.one("db-primary").name)
+    if wanted != ctx.state.sync_standbys:
+        ctx.state.sync_standbys = wanted
+        ctx.state.save(ctx.paths)
+    if postgres.install_config(ctx, primary):
+        postgres.psql(primary, "SELECT pg_reload_conf()")
+        if wanted:
+            ctx.out.step(primary.name, f"commits wait for {', '.join(wanted)} (synchronous replication)")
+
+
+def repoint_app_servers(ctx: Context) -> None:
+    """Point every web and worker PgBouncer at the current primary and serving replica. An online
+    reload: client connections stay, server connections move as they are released."""
+    for record in ctx.state.servers.values():
+        if record.role in ("web", "worker"):
+            host = ctx.host(record.name)
+            _, changed = appserver.pgbouncer(ctx, host)
+            if changed:
+                Supervisor(host).signal("pgbouncer", "HUP")
+                ctx.out.step(host.name, "PgBouncer repointed")
