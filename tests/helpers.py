@@ -54,7 +54,8 @@ def free_port() -> int:
 
 
 def make_app_repo(target: Path, project: str, env: str, https_port: int, http_port: int,
-                  servers: str = "{web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}") -> Path:
+                  servers: str = "{web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}",
+                  extra: str = "") -> Path:
     """A git repository holding a copy of the sample app, with its own fabula.yml."""
     shutil.copytree(SAMPLE_APP, target, ignore=shutil.ignore_patterns("__pycache__", "*.sqlite3"))
     (target / "fabula.yml").write_text(f"""project: {project}
@@ -69,7 +70,7 @@ environments:
     provider: local
     servers: {servers}
     lb: {{bind: 127.0.0.1, https_port: {https_port}, http_port: {http_port}}}
-""")
+{extra}""")
     git = ["git", "-C", str(target), "-c", "user.email=tests@fabula.invalid", "-c", "user.name=tests"]
     subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
     subprocess.run(git + ["add", "-A"], check=True)

@@ -8,6 +8,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,16 +84,19 @@ def leftovers(env: Environment) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def environment():
+@contextmanager
+def running_environment(prefix: str, servers: str | None = None, extra: str = ""):
+    """A new environment of the sample app, created with the real CLI; destroyed afterwards,
+    also when the test fails."""
     if os.geteuid() != 0:
         pytest.skip("end-to-end tests need root (network namespaces)")
     # under /var/tmp, not pytest's 0700 tmp dirs: service users (postgres, www-data) must traverse it
     base = Path(tempfile.mkdtemp(prefix="fabula-e2e-", dir="/var/tmp"))
     base.chmod(0o755)
-    env = Environment(project=f"e2e-{secrets.token_hex(3)}", app_dir=base / "app", state_dir=base / "state",
+    env = Environment(project=f"{prefix}-{secrets.token_hex(3)}", app_dir=base / "app", state_dir=base / "state",
                       https_port=free_port(), http_port=free_port())
-    make_app_repo(env.app_dir, env.project, ENV, env.https_port, env.http_port)
+    kwargs = {"servers": servers} if servers else {}
+    make_app_repo(env.app_dir, env.project, ENV, env.https_port, env.http_port, extra=extra, **kwargs)
     try:
         created = env.fabula("create", ENV, timeout=900)
         assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
@@ -100,3 +104,9 @@ def environment():
     finally:
         env.fabula("destroy", ENV, "--yes", timeout=300)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def environment():
+    with running_environment("e2e") as env:
+        yield env

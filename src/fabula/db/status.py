@@ -26,7 +26,12 @@ def query(ctx: Context, name: str, sql: str) -> list[list[str]] | None:
 def server_status(ctx: Context, name: str) -> dict:
     record = ctx.state.servers[name]
     report = {"name": name, "role": record.role, "address": record.address, "rebuild": record.rebuild}
-    rows = query(ctx, name, "SELECT pg_is_in_recovery(), (SELECT timeline_id FROM pg_control_checkpoint()), "
+    # the checkpoint's timeline lags behind a promotion until the next checkpoint: a primary's
+    # current WAL file name and a replica's receiver say the timeline now
+    rows = query(ctx, name, "SELECT pg_is_in_recovery(), COALESCE(CASE WHEN pg_is_in_recovery() "
+                            "THEN (SELECT received_tli FROM pg_stat_wal_receiver) "
+                            "ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, "
+                            "(SELECT timeline_id FROM pg_control_checkpoint())), "
                             "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
                             "ELSE pg_current_wal_lsn() END")
     if not rows:

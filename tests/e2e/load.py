@@ -1,0 +1,49 @@
+"""A bounded client loop through the load balancer that records what the app acknowledged."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import httpx
+
+
+class WriteLoad(threading.Thread):
+    """POSTs entries with unique texts until stopped (or max_seconds); keeps each acknowledged
+    text (201) and each failure, with the time it happened."""
+
+    def __init__(self, url: str, max_seconds: float = 300, max_requests: int = 50000):
+        super().__init__(daemon=True)
+        self.url, self.max_seconds, self.max_requests = url, max_seconds, max_requests
+        self.acknowledged: list[tuple[float, str]] = []
+        self.failures: list[tuple[float, str]] = []
+        self.stop_event = threading.Event()
+        self.run_id = uuid.uuid4().hex[:8]
+
+    def run(self) -> None:
+        started = time.monotonic()
+        with httpx.Client(verify=False, timeout=10) as http:
+            for n in range(self.max_requests):
+                if self.stop_event.is_set() or time.monotonic() - started > self.max_seconds:
+                    return
+                text = f"load-{self.run_id}-{n}"
+                try:
+                    response = http.post(self.url + "/api/entries", data={"text": text})
+                    if response.status_code == 201:
+                        self.acknowledged.append((time.monotonic(), text))
+                    else:
+                        self.failures.append((time.monotonic(), f"HTTP {response.status_code}"))
+                except httpx.HTTPError as exc:
+                    self.failures.append((time.monotonic(), type(exc).__name__))
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=30)
+
+    def acknowledged_since(self, moment: float) -> int:
+        return sum(1 for at, _ in self.acknowledged if at > moment)
+
+    def longest_gap(self) -> float:
+        times = [at for at, _ in self.acknowledged]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
