@@ -26,6 +26,7 @@ class Environment:
     state_dir: Path
     https_port: int
     http_port: int
+    name: str = ENV
 
     @property
     def url(self) -> str:
@@ -33,13 +34,13 @@ class Environment:
 
     @property
     def env_dir(self) -> Path:
-        return self.state_dir / f"{self.project}-{ENV}"
+        return self.state_dir / f"{self.project}-{self.name}"
 
     def fabula(self, *args: str, timeout: float = 600) -> Run:
         return run_fabula(*args, cwd=self.app_dir, state_dir=self.state_dir, timeout=timeout)
 
     def describe(self) -> dict:
-        result = self.fabula("describe", ENV, "--json")
+        result = self.fabula("describe", self.name, "--json")
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
@@ -47,7 +48,7 @@ class Environment:
         return next(s for s in self.describe()["servers"] if s["name"] == name)
 
     def exec(self, server: str, *command: str, timeout: float = 60) -> Run:
-        return self.fabula("exec", ENV, server, "--", *command, timeout=timeout)
+        return self.fabula("exec", self.name, server, "--", *command, timeout=timeout)
 
     def supervisorctl(self, server: str, *args: str) -> Run:
         conf = self.env_dir / "servers" / server / "supervisor" / "supervisord.conf"
@@ -68,7 +69,7 @@ class Environment:
 def leftovers(env: Environment) -> list[str]:
     """What of the environment is still on the machine: namespaces, processes, its directory."""
     found = []
-    prefix = f"fab.{env.project}.{ENV}."
+    prefix = f"fab.{env.project}.{env.name}."
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     found += [f"namespace {n}" for n in names if n.startswith(prefix)]
     needle = str(env.env_dir).encode()
