@@ -47,6 +47,8 @@ def print_table(out: Output, report: dict) -> None:
     lb = report["load_balancer"]
     running = "[green]running[/]" if lb["running"] else "[red]not running[/]"
     out.console.print(f"load balancer: {running}   url: [bold]{report['url']}[/bold]")
+    if report.get("lock"):
+        out.console.print(_deploy_commands.lock_line(report["lock"]))
 
 
 @app.command()

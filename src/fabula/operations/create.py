@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fabula import pki, release, secrets
 from fabula.context import Context
+from fabula.deploy.audit import operation
 from fabula.errors import ConfigError, FabulaError
 from fabula.providers.base import Backend, Host
 from fabula.db.topology import apply_firewalls, apply_synchronous
@@ -59,53 +60,63 @@ def create(ctx: Context) -> None:
     started = time.monotonic()
     ctx.paths.env_dir.mkdir(parents=True, exist_ok=True)
     ctx.paths.env_dir.chmod(0o755)
-    if not ctx.state.subnet:
-        ctx.provider.allocate_subnet()
-    ctx.state.servers = plan_servers(ctx.env, ctx.state)
-    ctx.state.save(ctx.paths)  # recorded before anything is made, so `destroy` can always find it
-    ctx.secrets = secrets.load_or_create(ctx.paths)
-    ctx.ca = pki.CertificateAuthority(ctx.paths)
+    # the lock is taken only after the checks above: bad input must leave nothing behind
+    with operation(ctx, "create") as op:
+        op.details["from_release"] = ctx.state.release
+        with op.phase("servers"):
+            if not ctx.state.subnet:
+                ctx.provider.allocate_subnet()
+            ctx.state.servers = plan_servers(ctx.env, ctx.state)
+            ctx.state.save(ctx.paths)  # recorded before anything is made, so `destroy` can always find it
+            ctx.secrets = secrets.load_or_create(ctx.paths)
+            ctx.ca = pki.CertificateAuthority(ctx.paths)
 
-    ctx.out.step("network", f"subnet {ctx.state.subnet}")
-    ctx.provider.ensure_network()
-    servers = list(ctx.state.servers.values())
-    for record in servers:
-        ctx.hosts[record.name] = ctx.provider.ensure_server(record.name, record.role, record.address)
-    apply_firewalls(ctx)
-    in_parallel(ctx, list(ctx.hosts.values()), lambda h: Supervisor(h).ensure_running())
-    ctx.out.step("servers", f"{len(servers)} up: " + ", ".join(f"{s.name} {s.address}" for s in servers))
+            ctx.out.step("network", f"subnet {ctx.state.subnet}")
+            ctx.provider.ensure_network()
+            servers = list(ctx.state.servers.values())
+            for record in servers:
+                ctx.hosts[record.name] = ctx.provider.ensure_server(record.name, record.role, record.address)
+            apply_firewalls(ctx)
+            in_parallel(ctx, list(ctx.hosts.values()), lambda h: Supervisor(h).ensure_running())
+            ctx.out.step("servers", f"{len(servers)} up: "
+                         + ", ".join(f"{s.name} {s.address}" for s in servers))
 
-    def databases() -> None:
-        converge(ctx, ctx.host(ctx.state.one("db-primary").name))
-        in_parallel(ctx, [ctx.host(r.name) for r in ctx.state.by_role("db-replica")],
-                    lambda h: converge(ctx, h))
-        apply_synchronous(ctx)
+        def databases() -> None:
+            converge(ctx, ctx.host(ctx.state.one("db-primary").name))
+            in_parallel(ctx, [ctx.host(r.name) for r in ctx.state.by_role("db-replica")],
+                        lambda h: converge(ctx, h))
+            apply_synchronous(ctx)
 
-    def cache() -> None:
-        converge(ctx, ctx.host(ctx.state.one("cache").name))
+        def cache() -> None:
+            converge(ctx, ctx.host(ctx.state.one("cache").name))
 
-    def build() -> None:
-        ctx.release = release.build(ctx)
+        def build() -> None:
+            ctx.release = release.build(ctx)
+            op.details["to_release"] = ctx.release.id
 
-    in_parallel(ctx, [databases, cache, build], lambda job: job())
+        with op.phase("databases+cache+build"):
+            in_parallel(ctx, [databases, cache, build], lambda job: job())
 
-    workers = [ctx.host(s.name) for s in ctx.state.by_role("worker")]
-    webs = [ctx.host(s.name) for s in ctx.state.by_role("web")]
-    in_parallel(ctx, workers, lambda h: converge(ctx, h))
-    if not workers:
-        migrate_on = webs[0]
-        ROLES["web"].converge(ctx, migrate_on)
-        migrate(ctx, migrate_on)
-    in_parallel(ctx, webs, lambda h: converge(ctx, h))
+        workers = [ctx.host(s.name) for s in ctx.state.by_role("worker")]
+        webs = [ctx.host(s.name) for s in ctx.state.by_role("web")]
+        with op.phase("worker"):  # the migrations run here, before any web server takes traffic
+            in_parallel(ctx, workers, lambda h: converge(ctx, h))
+            if not workers:
+                migrate_on = webs[0]
+                ROLES["web"].converge(ctx, migrate_on)
+                migrate(ctx, migrate_on)
+        with op.phase("web"):
+            in_parallel(ctx, webs, lambda h: converge(ctx, h))
 
-    ctx.provider.load_balancer.ensure([Backend(h.name, h.address, HTTPS_PORT) for h in webs])
-    wait_in_service(ctx, [h.name for h in webs])
-    for record in servers:
-        if record.role in ("web", "worker"):
-            record.release = ctx.release.id
-    ctx.state.release = ctx.release.id
-    ctx.state.save(ctx.paths)
-    remove_surplus(ctx)
+        with op.phase("load balancer"):
+            ctx.provider.load_balancer.ensure([Backend(h.name, h.address, HTTPS_PORT) for h in webs])
+            wait_in_service(ctx, [h.name for h in webs])
+        for record in servers:
+            if record.role in ("web", "worker"):
+                record.release = ctx.release.id
+        ctx.state.release = ctx.release.id
+        ctx.state.save(ctx.paths)
+        remove_surplus(ctx)
     ctx.out.step("done", f"environment {ctx.env_name} is up in {time.monotonic() - started:.1f}s")
 
 

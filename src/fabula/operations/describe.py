@@ -4,6 +4,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from fabula.context import Context
+from fabula.deploy import lock
 from fabula.roles import ROLES
 from fabula.supervisor import RUNNING, Supervisor
 
@@ -37,6 +38,7 @@ def describe(ctx: Context) -> dict:
         "url": lb.url(), "release": ctx.state.release, "subnet": ctx.state.subnet,
         "load_balancer": {"running": lb.is_running(), "url": lb.url(), "backends": health},
         "servers": servers, "exists": ctx.paths.state_file.exists(),
+        "lock": lock.report(ctx.paths),  # who is changing the environment right now, if anyone
     }
 
 

@@ -1,0 +1,62 @@
+"""The environment's history: one JSON line per operation in ``history.jsonl`` in its directory,
+appended when the operation ends (who, when, what, each phase's duration, the outcome)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fabula.state import EnvPaths
+
+HISTORY_FILE = "history.jsonl"
+
+
+def history_path(paths: EnvPaths) -> Path:
+    return paths.env_dir / HISTORY_FILE
+
+
+def append(paths: EnvPaths, record: dict) -> bool:
+    """Append one record; False if the environment's directory is gone (destroyed meanwhile).
+
+    Not write_atomically (which replaces the whole file): history is only ever appended to, and
+    one write(2) of one line with O_APPEND lands whole after the others, also from concurrent
+    writers. A crash can at worst leave a torn last line, which `read` skips.
+    """
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    try:
+        # no mkdir: recording must not bring back the directory of a destroyed environment
+        fd = os.open(history_path(paths), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        return False
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def read(paths: EnvPaths) -> tuple[list[dict], int]:
+    """Every record, oldest first, and how many lines could not be read."""
+    try:
+        lines = history_path(paths).read_text().splitlines()
+    except FileNotFoundError:
+        return [], 0
+    records, unreadable = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            unreadable += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            unreadable += 1
+    return records, unreadable
+
+
+def has_record(paths: EnvPaths, record_id: str) -> bool:
+    return any(r.get("id") == record_id for r in read(paths)[0])
