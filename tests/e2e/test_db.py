@@ -68,6 +68,17 @@ def test_replication_status_shows_streaming_synchronous_replica(env):
     assert replica["lag_bytes"] is not None and replica["heartbeat_lag_s"] is not None
 
 
+def test_promote_refuses_when_no_replica_is_healthy_and_changes_nothing(env):
+    assert env.supervisorctl("db2", "stop", "postgresql").returncode == 0
+    try:
+        result = env.fabula("db", "promote", ENV)
+        assert result.returncode == 1 and "no healthy replica" in result.stderr
+        assert db_status(env)["db1"]["role"] == "db-primary"
+    finally:
+        assert env.supervisorctl("db2", "start", "postgresql").returncode == 0
+    wait_for(lambda: db_status(env)["db2"].get("state") == "streaming", timeout=30, message="db2 streaming again")
+
+
 def test_planned_promote_under_write_load_keeps_every_acknowledged_write(env):
     old, new = primary_name(env), replica_name(env)
     load, _ = run_failover_under_load(env)
@@ -136,3 +147,28 @@ def test_restoring_a_damaged_file_changes_nothing(env, tmp_path):
     result = env.fabula("db", "restore", ENV, str(junk))
     assert result.returncode == 1 and "not a readable pg_dump archive" in result.stderr
     assert dump_of_entries(env, primary) == before
+
+
+def test_restoring_another_databases_backup_is_refused(env):
+    primary = primary_name(env)
+    dump = env.env_dir / "servers" / primary / "tmp" / "foreign.dump"
+    socket_dir = env.env_dir / "servers" / primary / "run" / "postgresql"
+    made = env.exec(primary, "runuser", "-u", "postgres", "--", "pg_dump", "-Fc", "-h", str(socket_dir),
+                    "-d", "postgres", "-f", str(dump))
+    assert made.returncode == 0, made.stderr
+    before = dump_of_entries(env, primary)
+    result = env.fabula("db", "restore", ENV, str(dump))
+    assert result.returncode == 1 and "backup of database 'postgres'" in result.stderr
+    assert dump_of_entries(env, primary) == before
+
+
+def test_a_backup_target_without_space_is_refused_and_leaves_nothing(env, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        result = env.fabula("db", "backup", ENV, "--to", str(small))
+        assert result.returncode == 1 and "not enough space" in result.stderr
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

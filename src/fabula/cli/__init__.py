@@ -41,6 +41,10 @@ def print_table(out: Output, report: dict) -> None:
     for s in report["servers"]:
         services = " ".join(f"[green]{name}[/]" if state == "up" else f"[red]{name}({state})[/]"
                             for name, state in s["services"].items())
+        if s.get("replication"):
+            r = s["replication"]
+            lag = f", lag {r['lag_bytes']} B" if r["lag_bytes"] is not None else ""
+            services += f" ({r['state']} {r['sync_state'] or ''}{lag})"
         table.add_row(s["name"], s["role"], s["address"], _status_style(s["state"]), services,
                       s["release"] or "-", _status_style(s["lb"]) if s["role"] == "web" else "")
     out.console.print(table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from fabula.context import Context
+from fabula.db.status import replication
 from fabula.deploy import lock
 from fabula.roles import ROLES
 from fabula.supervisor import RUNNING, Supervisor
@@ -33,6 +34,13 @@ def describe(ctx: Context) -> dict:
     names = sorted(ctx.state.servers, key=_order(ctx))
     with ThreadPoolExecutor(max_workers=max(len(names), 1)) as pool:
         servers = list(pool.map(lambda n: server_report(ctx, n, health), names))
+    primary = ctx.state.one("db-primary")
+    streams = {s["name"]: s for s in replication(ctx, primary.name)} if primary else {}
+    for server in servers:
+        if server["role"] == "db-replica":
+            stream = streams.get(server["name"], {})
+            server["replication"] = {"state": stream.get("state", "not streaming"),
+                                     "sync_state": stream.get("sync_state"), "lag_bytes": stream.get("lag_bytes")}
     return {
         "project": ctx.project, "environment": ctx.env_name, "provider": ctx.state.provider,
         "url": lb.url(), "release": ctx.state.release, "subnet": ctx.state.subnet,
