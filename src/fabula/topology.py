@@ -42,3 +42,11 @@ def _next_name(prefix: str, used: set[str]) -> str:
     while f"{prefix}{n}" in used:
         n += 1
     return f"{prefix}{n}"
+
+
+def new_server(state: EnvState, role: str) -> ServerRecord:
+    """A server record with the next free name and address, e.g. a web server added by scaling."""
+    used_addresses = {s.address for s in state.servers.values()}
+    address = next(str(a) for a in list(ipaddress.ip_network(state.subnet).hosts())[FIRST_HOST - 1:]
+                   if str(a) not in used_addresses)
+    return ServerRecord(name=_next_name(NAME_PREFIX[role], set(state.servers)), role=role, address=address)

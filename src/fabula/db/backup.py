@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from fabula.context import Context
+from fabula.deploy.audit import operation
 from fabula.errors import FabulaError
 from fabula.maintenance import set_maintenance
 from fabula.roles import postgres
@@ -121,31 +122,39 @@ def restore(ctx: Context, source: Path, force: bool = False, migrate=None) -> st
     host.make_dirs([host.path("tmp")], mode=0o1777)
     host.push_file(source, remote, owner="postgres")
     staging, kept = f"{db}_restoring", f"{db}_before_restore_{stamp}"
-    maintenance = False
     try:
         _check_archive(ctx, host, remote, source, force)
-        set_maintenance(ctx, True)
-        maintenance = True
-        ctx.out.step(host.name, f"restoring {source.name} into {staging}")
-        postgres.psql(host, f"DROP DATABASE IF EXISTS {staging};\nCREATE DATABASE {staging} OWNER app;")
-        restored = host.run([str(postgres.PG_BIN / "pg_restore"), "-h", str(postgres.socket_dir(host)),
-                             "-U", "postgres", "--no-owner", "--role=app", "--exit-on-error", "-d", staging,
-                             str(remote)], user="postgres", timeout=3600)
-        if not restored.ok:
-            postgres.psql(host, f"DROP DATABASE IF EXISTS {staging}")
-            raise FabulaError(f"restoring {source} failed, the database was left as it was:\n"
-                              f"{restored.stderr.strip()[-1500:]}")
-        ctx.out.step(host.name, f"swapping {db} for the restored database (kept as {kept})")
-        postgres.psql(host, f"""
+        with operation(ctx, "db restore") as op:
+            op.details.update(backup=str(source), kept_as=kept)
+            set_maintenance(ctx, True)
+            try:
+                with op.phase("restore into a new database"):
+                    _restore_into(ctx, host, remote, source, staging)
+                with op.phase("swap"):
+                    ctx.out.step(host.name, f"swapping {db} for the restored database (kept as {kept})")
+                    postgres.psql(host, f"""
 ALTER DATABASE {db} ALLOW_CONNECTIONS false;
 SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid();
 ALTER DATABASE {db} RENAME TO {kept};
 ALTER DATABASE {staging} RENAME TO {db};
 """)
-        if migrate:
-            migrate()
+                if migrate:
+                    with op.phase("migrate"):
+                        migrate()
+            finally:
+                set_maintenance(ctx, False)
     finally:
         host.run(["rm", "-f", str(remote)])
-        if maintenance:
-            set_maintenance(ctx, False)
     return kept
+
+
+def _restore_into(ctx: Context, host, remote: PurePosixPath, source: Path, staging: str) -> None:
+    ctx.out.step(host.name, f"restoring {source.name} into {staging}")
+    postgres.psql(host, f"DROP DATABASE IF EXISTS {staging};\nCREATE DATABASE {staging} OWNER app;")
+    restored = host.run([str(postgres.PG_BIN / "pg_restore"), "-h", str(postgres.socket_dir(host)),
+                         "-U", "postgres", "--no-owner", "--role=app", "--exit-on-error", "-d", staging,
+                         str(remote)], user="postgres", timeout=3600)
+    if not restored.ok:
+        postgres.psql(host, f"DROP DATABASE IF EXISTS {staging}")
+        raise FabulaError(f"restoring {source} failed, the database was left as it was:\n"
+                          f"{restored.stderr.strip()[-1500:]}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from fabula import pki, secrets
 from fabula.context import Context, Release
 from fabula.db.backup import backup, restore
+from fabula.deploy.audit import operation
 from fabula.errors import FabulaError
 from fabula.roles import appserver
 
@@ -40,6 +41,9 @@ def copy_database(source: Context, target: Context, force: bool = False) -> str:
         raise FabulaError(f"{target.env_name} is a production environment: copying would replace its data",
                           "pass --force if that is really what you want")
     load_runtime(target)
-    with tempfile.TemporaryDirectory(prefix="fabula-copy-", dir=source.paths.root) as tmp:
-        dump = backup(source, to=Path(tmp) / f"{source.env_name}.dump")
+    with operation(target, "db copy") as op, \
+            tempfile.TemporaryDirectory(prefix="fabula-copy-", dir=source.paths.root) as tmp:
+        op.details["source"] = source.env_name
+        with op.phase("backup of the source"):
+            dump = backup(source, to=Path(tmp) / f"{source.env_name}.dump")
         return restore(target, dump, force=True, migrate=lambda: migrate_target(target))

@@ -14,6 +14,7 @@ import time
 
 from fabula.context import Context
 from fabula.db.status import query, server_status
+from fabula.deploy.audit import operation
 from fabula.db.topology import apply_firewalls, apply_synchronous, repoint_app_servers
 from fabula.errors import FabulaError
 from fabula.roles import ROLES, postgres
@@ -76,14 +77,23 @@ def fence(ctx: Context, name: str) -> list[str]:
 def promote(ctx: Context, replica: str | None = None) -> dict:
     old = ctx.state.one("db-primary").name
     new = choose_replica(ctx, replica)
+    with operation(ctx, "db promote") as op:
+        op.details.update(from_primary=old, to_primary=new)
+        result = _promote(ctx, old, new, op)
+        op.details["planned"] = result["planned"]
+        return result
+
+
+def _promote(ctx: Context, old: str, new: str, op) -> dict:
     primary_status = server_status(ctx, old)
     planned = bool(primary_status.get("up")) and not primary_status.get("in_recovery")
     started = time.monotonic()
     if planned:
         ctx.out.step(old, "planned failover: fencing the primary (clean shutdown)")
-        Supervisor(ctx.host(old)).ctl("stop", "postgresql", timeout=120)
-        final = shutdown_checkpoint(ctx, old)
-        wait_replayed(ctx, new, final, old)
+        with op.phase("fence and catch up"):
+            Supervisor(ctx.host(old)).ctl("stop", "postgresql", timeout=120)
+            final = shutdown_checkpoint(ctx, old)
+            wait_replayed(ctx, new, final, old)
     else:
         ctx.out.step(old, "the primary does not answer: emergency failover")
         if not ctx.env.db.synchronous:
@@ -92,17 +102,19 @@ def promote(ctx: Context, replica: str | None = None) -> dict:
     problems = fence(ctx, old)
     ctx.out.step(old, "fenced: takes no writes, admits no connections, waits for reset-replicas")
     ctx.out.step(new, "promoting")
-    promoted = query(ctx, new, "SELECT pg_promote(true, 60)")
+    with op.phase("promote"):
+        promoted = query(ctx, new, "SELECT pg_promote(true, 60)")
     if not promoted or promoted[0][0] != "t":
         raise FabulaError(f"{new}: pg_promote did not complete", f"see `fabula logs {ctx.env_name} {new} postgresql`")
     ctx.state.servers[new].role = "db-primary"
     ctx.state.sync_standbys = []
     ctx.state.save(ctx.paths)
     # the new primary as a primary: its config, replication slots for the others, the app's roles
-    ROLES["db-primary"].converge(ctx, ctx.host(new))
-    apply_firewalls(ctx)
-    repoint_app_servers(ctx)
-    apply_synchronous(ctx)
+    with op.phase("repoint"):
+        ROLES["db-primary"].converge(ctx, ctx.host(new))
+        apply_firewalls(ctx)
+        repoint_app_servers(ctx)
+        apply_synchronous(ctx)
     seconds = time.monotonic() - started
     ctx.out.step("db", f"{new} is the primary ({'planned' if planned else 'emergency'}, {seconds:.1f}s)")
     for problem in problems:
@@ -131,6 +143,12 @@ def reset_replicas(ctx: Context) -> None:
     replicas = ctx.state.by_role("db-replica")
     if not replicas:
         raise FabulaError(f"{ctx.env_name} has no replica", "set servers.db-replica in fabula.yml and run create")
+    with operation(ctx, "db reset-replicas") as op:
+        op.details["replicas"] = [r.name for r in replicas]
+        _rebuild(ctx, primary, replicas)
+
+
+def _rebuild(ctx: Context, primary, replicas) -> None:
     for record in replicas:
         record.rebuild = True
     ctx.state.sync_standbys = []

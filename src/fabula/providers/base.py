@@ -104,6 +104,14 @@ class LoadBalancer(abc.ABC):
         """Each backend's health as the load balancer sees it ("UP", "DOWN", ...)."""
 
     @abc.abstractmethod
+    def drain(self, name: str) -> None:
+        """Send no new requests to this backend; those in flight finish."""
+
+    @abc.abstractmethod
+    def active_requests(self, name: str) -> int:
+        """Requests the backend is serving now (0 once a drained backend is idle)."""
+
+    @abc.abstractmethod
     def url(self) -> str:
         ...
 

@@ -77,22 +77,40 @@ class HAProxyLoadBalancer(LoadBalancer):
             self.supervisor.signal("haproxy", "USR2")
         self.supervisor.wait_running(["haproxy"], timeout=30)
 
-    def _stats(self) -> list[dict[str, str]]:
+    def _command(self, command: str) -> str:
+        """A command on HAProxy's runtime API (its stats socket); '' when HAProxy does not answer."""
         sock_path = self.dir / "haproxy.sock"
         if not sock_path.exists():
-            return []
+            return ""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(3)
                 sock.connect(str(sock_path))
-                sock.sendall(b"show stat\n")
+                sock.sendall(command.encode() + b"\n")
                 data = b""
                 while chunk := sock.recv(65536):
                     data += chunk
         except OSError:
-            return []
-        text = data.decode().lstrip("# ")
-        return list(csv.DictReader(io.StringIO(text)))
+            return ""
+        return data.decode()
+
+    def _stats(self) -> list[dict[str, str]]:
+        text = self._command("show stat").lstrip("# ")
+        return list(csv.DictReader(io.StringIO(text))) if text else []
+
+    def drain(self, name: str) -> None:
+        self._command(f"set server web/{name} state drain")
+
+    def active_requests(self, name: str) -> int:
+        for row in self._stats():
+            if row.get("pxname") == "web" and row.get("svname") == name:
+                return int(row.get("scur") or 0)
+        return 0
+
+    def stats(self) -> dict[str, dict[str, str]]:
+        """Per web server: HAProxy's counters (scur current sessions, rate, req_rate, status...)."""
+        return {row["svname"]: row for row in self._stats()
+                if row.get("pxname") == "web" and row.get("svname") not in ("FRONTEND", "BACKEND")}
 
     def health(self) -> dict[str, str]:
         return {row["svname"]: row["status"] for row in self._stats()
