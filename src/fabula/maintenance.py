@@ -27,14 +27,17 @@ def install_page(ctx: Context, host: Host) -> None:
     host.put_file(directory(host) / "index.html", content)
 
 
+def set_host(host: Host, on: bool) -> None:
+    flag = directory(host) / "on"
+    if on:
+        host.put_file(flag, "on\n")
+    else:
+        host.run(["rm", "-f", str(flag)])
+
+
 def set_maintenance(ctx: Context, on: bool) -> None:
     for record in ctx.state.by_role("web"):
-        host = ctx.host(record.name)
-        flag = directory(host) / "on"
-        if on:
-            host.put_file(flag, "on\n")
-        else:
-            host.run(["rm", "-f", str(flag)])
+        set_host(ctx.host(record.name), on)
     ctx.out.step("maintenance", "on: web servers answer 503 with the maintenance page" if on else "off")
 
 

@@ -108,3 +108,11 @@ def build(ctx: Context, rev: str = "HEAD") -> Release:
     work.rename(final)
     ctx.out.step("release", f"{release_id} built in {time.monotonic() - started:.1f}s")
     return Release(release_id, commit, str(final))
+
+
+def load(ctx: Context, release_id: str) -> Release | None:
+    """A release built before, or None if it is not (or no longer) on disk."""
+    meta = ctx.paths.releases_dir / release_id / METADATA
+    if not meta.exists():
+        return None
+    return Release(release_id, json.loads(meta.read_text())["commit"], str(meta.parent))

@@ -103,6 +103,7 @@ class EnvState:
     servers: dict[str, ServerRecord] = field(default_factory=dict)
     release: str | None = None
     migrated_release: str | None = None
+    previous_release: str | None = None   # what `fabula rollback` returns to
     # replicas the primary waits for on commit (db.synchronous), once they stream
     sync_standbys: list[str] = field(default_factory=list)
 

@@ -97,7 +97,11 @@ def tasks(request):
     text, error = _text(request)
     if error:
         return error
-    result = record_text.delay(text)
+    try:
+        seconds = float(request.POST.get("seconds") or 0)
+    except ValueError:
+        return JsonResponse({"error": "seconds must be a number"}, status=400)
+    result = record_text.delay(text, seconds)
     return JsonResponse({"task_id": result.id}, status=202)
 
 

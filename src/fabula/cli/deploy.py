@@ -1,15 +1,20 @@
-"""`fabula release ...`, `fabula history`, `fabula unlock`: releases and the record of operations."""
+"""`fabula deploy`, `rollback`, `manage`, `release ...`, `history`, `unlock`: releases, deploys and the
+record of operations."""
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from fabula.cli import DEFAULT_CONFIG, ConfigOption, EnvArgument
-from fabula.deploy import audit, history as history_file, releases
+from fabula.db.copy import load_runtime
+from fabula.deploy import audit, history as history_file, releases, rollout
+from fabula.deploy.rollout import plan_report
+from fabula.errors import ConfigError as BadInput
+from fabula.roles import appserver
 from fabula.operations import open_environment
 from fabula.output import Output
 
@@ -70,7 +75,61 @@ def releases_table(report: dict) -> Table:
     return table
 
 
+def print_plan(out: Output, plan: dict) -> None:
+    out.console.print(f"[bold]{plan['strategy']}[/] deploy of release {plan['to_release']} "
+                      f"(now {plan['from_release']}): {plan['reason']}")
+    for migration in plan["migrations"]:
+        out.console.print(f"  migration {migration['migration']}")
+        for op in migration["operations"]:
+            mark = "[green]additive[/]" if op["additive"] else f"[red]not additive[/]: {op['why']}"
+            out.console.print(f"    {op['description']}: {mark}")
+    if not plan["migrations"]:
+        out.console.print("  no migrations to run")
+    out.console.print(f"  web servers to replace: {', '.join(plan['replace'])}; worker: {plan['worker'] or '-'}")
+
+
 def register(app: typer.Typer) -> None:
+    @app.command()
+    def deploy(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+               rev: Annotated[Optional[str], typer.Option("--rev", help="git revision (default HEAD)")] = None,
+               serial: Annotated[bool, typer.Option("--serial", help="replace web servers one at a time")] = False,
+               full: Annotated[bool, typer.Option("--full", help="upgrade page, then swap all servers")] = False,
+               plan: Annotated[bool, typer.Option("--plan", help="show what would happen; change nothing")] = False,
+               as_json: JsonOption = False) -> None:
+        """Deploy a revision: serial or full, chosen from its migrations unless given."""
+        if serial and full:
+            raise BadInput("choose one of --serial and --full")
+        out = Output()
+        ctx = open_environment(config, env, out)
+        ctx.provider.check_prerequisites()
+        load_runtime(ctx)
+        result = plan_report(rollout.deploy(ctx, rev, "serial" if serial else "full" if full else None,
+                                            plan_only=plan))
+        if as_json:
+            print(json.dumps(result, indent=2))
+        elif plan:
+            print_plan(out, result)
+
+    @app.command()
+    def rollback(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
+        """Serial deploy of the previous release."""
+        out = Output()
+        ctx = open_environment(config, env, out)
+        ctx.provider.check_prerequisites()
+        load_runtime(ctx)
+        rollout.rollback(ctx)
+
+    @app.command(context_settings={"allow_interspersed_args": False})
+    def manage(env: EnvArgument, args: Annotated[list[str], typer.Argument(help="manage.py arguments, after --")],
+               config: ConfigOption = DEFAULT_CONFIG) -> None:
+        """Run manage.py on the worker (or a web server), with the app's settings; output streamed."""
+        ctx = open_environment(config, env, Output())
+        load_runtime(ctx)
+        host = rollout.migration_host(ctx)
+        args = args[1:] if args and args[0] == "--" else args
+        raise typer.Exit(host.interactive(appserver.manage_argv(ctx, host, *args), user=appserver.APP_USER,
+                                          env=appserver.app_environment(ctx, host)))
+
     release_app = typer.Typer(help="Releases (launch configurations): one immutable build per git revision.",
                               no_args_is_help=True)
     app.add_typer(release_app, name="release")

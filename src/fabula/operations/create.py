@@ -91,7 +91,9 @@ def create(ctx: Context) -> None:
             converge(ctx, ctx.host(ctx.state.one("cache").name))
 
         def build() -> None:
-            ctx.release = release.build(ctx)
+            # the group keeps the release it was deployed with; the first create builds HEAD
+            kept = release.load(ctx, ctx.state.release) if ctx.state.release else None
+            ctx.release = kept or release.build(ctx)
             op.details["to_release"] = ctx.release.id
 
         with op.phase("databases+cache+build"):

@@ -49,7 +49,7 @@ class Host(abc.ABC):
         return result
 
     @abc.abstractmethod
-    def interactive(self, argv: list[str]) -> int:
+    def interactive(self, argv: list[str], *, user: str | None = None, env: dict[str, str] | None = None) -> int:
         """Run a command with the caller's terminal attached; return its exit status."""
 
     @abc.abstractmethod

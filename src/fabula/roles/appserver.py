@@ -91,7 +91,10 @@ def prepare_app_dirs(host: Host) -> None:
     host.make_dirs([host.path("data", "home")], mode=0o700, owner=APP_USER)
 
 
+def manage_argv(ctx: Context, host: Host, *args: str) -> list[str]:
+    return [python(host), str(current(host) / "code" / ctx.config.project.app.manage), *args]
+
+
 def run_manage(ctx: Context, host: Host, *args: str, timeout: float = 1800):
-    manage = str(current(host) / "code" / ctx.config.project.app.manage)
-    return host.check([python(host), manage, *args], user=APP_USER, env=app_environment(ctx, host),
+    return host.check(manage_argv(ctx, host, *args), user=APP_USER, env=app_environment(ctx, host),
                       timeout=timeout)

@@ -40,8 +40,8 @@ class LocalHost(Host):
         return run_local(self._argv(argv, user), input=input, env=self._env(env, user), timeout=timeout,
                          cwd=str(self.root) if os.path.isdir(self.root) else None)
 
-    def interactive(self, argv: list[str]) -> int:
-        return subprocess.call(self._argv(argv, None), env=self._env(None, None))
+    def interactive(self, argv: list[str], *, user=None, env=None) -> int:
+        return subprocess.call(self._argv(argv, user), env=self._env(env, user))
 
     def put_file(self, path, content, *, mode=0o644, owner="root") -> bool:
         data = content.encode() if isinstance(content, str) else content

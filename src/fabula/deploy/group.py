@@ -1,0 +1,91 @@
+"""The web tier as a group: web servers are launched from a release (the launch configuration),
+join the load balancer only once healthy, and leave it by draining, so no request is cut."""
+from __future__ import annotations
+
+import time
+
+from fabula.context import Context, Release
+from fabula.db.topology import apply_firewalls
+from fabula.errors import FabulaError
+from fabula.providers.base import Backend
+from fabula.roles import ROLES
+from fabula.roles.web import HTTPS_PORT
+from fabula.state import ServerRecord
+from fabula.supervisor import Supervisor
+from fabula.topology import new_server
+
+DRAIN_TIMEOUT = 60
+
+
+def web_names(ctx: Context) -> list[str]:
+    return [r.name for r in ctx.state.by_role("web")]
+
+
+def set_backends(ctx: Context, names: list[str]) -> None:
+    """The load balancer forwards to exactly these web servers (a seamless reload)."""
+    records = [ctx.state.servers[n] for n in names]
+    ctx.provider.load_balancer.ensure([Backend(r.name, r.address, HTTPS_PORT) for r in records])
+
+
+def wait_healthy(ctx: Context, names: list[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = ctx.provider.load_balancer.health()
+        down = [n for n in names if health.get(n) != "UP"]
+        if not down:
+            return
+        if time.monotonic() > deadline:
+            raise FabulaError(f"load balancer: {', '.join(down)} not healthy after {timeout:.0f}s "
+                              f"(GET /healthcheck.html over HTTPS)", f"see `fabula logs {ctx.env_name} {down[0]}`")
+        time.sleep(0.2)
+
+
+def launch_web_server(ctx: Context, release: Release, in_service: bool = True) -> ServerRecord:
+    """Start a new web server from `release`; with in_service, add it to the load balancer and
+    return once its health check passes there."""
+    record = new_server(ctx.state, "web")
+    record.release = release.id
+    ctx.state.servers[record.name] = record
+    ctx.state.save(ctx.paths)  # recorded before it exists, so destroy finds it after a crash
+    ctx.out.step(record.name, f"launching from release {release.id} at {record.address}")
+    host = ctx.provider.ensure_server(record.name, record.role, record.address)
+    ctx.hosts[record.name] = host
+    apply_firewalls(ctx)  # the cache and databases admit the new address
+    Supervisor(host).ensure_running()
+    previous, ctx.release = ctx.release, release
+    try:
+        ROLES["web"].converge(ctx, host)
+    finally:
+        ctx.release = previous
+    if in_service:
+        bring_into_service(ctx, record.name)
+    return record
+
+
+def bring_into_service(ctx: Context, name: str) -> None:
+    set_backends(ctx, [n for n in web_names(ctx) if n == name or n in serving(ctx)])
+    wait_healthy(ctx, [name])
+    ctx.out.step(name, "in service")
+
+
+def serving(ctx: Context) -> set[str]:
+    return set(ctx.provider.load_balancer.health())
+
+
+def retire_web_server(ctx: Context, name: str, timeout: float = DRAIN_TIMEOUT) -> None:
+    """Drain a web server (no new requests; those in flight finish), take it out of the load
+    balancer, then remove it."""
+    lb = ctx.provider.load_balancer
+    if name in serving(ctx):
+        lb.drain(name)
+        ctx.out.step(name, "draining")
+        deadline = time.monotonic() + timeout
+        while lb.active_requests(name) > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        set_backends(ctx, [n for n in serving(ctx) if n != name and n in ctx.state.servers])
+    ctx.provider.remove_server(name)
+    ctx.state.servers.pop(name, None)
+    ctx.hosts.pop(name, None)
+    ctx.state.save(ctx.paths)
+    apply_firewalls(ctx)
+    ctx.out.step(name, "removed")

@@ -1,0 +1,178 @@
+"""`fabula deploy` and `fabula rollback`: a new release onto the web group and the worker.
+
+serial: the worker first (migrations, Celery restarted warmly), then each web server replaced
+in turn: a new one from the new release is healthy in the load balancer before an old one
+drains and goes, so old and new code serve side by side. Only for migrations that the old
+code does not notice (additive ones).
+full (FabulAWS's full deployment): the upgrade page everywhere, all new web servers brought up
+out of rotation, migrations on the worker, then the load balancer swapped to the new servers
+and the page removed. For anything else.
+With neither flag, the new release's migration plan against the database decides.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fabula import release as releases
+from fabula.context import Context, Release
+from fabula.deploy.audit import operation
+from fabula.deploy.group import bring_into_service, launch_web_server, retire_web_server, set_backends, wait_healthy, web_names
+from fabula.errors import FabulaError
+from fabula.maintenance import set_host, set_maintenance
+from fabula.roles import ROLES, appserver
+from fabula.roles.worker import migrate
+
+PLAN_SCRIPT = Path(__file__).resolve().parent.parent / "runtime" / "fabula_migration_plan.py"
+
+
+@dataclass
+class DeployPlan:
+    from_release: str | None
+    to_release: str
+    strategy: str
+    reason: str
+    migrations: list[dict] = field(default_factory=list)
+    replace: list[str] = field(default_factory=list)
+    worker: str | None = None
+
+
+def migration_host(ctx: Context):
+    records = ctx.state.by_role("worker") or ctx.state.by_role("web")
+    return ctx.host(records[0].name)
+
+
+def migration_plan(ctx: Context, new: Release) -> list[dict]:
+    """The migrations `new` would apply, each operation marked additive or not (run on the
+    worker, with the new release's code, against the live database; changes nothing)."""
+    host = migration_host(ctx)
+    path = host.install_release(new.path, new.id)
+    script = host.path("tmp", "fabula_migration_plan.py")
+    host.make_dirs([host.path("tmp")], mode=0o1777)
+    host.put_file(script, PLAN_SCRIPT.read_bytes())
+    env = {**appserver.app_environment(ctx, host), "PYTHONPATH": str(path / "code"), "FABULA_RELEASE": new.id}
+    result = host.check([str(path / "venv" / "bin" / "python"), str(script)], user=appserver.APP_USER, env=env,
+                        timeout=300)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def choose(plan: list[dict], requested: str | None) -> tuple[str, str]:
+    unsafe = [(m["migration"], op) for m in plan for op in m["operations"] if not op["additive"]]
+    if unsafe:
+        name, op = unsafe[0]
+        why = f"migration {name} is not backwards-compatible: {op['description']} ({op['why']})"
+        if requested == "serial":
+            raise FabulaError(f"a serial deploy would run the old code on the new schema, but {why}; "
+                              "nothing was changed", "deploy with --full (the upgrade page is shown meanwhile)")
+        return requested or "full", why
+    if requested:
+        return requested, f"{requested} requested"
+    count = sum(len(m["operations"]) for m in plan)
+    return "serial", (f"{count} additive migration operation(s): old and new code can share the schema"
+                      if count else "no migrations")
+
+
+def plan_deploy(ctx: Context, new: Release, requested: str | None) -> DeployPlan:
+    migrations = migration_plan(ctx, new)
+    strategy, reason = choose(migrations, requested)
+    worker = ctx.state.by_role("worker")
+    return DeployPlan(ctx.state.release, new.id, strategy, reason, migrations, web_names(ctx),
+                      worker[0].name if worker else None)
+
+
+def update_workers(ctx: Context, new: Release) -> None:
+    """Migrations, then Celery restarted on the new release: the old worker stops taking tasks and
+    finishes those in flight (tasks are acknowledged after completion, so one cut by a crash runs
+    again)."""
+    for record in ctx.state.by_role("worker"):
+        ROLES["worker"].converge(ctx, ctx.host(record.name))
+        record.release = new.id
+    ctx.state.save(ctx.paths)
+
+
+def launch_or_clean_up(ctx: Context, new: Release, in_service: bool):
+    before = set(ctx.state.servers)
+    try:
+        return launch_web_server(ctx, new, in_service=in_service)
+    except Exception as exc:
+        for name in set(ctx.state.servers) - before:
+            retire_web_server(ctx, name)
+        log = f"`fabula logs {ctx.env_name}` (the failed server is removed; its build log: " \
+              f"{ctx.paths.releases_dir / (new.id + '.build.log')})"
+        raise FabulaError(f"release {new.id} did not become healthy on a new web server: {exc}\n"
+                          f"the site still serves release {ctx.state.release}", log) from exc
+
+
+def serial(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
+    with op.phase("worker"):
+        if ctx.state.by_role("worker"):
+            update_workers(ctx, new)
+    for old in old_servers:
+        with op.phase(f"replace {old}"):
+            pending = ctx.state.migrated_release != new.id  # no worker: the first new server migrates
+            record = launch_or_clean_up(ctx, new, in_service=not pending)
+            if pending:
+                migrate(ctx, ctx.host(record.name))
+                bring_into_service(ctx, record.name)
+            retire_web_server(ctx, old)
+
+
+def full(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
+    set_maintenance(ctx, True)
+    try:
+        new_servers = []
+        with op.phase("new web servers"):
+            for _ in old_servers:
+                record = launch_or_clean_up(ctx, new, in_service=False)
+                set_host(ctx.host(record.name), True)
+                new_servers.append(record.name)
+        with op.phase("migrations and worker"):
+            if ctx.state.by_role("worker"):
+                update_workers(ctx, new)
+            else:
+                migrate(ctx, ctx.host(new_servers[0]))
+        with op.phase("swap"):
+            set_backends(ctx, old_servers + new_servers)
+            wait_healthy(ctx, new_servers)
+            for old in old_servers:
+                retire_web_server(ctx, old)
+    finally:
+        set_maintenance(ctx, False)
+
+
+def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, plan_only: bool = False,
+           release_id: str | None = None, action: str = "deploy") -> DeployPlan:
+    if not ctx.state.release:
+        raise FabulaError(f"{ctx.env_name} has not been created", f"run `fabula create {ctx.env_name}` first")
+    ctx.release = releases.load(ctx, ctx.state.release)
+    new = releases.load(ctx, release_id) if release_id else releases.build(ctx, rev or "HEAD")
+    plan = plan_deploy(ctx, new, requested)
+    if plan_only:
+        return plan
+    with operation(ctx, action) as op:
+        op.details.update(from_release=plan.from_release, to_release=new.id, strategy=plan.strategy,
+                          reason=plan.reason)
+        ctx.out.step("deploy", f"{plan.strategy} deploy of {new.id}: {plan.reason}")
+        if plan.strategy == "serial":
+            serial(ctx, op, new, plan.replace)
+        else:
+            full(ctx, op, new, plan.replace)
+        if plan.from_release != new.id:
+            ctx.state.previous_release = plan.from_release
+        ctx.state.release = new.id
+        ctx.state.save(ctx.paths)
+        ctx.release = new
+    ctx.out.step("deploy", f"release {new.id} serves on {', '.join(web_names(ctx))}")
+    return plan
+
+
+def rollback(ctx: Context) -> DeployPlan:
+    previous = ctx.state.previous_release
+    if not previous or releases.load(ctx, previous) is None:
+        raise FabulaError(f"{ctx.env_name} has no previous release to return to", "see `fabula release list`")
+    return deploy(ctx, requested="serial", release_id=previous, action="rollback")
+
+
+def plan_report(plan: DeployPlan) -> dict:
+    return asdict(plan)
