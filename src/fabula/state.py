@@ -104,6 +104,10 @@ class EnvState:
     release: str | None = None
     migrated_release: str | None = None
     previous_release: str | None = None   # what `fabula rollback` returns to
+    # the highest server number and address ever used per role: replacements get new ones, since
+    # a reused address would be reached at its old MAC address until neighbours' ARP entries expire
+    last_number: dict[str, int] = field(default_factory=dict)
+    last_address: str | None = None
     # replicas the primary waits for on commit (db.synchronous), once they stream
     sync_standbys: list[str] = field(default_factory=list)
 

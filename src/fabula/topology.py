@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 
 from fabula.config import EnvironmentConfig
+from fabula.errors import FabulaError
 from fabula.state import EnvState, ServerRecord
 
 # the order servers are named and numbered in; databases first, web servers last
@@ -45,8 +46,17 @@ def _next_name(prefix: str, used: set[str]) -> str:
 
 
 def new_server(state: EnvState, role: str) -> ServerRecord:
-    """A server record with the next free name and address, e.g. a web server added by scaling."""
-    used_addresses = {s.address for s in state.servers.values()}
-    address = next(str(a) for a in list(ipaddress.ip_network(state.subnet).hosts())[FIRST_HOST - 1:]
-                   if str(a) not in used_addresses)
-    return ServerRecord(name=_next_name(NAME_PREFIX[role], set(state.servers)), role=role, address=address)
+    """A server record with a name and an address never used before in the environment (while
+    the subnet has them), e.g. a web server added by scaling or a deploy."""
+    prefix = NAME_PREFIX[role]
+    number = max([state.last_number.get(prefix, 0)] + [_number(n) for n in state.servers if n.startswith(prefix)]) + 1
+    state.last_number[prefix] = number
+    hosts = [str(a) for a in list(ipaddress.ip_network(state.subnet).hosts())[FIRST_HOST - 1:]]
+    used = {s.address for s in state.servers.values()} | ({state.last_address} if state.last_address else set())
+    highest = max((hosts.index(a) for a in used if a in hosts), default=-1)
+    free = [a for a in hosts[highest + 1:] + hosts[:highest + 1] if a not in used]
+    if not free:
+        raise FabulaError(f"no address left in {state.subnet} for another {role} server",
+                          "use a larger `subnet` for this environment")
+    state.last_address = free[0]
+    return ServerRecord(name=f"{prefix}{number}", role=role, address=free[0])

@@ -47,3 +47,58 @@ class WriteLoad(threading.Thread):
     def longest_gap(self) -> float:
         times = [at for at, _ in self.acknowledged]
         return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+class RequestLoad:
+    """Steady GET load through the load balancer from two threads: one keeps its connection
+    alive, one opens a new connection for every request. Records every outcome."""
+
+    def __init__(self, url: str, path: str = "/api/info", max_seconds: float = 300):
+        self.url, self.path, self.max_seconds = url, path, max_seconds
+        self.outcomes: list[tuple[float, str, str]] = []   # (time, status or error, release)
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(keep,), daemon=True) for keep in (True, False)]
+        self._lock = threading.Lock()
+
+    def _record(self, outcome: str, release: str = "") -> None:
+        with self._lock:
+            self.outcomes.append((time.monotonic(), outcome, release))
+
+    def _one(self, http: httpx.Client) -> None:
+        try:
+            response = http.get(self.url + self.path)
+            release = response.json().get("release", "") if response.status_code == 200 else ""
+            self._record(str(response.status_code), release)
+        except (httpx.HTTPError, ValueError) as exc:
+            self._record(type(exc).__name__)
+
+    def _run(self, keep_alive: bool) -> None:
+        started = time.monotonic()
+        client = httpx.Client(verify=False, timeout=15) if keep_alive else None
+        try:
+            while not self.stop_event.is_set() and time.monotonic() - started < self.max_seconds:
+                if keep_alive:
+                    self._one(client)
+                else:
+                    with httpx.Client(verify=False, timeout=15) as http:
+                        self._one(http)
+                time.sleep(0.005)
+        finally:
+            if client:
+                client.close()
+
+    def __enter__(self) -> "RequestLoad":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def counts(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for _, outcome, _ in self.outcomes:
+            found[outcome] = found.get(outcome, 0) + 1
+        return found

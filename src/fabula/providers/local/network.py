@@ -77,6 +77,8 @@ def ensure_namespace(netns: str, veth: str, bridge: str, address: str, prefix: i
     ip("addr", "add", f"{address}/{prefix}", "dev", "eth0", netns=netns)
     ip("link", "set", "eth0", "up", netns=netns)
     ip("route", "add", "default", "via", gateway, netns=netns)
+    # the machine may remember this address at a former server's MAC: forget it
+    ip("neigh", "flush", "to", address, "dev", bridge, check=False)
 
 
 def remove_namespace(netns: str, veth: str) -> None:
