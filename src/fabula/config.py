@@ -80,6 +80,32 @@ class DatabaseConfig(Strict):
                                  "<state root>/backups/<project>-<env>")
 
 
+# addresses of a subnet that servers never get: network, broadcast, and .1-.9 (the host's end of
+# the bridge and the ones kept free, see topology.FIRST_HOST)
+UNSERVED_ADDRESSES = 11
+
+
+class AutoscalingConfig(Strict):
+    """The web tier as an autoscaling group: how many web servers, and what demand each takes."""
+
+    min: Annotated[int, Field(ge=1, le=64)] = 1
+    desired: Annotated[int, Field(ge=1, le=64)] | None = Field(default=None, description=(
+        "web servers to start with; default servers.web (within min..max)"))
+    max: Annotated[int, Field(ge=1, le=64)] | None = Field(default=None, description="default: desired")
+    metric: Literal["sessions", "requests"] = Field(default="sessions", description=(
+        "demand per in-service web server: `sessions` (requests in progress, HAProxy's scur) or "
+        "`requests` (requests per second)"))
+    target: Annotated[float, Field(gt=0)] | None = Field(default=None, description=(
+        "the demand per web server the group keeps to; default gunicorn_workers sessions, or "
+        "10 x gunicorn_workers requests/s"))
+    scale_out_cooldown: Annotated[float, Field(ge=0, le=86400)] = 30
+    scale_in_cooldown: Annotated[float, Field(ge=0, le=86400)] = 60
+    health_grace: Annotated[float, Field(ge=0, le=3600)] = 15
+    interval: Annotated[float, Field(ge=0.5, le=300)] = 2
+    window: Annotated[float, Field(gt=0, le=3600)] = Field(default=10, description=(
+        "seconds the demand is averaged over before it is compared with the target"))
+
+
 class EnvironmentConfig(Strict):
     provider: Literal["local"] = "local"
     production: bool = Field(default=False, description="refuse destructive copies into it without --force")
@@ -91,6 +117,39 @@ class EnvironmentConfig(Strict):
     hosts: list[str] = Field(default_factory=list, description="extra host names for DJANGO_ALLOWED_HOSTS")
     gunicorn_workers: Annotated[int, Field(ge=1, le=64)] = 2
     celery_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
+    autoscaling: AutoscalingConfig | None = Field(default=None, description=(
+        "the web group's min/desired/max and target; without it, min = desired = max = servers.web"))
+
+    @model_validator(mode="after")
+    def _web_group(self):
+        group = self.autoscaling
+        if group is None:
+            return self
+        if group.max is None:
+            group.max = max(group.min, group.desired or self.servers.web)
+        if group.desired is None:
+            group.desired = min(max(self.servers.web, group.min), group.max)
+        if not group.min <= group.desired <= group.max:
+            raise ValueError(f"autoscaling: min <= desired <= max is needed (got min={group.min}, "
+                             f"desired={group.desired}, max={group.max})")
+        if group.target is None:
+            group.target = float(self.gunicorn_workers if group.metric == "sessions" else 10 * self.gunicorn_workers)
+        subnet = self.subnet or ipaddress.IPv4Network("10.213.0.0/24")
+        others = self.servers.total() - self.servers.web
+        usable = subnet.num_addresses - UNSERVED_ADDRESSES
+        # a replacement or a serial deploy has one web server more than max for a while
+        if usable < others + group.max + 1:
+            raise ValueError(f"autoscaling.max: {group.max} web servers (and one more while one is replaced) "
+                             f"and {others} other servers need {others + group.max + 1} addresses, but subnet "
+                             f"{subnet} holds {max(usable, 0)}: lower max or use a larger subnet")
+        return self
+
+    def web_group(self) -> AutoscalingConfig:
+        """The web group's settings; without `autoscaling`, a fixed group of servers.web."""
+        if self.autoscaling is not None:
+            return self.autoscaling
+        web = self.servers.web
+        return AutoscalingConfig(min=web, desired=web, max=web, target=float(self.gunicorn_workers))
 
     @model_validator(mode="after")
     def _pool_fits(self):
