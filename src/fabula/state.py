@@ -110,6 +110,12 @@ class EnvState:
     last_address: str | None = None
     # replicas the primary waits for on commit (db.synchronous), once they stream
     sync_standbys: list[str] = field(default_factory=list)
+    # the web group (deploy/autoscaling.py): its desired count (set by create, `fabula scale` and the
+    # autoscaler), autoscaling.desired of fabula.yml when create last applied it (a changed value
+    # there wins at the next create), and the autoscaler's suspended processes
+    web_desired: int | None = None
+    web_desired_config: int | None = None
+    autoscaling_suspended: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, paths: EnvPaths) -> "EnvState | None":
@@ -118,6 +124,13 @@ class EnvState:
         raw = json.loads(paths.state_file.read_text())
         raw["servers"] = {name: ServerRecord(**rec) for name, rec in raw.get("servers", {}).items()}
         return cls(**raw)
+
+    def reload(self, paths: EnvPaths) -> None:
+        """Read the state file again into this object (which the provider shares), e.g. once an
+        operation holds the lock: another process may have changed the environment meanwhile."""
+        fresh = EnvState.load(paths)
+        if fresh is not None:
+            self.__dict__.update(fresh.__dict__)
 
     def save(self, paths: EnvPaths) -> None:
         write_atomically(paths.state_file, json.dumps(asdict(self), indent=2).encode())

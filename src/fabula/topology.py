@@ -16,6 +16,8 @@ def plan_servers(env: EnvironmentConfig, state: EnvState) -> dict[str, ServerRec
     """Keep the servers the state already has (same name and address), add what the counts ask
     for, and leave out the surplus (highest numbers first)."""
     wanted = env.servers.by_role()
+    if state.web_desired is not None:  # the web group's desired count (`fabula scale`, the autoscaler)
+        wanted["web"] = state.web_desired
     planned: dict[str, ServerRecord] = {}
     for role, count in wanted.items():
         existing = sorted(state.by_role(role), key=lambda s: _number(s.name))
