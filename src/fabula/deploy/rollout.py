@@ -12,6 +12,7 @@ With neither flag, the new release's migration plan against the database decides
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,37 +86,65 @@ def update_workers(ctx: Context, new: Release) -> None:
     """Migrations, then Celery restarted on the new release: the old worker stops taking tasks and
     finishes those in flight (tasks are acknowledged after completion, so one cut by a crash runs
     again)."""
-    for record in ctx.state.by_role("worker"):
-        ROLES["worker"].converge(ctx, ctx.host(record.name))
-        record.release = new.id
+    with using_release(ctx, new):
+        for record in ctx.state.by_role("worker"):
+            ROLES["worker"].converge(ctx, ctx.host(record.name))
+            record.release = new.id
     ctx.state.save(ctx.paths)
 
 
-def launch_or_clean_up(ctx: Context, new: Release, in_service: bool):
+@contextmanager
+def using_release(ctx: Context, release: Release):
+    """Roles configure servers for ctx.release: point it at `release` for a while."""
+    previous, ctx.release = ctx.release, release
+    try:
+        yield
+    finally:
+        ctx.release = previous
+
+
+def launch_or_clean_up(ctx: Context, new: Release, then=None):
+    """A new web server from `new`, healthy on its own (out of rotation); `then(record)` runs
+    next. If either fails, the new server is removed and the site keeps its release."""
     before = set(ctx.state.servers)
     try:
-        return launch_web_server(ctx, new, in_service=in_service)
+        record = launch_web_server(ctx, new, in_service=False)
+        if then:
+            then(record)
+        return record
     except Exception as exc:
         for name in set(ctx.state.servers) - before:
             retire_web_server(ctx, name)
-        log = f"`fabula logs {ctx.env_name}` (the failed server is removed; its build log: " \
-              f"{ctx.paths.releases_dir / (new.id + '.build.log')})"
-        raise FabulaError(f"release {new.id} did not become healthy on a new web server: {exc}\n"
-                          f"the site still serves release {ctx.state.release}", log) from exc
+        raise FabulaError(f"deploy of release {new.id} stopped: {exc}\n"
+                          f"the new server was removed; the site still serves release {ctx.state.release}",
+                          f"fix the release and deploy again; `fabula history {ctx.env_name}` shows what ran")
 
 
 def serial(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
-    with op.phase("worker"):
+    old = ctx.release
+    for index, retiring in enumerate(old_servers):
+        with op.phase(f"replace {retiring}"):
+            def into_service(record, first=index == 0):
+                if first:  # the new code is healthy: now the migrations and the worker, once
+                    with op.phase("migrations and worker"):
+                        migrate_and_update_workers(ctx, new, old, record)
+                bring_into_service(ctx, record.name)
+            launch_or_clean_up(ctx, new, then=into_service)
+            retire_web_server(ctx, retiring)
+
+
+def migrate_and_update_workers(ctx: Context, new: Release, old: Release, record) -> None:
+    try:
         if ctx.state.by_role("worker"):
             update_workers(ctx, new)
-    for old in old_servers:
-        with op.phase(f"replace {old}"):
-            pending = ctx.state.migrated_release != new.id  # no worker: the first new server migrates
-            record = launch_or_clean_up(ctx, new, in_service=not pending)
-            if pending:
+        else:
+            with using_release(ctx, new):
                 migrate(ctx, ctx.host(record.name))
-                bring_into_service(ctx, record.name)
-            retire_web_server(ctx, old)
+    except Exception:
+        # the web group stays on the old release, and so does the worker (the migrations that
+        # ran, if any, were backwards-compatible ones)
+        update_workers(ctx, old)
+        raise
 
 
 def full(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
@@ -124,14 +153,14 @@ def full(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
         new_servers = []
         with op.phase("new web servers"):
             for _ in old_servers:
-                record = launch_or_clean_up(ctx, new, in_service=False)
-                set_host(ctx.host(record.name), True)
+                record = launch_or_clean_up(ctx, new, then=lambda r: set_host(ctx.host(r.name), True))
                 new_servers.append(record.name)
         with op.phase("migrations and worker"):
             if ctx.state.by_role("worker"):
                 update_workers(ctx, new)
             else:
-                migrate(ctx, ctx.host(new_servers[0]))
+                with using_release(ctx, new):
+                    migrate(ctx, ctx.host(new_servers[0]))
         with op.phase("swap"):
             set_backends(ctx, old_servers + new_servers)
             wait_healthy(ctx, new_servers)

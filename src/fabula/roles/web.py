@@ -2,6 +2,8 @@
 running the app; static files from the release; PgBouncer to the databases."""
 from __future__ import annotations
 
+import time
+
 from fabula.context import Context
 from fabula.errors import FabulaError
 from fabula.providers.base import Host, IngressRule, run_local
@@ -65,4 +67,23 @@ class Web(Role):
         supervisor.wait_running(["pgbouncer", "gunicorn", "nginx"])
         wait_port(host, "127.0.0.1", appserver.APP_PORT, what="gunicorn")
         wait_port(host, host.address, HTTPS_PORT, what="nginx")
+        wait_healthy_here(ctx, host)
         ctx.out.step(host.name, f"nginx and gunicorn serving release {ctx.release.id}")
+
+
+def wait_healthy_here(ctx: Context, host: Host, timeout: float = 45) -> None:
+    """The load balancer's own check, made on the server: HTTPS GET /healthcheck.html through
+    nginx to gunicorn. Fails fast, with gunicorn's last words, when gunicorn cannot serve."""
+    probe = ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+             f"https://{host.address}/healthcheck.html"]
+    deadline = time.monotonic() + timeout
+    supervisor = Supervisor(host)
+    while host.run(probe, timeout=10).stdout.strip() != "200":
+        state = supervisor.status().get("gunicorn")
+        if time.monotonic() > deadline or state in ("FATAL", "BACKOFF", "EXITED"):
+            log = (host.read_file(host.path("log", "gunicorn.log")) or b"").decode(errors="replace")
+            tail = "\n".join(line for line in log.splitlines() if "healthcheck" not in line)[-1500:]
+            raise FabulaError(f"{host.name}: release {ctx.release.id} does not serve /healthcheck.html "
+                              f"(gunicorn {(state or 'missing').lower()}); gunicorn's log ends:\n{tail}",
+                              f"`fabula logs {ctx.env_name} {host.name} gunicorn`")
+        time.sleep(0.3)
