@@ -2,6 +2,7 @@
 running the app; static files from the release; PgBouncer to the databases."""
 from __future__ import annotations
 
+import re
 import time
 
 from fabula.context import Context
@@ -14,6 +15,8 @@ from fabula.supervisor import Program, Supervisor
 from fabula.templates import render
 
 HTTPS_PORT = 443
+BOOT_FAILURE = "Worker failed to boot"
+EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Exit)\b.*")
 
 
 class Web(Role):
@@ -78,12 +81,15 @@ def wait_healthy_here(ctx: Context, host: Host, timeout: float = 45) -> None:
              f"https://{host.address}/healthcheck.html"]
     deadline = time.monotonic() + timeout
     supervisor = Supervisor(host)
+    log_path = host.path("log", "gunicorn.log")
+    seen = len(host.read_file(log_path) or b"")  # only what this start wrote counts
     while host.run(probe, timeout=10).stdout.strip() != "200":
         state = supervisor.status().get("gunicorn")
-        if time.monotonic() > deadline or state in ("FATAL", "BACKOFF", "EXITED"):
-            log = (host.read_file(host.path("log", "gunicorn.log")) or b"").decode(errors="replace")
-            tail = "\n".join(line for line in log.splitlines() if "healthcheck" not in line)[-1500:]
+        log = (host.read_file(log_path) or b"")[seen:].decode(errors="replace")
+        if time.monotonic() > deadline or state in ("FATAL", "BACKOFF", "EXITED") or BOOT_FAILURE in log:
+            # the exceptions' own lines say what is wrong; a traceback's frames rarely do
+            errors = list(dict.fromkeys(line for line in log.splitlines() if EXCEPTION_LINE.match(line)))
             raise FabulaError(f"{host.name}: release {ctx.release.id} does not serve /healthcheck.html "
-                              f"(gunicorn {(state or 'missing').lower()}); gunicorn's log ends:\n{tail}",
+                              f"(gunicorn {(state or 'missing').lower()}): " + "; ".join(errors[-3:] or ["no error logged"]),
                               f"`fabula logs {ctx.env_name} {host.name} gunicorn`")
         time.sleep(0.3)
