@@ -53,6 +53,10 @@ def print_table(out: Output, report: dict) -> None:
     out.console.print(f"load balancer: {running}   url: [bold]{report['url']}[/bold]")
     if report.get("lock"):
         out.console.print(_deploy_commands.lock_line(report["lock"]))
+    if report.get("autoscaling"):
+        from fabula.deploy.autoscaling import describe_lines
+        for line in describe_lines(report["autoscaling"]):
+            out.console.print(line, markup=False, highlight=False)
 
 
 @app.command()
@@ -149,10 +153,11 @@ def require_server(ctx, server: str) -> str:
     return server
 
 
-from fabula.cli import db as _db_commands, deploy as _deploy_commands  # noqa: E402
+from fabula.cli import db as _db_commands, deploy as _deploy_commands, scaling as _scaling_commands  # noqa: E402
 
 _db_commands.register(app)
 _deploy_commands.register(app)
+_scaling_commands.register(app)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fabula import pki, release, secrets
 from fabula.context import Context
 from fabula.deploy.audit import operation
+from fabula.deploy.autoscaling import desired_for_create, start_controller
 from fabula.errors import ConfigError, FabulaError
 from fabula.providers.base import Backend, Host
 from fabula.db.topology import apply_firewalls, apply_synchronous
@@ -66,6 +67,8 @@ def create(ctx: Context) -> None:
         with op.phase("servers"):
             if not ctx.state.subnet:
                 ctx.provider.allocate_subnet()
+            ctx.state.web_desired = desired_for_create(ctx.env, ctx.state)  # the web group's count
+            ctx.state.web_desired_config = ctx.env.web_group().desired
             ctx.state.servers = plan_servers(ctx.env, ctx.state)
             ctx.state.save(ctx.paths)  # recorded before anything is made, so `destroy` can always find it
             ctx.secrets = secrets.load_or_create(ctx.paths)
@@ -119,6 +122,8 @@ def create(ctx: Context) -> None:
         ctx.state.release = ctx.release.id
         ctx.state.save(ctx.paths)
         remove_surplus(ctx)
+        with op.phase("autoscaler"):  # keeps the web group at its size and healthy from now on
+            start_controller(ctx)
     ctx.out.step("done", f"environment {ctx.env_name} is up in {time.monotonic() - started:.1f}s")
 
 

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fabula.context import Context
 from fabula.db.status import replication
 from fabula.deploy import lock
+from fabula.deploy.autoscaling import group_report
 from fabula.roles import ROLES
 from fabula.supervisor import RUNNING, Supervisor
 
@@ -47,6 +48,8 @@ def describe(ctx: Context) -> dict:
         "load_balancer": {"running": lb.is_running(), "url": lb.url(), "backends": health},
         "servers": servers, "exists": ctx.paths.state_file.exists(),
         "lock": lock.report(ctx.paths),  # who is changing the environment right now, if anyone
+        # the web group: min/desired/max, target, demand, suspended processes, last decisions
+        "autoscaling": group_report(ctx, health) if ctx.paths.state_file.exists() else None,
     }
 
 

@@ -1,0 +1,79 @@
+"""`fabula scale`, `fabula autoscaling`, and the autoscaler program itself (hidden): the web
+group's desired count, suspending and resuming the autoscaler, and its decisions."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from fabula.cli import DEFAULT_CONFIG, ConfigOption, EnvArgument
+from fabula.deploy import autoscaling
+from fabula.errors import ConfigError
+from fabula.operations import open_environment
+from fabula.output import Output
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def scale(env: EnvArgument,
+              desired: Annotated[int, typer.Option("--desired", help="web servers the group should have")],
+              config: ConfigOption = DEFAULT_CONFIG,
+              as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+        """Set the web group's desired count (within min..max) and launch or retire web servers now."""
+        out = Output()
+        ctx = open_environment(config, env, out)
+        autoscaling.check_desired(ctx, desired)  # bad input: nothing is touched, not even the lock
+        ctx.provider.check_prerequisites()
+        result = autoscaling.scale(ctx, desired)
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        changes = "".join(f"; {label} {', '.join(result[key])}" for key, label in
+                          (("launched", "launched"), ("retired", "retired")) if result.get(key))
+        out.console.print(f"web group of {env}: desired {result['from']} -> {result['to']}{changes or '; no change'}",
+                          highlight=False)
+
+    @app.command(name="autoscaling")
+    def autoscaling_command(
+            env: EnvArgument,
+            action: Annotated[str, typer.Argument(help="suspend, resume, or decisions (the autoscaler's log)")],
+            config: ConfigOption = DEFAULT_CONFIG,
+            process: Annotated[Optional[list[str]], typer.Option(
+                "--process", "-p", help="only this process: scaling (demand) or healing (replacing "
+                                        "failed servers, keeping the desired count); default both")] = None,
+            last: Annotated[int, typer.Option("-n", "--last", min=1, help="decisions: how many")] = 20,
+            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+        """Suspend or resume the autoscaler's processes, or show its decisions."""
+        out = Output()
+        ctx = open_environment(config, env, out)
+        if action in ("suspend", "resume"):
+            if not ctx.paths.state_file.exists():
+                raise ConfigError(f"environment {env} does not exist", f"`fabula create {env}` creates it")
+            suspended = autoscaling.set_suspended(ctx, action == "suspend", process)
+            if as_json:
+                print(json.dumps({"suspended": suspended}))
+            else:
+                out.console.print(f"autoscaling of {env}: suspended processes: {', '.join(suspended) or 'none'}",
+                                  highlight=False)
+        elif action == "decisions":
+            entries = autoscaling.read_decisions(autoscaling.decisions_path(ctx.paths), last=last)
+            if as_json:
+                print(json.dumps(entries, indent=2))
+            elif not entries:
+                out.console.print(f"no autoscaling decisions recorded for {env}")
+            else:
+                for entry in entries:
+                    out.console.print(escape(autoscaling.decision_line(entry)), highlight=False)
+        else:
+            raise ConfigError(f"autoscaling takes suspend, resume or decisions, not {action!r}")
+
+    @app.command(hidden=True)
+    def autoscaler(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+                   decisions: Annotated[Optional[Path], typer.Option(help="the decisions log")] = None) -> None:
+        """The autoscaler itself: runs until stopped (`create` starts it under the platform's supervisor)."""
+        from fabula.deploy.controller import Controller
+
+        Controller(config.resolve(), env, decisions).run()

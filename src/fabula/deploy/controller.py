@@ -1,0 +1,236 @@
+"""The autoscaler: a long-running program of the environment (under the load balancer's own
+supervisor) that keeps the web group at the size its demand needs, and replaces web servers
+that fail their health check.
+
+Every `interval` it reads the load balancer's statistics, measures the demand and each web
+server's health; then, in this order, it
+  1. (healing) replaces a web server that has failed its health check for longer than
+     `health_grace` after it was in service, or launches/retires servers if the group does not
+     have its desired count;
+  2. (scaling) decides the desired count from the demand (see autoscaling.decide) and converges.
+Each change is one operation: the environment's lock, a history record, the group primitives.
+When another command holds the lock (a deploy, `fabula scale`), the round is skipped. Every
+decision and every change wanted but held back (cooldown, max, suspended, locked) is appended
+to <env dir>/autoscaler.jsonl with its reason, and printed to the program's log.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fabula.context import Context
+from fabula.deploy.autoscaling import (
+    ACTION, BACKOFF_FIRST, BACKOFF_MAX, HOLD, PROGRAM, SCALE_IN, SCALE_OUT, DemandMeter, HealthTracker,
+    Locked, current_desired, converge, decide, decisions_path, failing, group_operation, in_service,
+    log_decision, lock_holder, read_decisions, replace, set_desired, status_path, write_status,
+)
+from fabula.deploy.lock import now_iso
+from fabula.errors import FabulaError
+from fabula.operations import open_environment
+from fabula.output import Output
+
+DEFAULT_INTERVAL = 2.0
+
+
+class ClockOutput(Output):
+    """Progress lines with the time of day: the program's log runs for days."""
+
+    def step(self, where: str, message: str) -> None:
+        if not self.quiet:
+            with self._lock:
+                self.err.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [bold]{where:<12}[/bold] {message}",
+                               highlight=False, soft_wrap=True)
+
+
+class Controller:
+    def __init__(self, config_path: Path, env_name: str, decisions: Path | None = None,
+                 out: Output | None = None, clock: Callable[[], float] = time.monotonic):
+        self.config_path, self.env_name = Path(config_path), env_name
+        self.decisions = decisions
+        self.out = out or ClockOutput()
+        self.clock = clock
+        self.meter: DemandMeter | None = None
+        self.tracker = HealthTracker()
+        self.last_scale_out: float | None = None
+        self.last_change: float | None = None
+        self.known_desired: int | None = None
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_notice: str | None = None
+        self.recovered = False
+
+    # -- the log --------------------------------------------------------------------------
+    def log(self, ctx: Context, entry: dict) -> None:
+        path = self.decisions or decisions_path(ctx.paths)
+        log_decision(path, {"by": PROGRAM, **entry})
+
+    def notice(self, ctx: Context, action: str, reason: str, key: str, **extra) -> None:
+        """A decision not to act (or not able to): logged once until the situation changes."""
+        if key == self.last_notice:
+            return
+        self.last_notice = key
+        self.out.step(PROGRAM, f"{action}: {reason}")
+        self.log(ctx, {"action": action, "reason": reason, **extra})
+
+    def recover(self, ctx: Context) -> None:
+        """Cooldowns survive a restart: the last scale activities from the decisions log."""
+        self.recovered = True
+        now, wall = self.clock(), time.time()
+        # (re)started by `create`, which may just have changed the group: scale-in waits its cooldown
+        self.last_change = now
+        for entry in read_decisions(self.decisions or decisions_path(ctx.paths)):
+            if entry.get("outcome") != "ok" or not isinstance(entry.get("ts"), (int, float)):
+                continue
+            at = now - (wall - entry["ts"])
+            if entry.get("action") == SCALE_OUT:
+                self.last_scale_out = at
+            if entry.get("action") in (SCALE_OUT, SCALE_IN, "scale"):
+                self.last_change = max(self.last_change, at)
+
+    # -- one round ------------------------------------------------------------------------
+    def round(self) -> float:
+        """Measure, decide, maybe change; returns the seconds until the next round."""
+        try:
+            ctx = open_environment(self.config_path, self.env_name, self.out)
+        except FabulaError as exc:
+            self.out.step(PROGRAM, f"cannot read {self.config_path}: {exc}")
+            return DEFAULT_INTERVAL
+        group = ctx.env.web_group()
+        if not ctx.paths.state_file.exists():
+            return group.interval  # not created yet, or destroyed: nothing to keep
+        if not self.recovered:
+            self.recover(ctx)
+            self.out.step(PROGRAM, f"watching {ctx.project}/{ctx.env_name}: min {group.min}, max {group.max}, "
+                                   f"target {group.target:g} {group.metric} per server")
+        now = self.clock()
+        stats = ctx.provider.load_balancer.stats()
+        members = [r.name for r in ctx.state.by_role("web")]
+        desired = current_desired(ctx)
+        if self.known_desired is not None and desired != self.known_desired:
+            self.last_change = now  # changed by `fabula scale` (or create): counts for the cooldown
+        self.known_desired = desired
+        if not stats:
+            self.notice(ctx, HOLD, "the load balancer does not answer (no statistics)", key="no stats")
+            return group.interval
+        health = {name: row.get("status", "") for name, row in stats.items()}
+        if self.meter is None or (self.meter.metric, self.meter.window) != (group.metric, group.window):
+            self.meter = DemandMeter(group.metric, group.window)
+        self.meter.add(now, stats, set(members))
+        demand = self.meter.value()
+        serving = [n for n in members if in_service(health.get(n))]
+        holder = lock_holder(ctx.paths)
+        if holder is None:
+            self.tracker.observe(now, members, health)
+        else:
+            self.tracker.pause()
+            self.meter = None  # the other command may reload the load balancer: measure afresh after it
+        measured = {"demand": round(demand, 2) if demand is not None else None, "in_service": len(serving),
+                    "per_server": round(demand / len(serving), 2) if demand is not None and serving else None}
+        write_status(status_path(ctx.paths), {"ts": time.time(), "time": now_iso(), "metric": group.metric,
+                                              "desired": desired, "servers": members, **measured,
+                                              "health": {n: health.get(n) for n in members},
+                                              "locked_by": holder.action if holder else None})
+        if holder is not None:
+            self.notice(ctx, "skip", f"the environment is locked by `{holder.command}` ({holder.action}, pid "
+                                     f"{holder.pid}): no changes while it runs", key=f"locked {holder.id}")
+            return group.interval
+        if now < self.retry_at:
+            return group.interval
+        suspended = set(ctx.state.autoscaling_suspended)
+
+        if "healing" not in suspended:
+            unhealthy = self.tracker.unhealthy(now, group.health_grace)
+            if unhealthy:
+                name, reason = unhealthy[0]
+                self.change(ctx, "replace", reason, lambda c, op: replace(c, op, name),
+                            still=lambda c: name in c.state.servers
+                            and failing(c.provider.load_balancer.health().get(name)), measured=measured)
+                return group.interval
+            if len(members) != desired:
+                action = "launch" if len(members) < desired else "retire"
+                self.change(ctx, action, f"the group has {len(members)} web server(s), its desired count is "
+                                         f"{desired}", lambda c, op: converge(c, op, health), measured=measured)
+                return group.interval
+        elif len(members) != desired or self.tracker.unhealthy(now, group.health_grace):
+            self.notice(ctx, HOLD, "the group needs healing (a failing server, or not its desired count), but "
+                                   "healing is suspended", key="healing suspended")
+
+        decision = decide(group, desired, len(serving), demand, now, self.last_scale_out, self.last_change)
+        if decision.action == HOLD:
+            if decision.blocked and decision.blocked != "pending":
+                self.notice(ctx, HOLD, decision.reason, key=decision.blocked, **measured)
+            elif self.last_notice not in ("healing suspended",):
+                self.last_notice = None
+            return group.interval
+        if "scaling" in suspended:
+            self.notice(ctx, HOLD, f"{decision.reason}, but scaling is suspended", key="scaling suspended",
+                        **measured)
+            return group.interval
+        self.change(ctx, decision.action, decision.reason,
+                    lambda c, op: set_desired(c, op, decision.desired, health),
+                    still=lambda c: current_desired(c) == desired, measured=measured,
+                    **{"from": desired, "to": decision.desired})
+        return group.interval
+
+    def change(self, ctx: Context, action: str, reason: str, apply: Callable, still: Callable | None = None,
+               measured: dict | None = None, **entry) -> None:
+        """One change to the group, as an operation; logged with its outcome."""
+        self.out.step(PROGRAM, f"{action}: {reason}")
+        started = self.clock()
+        self.meter = None  # the change reloads the load balancer (its counters restart): measure afresh
+        entry = {"action": action, "reason": reason, **(measured or {}), **entry}
+        try:
+            with group_operation(ctx, ACTION, command=f"fabula autoscaler {ctx.env_name} ({action})") as op:
+                op.details.update(decision=action, reason=reason)
+                if still is not None and not still(ctx):
+                    self.notice(ctx, "skip", f"{action} no longer needed: the group changed meanwhile",
+                                key=f"changed {started}")
+                    return
+                done = apply(ctx, op)
+        except Locked as exc:
+            holder = exc.holder
+            self.notice(ctx, "skip", f"{action} wanted ({reason}), but the environment is locked by "
+                                     f"`{holder.command if holder else '?'}`", key=f"locked {holder.id if holder else '?'}")
+            return
+        except Exception as exc:  # noqa: BLE001 - logged; the next attempt waits (backoff)
+            self.failures += 1
+            wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
+            self.retry_at = self.clock() + wait
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.out.step(PROGRAM, f"{action} failed: {exc} (next attempt in {wait:.0f}s)")
+            self.log(ctx, {**entry, "outcome": "failed", "error": message, "retry_in": wait,
+                           "seconds": round(self.clock() - started, 1)})
+            self.last_notice = None
+            return
+        self.failures = 0
+        ended = self.clock()
+        if action == SCALE_OUT:
+            self.last_scale_out = ended
+        if action in (SCALE_OUT, SCALE_IN):
+            self.last_change = ended
+        self.known_desired = current_desired(ctx)
+        self.out.step(PROGRAM, f"{action} done in {ended - started:.1f}s")
+        self.log(ctx, {**entry, **(done or {}), "outcome": "ok", "seconds": round(ended - started, 1)})
+        self.last_notice = None
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            while True:
+                started = self.clock()
+                try:
+                    interval = self.round()
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a bad round must not end the controller
+                    self.out.step(PROGRAM, f"error: {type(exc).__name__}: {exc}")
+                    interval = DEFAULT_INTERVAL
+                time.sleep(max(0.0, started + interval - self.clock()))
+        except KeyboardInterrupt:
+            self.out.step(PROGRAM, "stopped")
