@@ -117,6 +117,8 @@ class EnvironmentConfig(Strict):
     hosts: list[str] = Field(default_factory=list, description="extra host names for DJANGO_ALLOWED_HOSTS")
     gunicorn_workers: Annotated[int, Field(ge=1, le=64)] = 2
     celery_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
+    celery_drain_timeout: Annotated[int, Field(ge=1, le=86400, description=(
+        "seconds a stopping Celery worker may take to finish the tasks in flight"))] = 600
     autoscaling: AutoscalingConfig | None = Field(default=None, description=(
         "the web group's min/desired/max and target; without it, min = desired = max = servers.web"))
 

@@ -9,7 +9,6 @@ from fabula.roles import appserver
 from fabula.roles.base import Role
 from fabula.supervisor import Program, Supervisor
 
-CELERY_STOP_WAIT = 600  # long tasks (the seed: 5-10 minutes) finish before a stop completes
 
 
 class Worker(Role):
@@ -31,7 +30,9 @@ class Worker(Role):
         return [
             Program("celery", base + ["worker", "--loglevel", "INFO", "--concurrency",
                                       str(ctx.env.celery_concurrency), "--hostname", f"celery@{host.name}"],
-                    user=appserver.APP_USER, directory=code, environment=env, stopwaitsecs=CELERY_STOP_WAIT),
+                    user=appserver.APP_USER, directory=code, environment=env,
+                    # long tasks (the seed: 5-10 minutes) finish before a stop completes
+                    stopwaitsecs=ctx.env.celery_drain_timeout),
             Program("celerybeat", base + ["beat", "--loglevel", "INFO", "--schedule",
                                           str(beat_dir / "schedule"), "--pidfile="],
                     user=appserver.APP_USER, directory=code, environment=env),
