@@ -311,8 +311,8 @@ def write_status(path: Path, status: dict) -> None:
 class Locked(FabulaError):
     """The environment's lock is held by another command."""
 
-    def __init__(self, message: str, holder: lock.Holder | None):
-        super().__init__(message, "wait until that command ends")
+    def __init__(self, error: FabulaError, holder: lock.Holder | None):
+        super().__init__(error.message, error.hint)
         self.holder = holder
 
 
@@ -351,7 +351,7 @@ def group_operation(ctx: Context, action: str, command: str | None = None,
                         told = True
                     time.sleep(0.5)
                     continue
-                raise Locked(exc.message, holder) from None
+                raise Locked(exc, holder) from None
         ctx.state.reload(ctx.paths)
         ctx.hosts.clear()
         yield op
@@ -434,13 +434,14 @@ def set_desired(ctx: Context, op: Operation, desired: int, health: dict[str, str
 
 
 def replace(ctx: Context, op: Operation, name: str) -> dict[str, list[str]]:
-    """A failing web server leaves (drained if it still has requests), a new one from the launch
-    configuration takes its place."""
+    """A new web server from the launch configuration takes a failing one's place; the failing
+    one then leaves (drained, should it still have requests). The new one first: it takes traffic
+    a few seconds sooner, and the group is never smaller than it already is."""
     release = launch_configuration(ctx)
-    with op.phase(f"retire {name}"):
-        retire_web_server(ctx, name)
     with op.phase("launch"):
         new = launch(ctx, release)
+    with op.phase(f"retire {name}"):
+        retire_web_server(ctx, name)
     op.details.update(replaced=name, launched=[new])
     return {"retired": [name], "launched": [new]}
 

@@ -58,8 +58,11 @@ class Controller:
         self.known_desired: int | None = None
         self.failures = 0
         self.retry_at = 0.0
-        self.last_notice: str | None = None
+        # what held the group back in the last round, and in this one: each is logged once, when it starts
+        self.held: set[str] = set()
+        self.holding: set[str] = set()
         self.recovered = False
+        self.last_error: str | None = None
 
     # -- the log --------------------------------------------------------------------------
     def log(self, ctx: Context, entry: dict) -> None:
@@ -67,12 +70,18 @@ class Controller:
         log_decision(path, {"by": PROGRAM, **entry})
 
     def notice(self, ctx: Context, action: str, reason: str, key: str, **extra) -> None:
-        """A decision not to act (or not able to): logged once until the situation changes."""
-        if key == self.last_notice:
+        """A decision not to act (or not able to): logged in the first of the rounds it holds for."""
+        self.holding.add(key)
+        if key in self.held:
             return
-        self.last_notice = key
         self.out.step(PROGRAM, f"{action}: {reason}")
         self.log(ctx, {"action": action, "reason": reason, **extra})
+
+    def error(self, message: str) -> None:
+        """A round that could not run, in the program's log: once, until it runs again."""
+        if message != self.last_error:
+            self.last_error = message
+            self.out.step(PROGRAM, message)
 
     def recover(self, ctx: Context) -> None:
         """Cooldowns survive a restart: the last scale activities from the decisions log."""
@@ -92,10 +101,17 @@ class Controller:
     # -- one round ------------------------------------------------------------------------
     def round(self) -> float:
         """Measure, decide, maybe change; returns the seconds until the next round."""
+        self.holding = set()
+        try:
+            return self._round()
+        finally:
+            self.held = self.holding
+
+    def _round(self) -> float:
         try:
             ctx = open_environment(self.config_path, self.env_name, self.out)
         except FabulaError as exc:
-            self.out.step(PROGRAM, f"cannot read {self.config_path}: {exc}")
+            self.error(f"cannot read {self.config_path}: {exc}")
             return DEFAULT_INTERVAL
         group = ctx.env.web_group()
         if not ctx.paths.state_file.exists():
@@ -115,6 +131,7 @@ class Controller:
             self.notice(ctx, HOLD, "the load balancer does not answer (no statistics)", key="no stats")
             return group.interval
         health = {name: row.get("status", "") for name, row in stats.items()}
+        self.last_error = None  # measuring works (again)
         if self.meter is None or (self.meter.metric, self.meter.window) != (group.metric, group.window):
             self.meter = DemandMeter(group.metric, group.window)
         self.meter.add(now, stats, set(members))
@@ -158,15 +175,14 @@ class Controller:
                                    "healing is suspended", key="healing suspended")
 
         decision = decide(group, desired, len(serving), demand, now, self.last_scale_out, self.last_change)
+        if "scaling" in suspended:
+            if decision.action != HOLD:
+                self.notice(ctx, HOLD, f"{decision.action} to {decision.desired} wanted ({decision.reason}), but "
+                                       "scaling is suspended", key="scaling suspended", **measured)
+            return group.interval
         if decision.action == HOLD:
             if decision.blocked and decision.blocked != "pending":
                 self.notice(ctx, HOLD, decision.reason, key=decision.blocked, **measured)
-            elif self.last_notice not in ("healing suspended",):
-                self.last_notice = None
-            return group.interval
-        if "scaling" in suspended:
-            self.notice(ctx, HOLD, f"{decision.reason}, but scaling is suspended", key="scaling suspended",
-                        **measured)
             return group.interval
         self.change(ctx, decision.action, decision.reason,
                     lambda c, op: set_desired(c, op, decision.desired, health),
@@ -202,7 +218,6 @@ class Controller:
             self.out.step(PROGRAM, f"{action} failed: {exc} (next attempt in {wait:.0f}s)")
             self.log(ctx, {**entry, "outcome": "failed", "error": message, "retry_in": wait,
                            "seconds": round(self.clock() - started, 1)})
-            self.last_notice = None
             return
         self.failures = 0
         ended = self.clock()
@@ -213,7 +228,6 @@ class Controller:
         self.known_desired = current_desired(ctx)
         self.out.step(PROGRAM, f"{action} done in {ended - started:.1f}s")
         self.log(ctx, {**entry, **(done or {}), "outcome": "ok", "seconds": round(ended - started, 1)})
-        self.last_notice = None
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> None:
@@ -229,7 +243,7 @@ class Controller:
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # noqa: BLE001 - a bad round must not end the controller
-                    self.out.step(PROGRAM, f"error: {type(exc).__name__}: {exc}")
+                    self.error(f"error: {type(exc).__name__}: {exc}")
                     interval = DEFAULT_INTERVAL
                 time.sleep(max(0.0, started + interval - self.clock()))
         except KeyboardInterrupt:

@@ -1,0 +1,189 @@
+"""The autoscaler's rounds against a fake load balancer: what it changes and in which order, that
+it changes nothing while another command holds the lock or a process is suspended, that each
+change is an operation, and that it backs off after a failure."""
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from fabula.config import EnvironmentConfig
+from fabula.deploy import controller as controller_module, history, lock
+from fabula.deploy.controller import Controller
+from fabula.output import Output
+from fabula.state import EnvPaths, EnvState, ServerRecord
+
+
+class FakeLB:
+    """Per-server HAProxy rows: a status, and a request counter growing at `rate` per second."""
+
+    def __init__(self, clock, servers: list[str], rate: float = 0):
+        self.clock, self.rate = clock, rate
+        self.status = {name: "UP" for name in servers}
+        self.count = 0.0
+        self.at = clock()
+
+    def stats(self):
+        now = self.clock()
+        self.count += self.rate * (now - self.at)
+        self.at = now
+        per = int(self.count / max(len(self.status), 1))
+        return {n: {"status": s, "stot": str(per), "scur": "0", "qcur": "0"} for n, s in self.status.items()}
+
+    def health(self):
+        return dict(self.status)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    clock = Clock()
+    paths = EnvPaths(tmp_path, "p", "e")
+    paths.env_dir.mkdir(parents=True)
+    env = EnvironmentConfig.model_validate({"servers": {"web": 2}, "autoscaling": {
+        "min": 1, "desired": 2, "max": 4, "metric": "requests", "target": 5, "scale_out_cooldown": 10,
+        "scale_in_cooldown": 20, "health_grace": 3, "interval": 1, "window": 4}})
+    state = EnvState(project="p", env="e", subnet="10.9.0.0/24", release="r1", web_desired=2, servers={
+        "web1": ServerRecord("web1", "web", "10.9.0.10", "r1"), "web2": ServerRecord("web2", "web", "10.9.0.11", "r1")})
+    state.save(paths)
+    lb = FakeLB(clock, ["web1", "web2"])
+    calls: list[tuple] = []
+
+    def open_environment(config_path, env_name, out):
+        fresh = EnvState.load(paths)
+        return SimpleNamespace(env=env, env_name="e", project="p", paths=paths, state=fresh, out=out, hosts={},
+                               provider=SimpleNamespace(load_balancer=lb), config=SimpleNamespace(path=config_path))
+
+    def set_desired(ctx, op, desired, health=None):
+        """Like the real one: the state and the load balancer get exactly `desired` web servers."""
+        calls.append(("set_desired", desired))
+        webs = sorted(n for n, r in ctx.state.servers.items() if r.role == "web")
+        launched = [f"web{10 + n}" for n in range(desired - len(webs))]
+        retired = webs[desired:]
+        for name in launched:
+            ctx.state.servers[name] = ServerRecord(name, "web", "10.9.0.99", "r1")
+            lb.status[name] = "UP"
+        for name in retired:
+            ctx.state.servers.pop(name)
+            lb.status.pop(name)
+        ctx.state.web_desired = desired
+        ctx.state.save(ctx.paths)
+        return {"launched": launched, "retired": retired}
+
+    def replace(ctx, op, name):
+        calls.append(("replace", name))
+        ctx.state.servers.pop(name)
+        ctx.state.servers["web9"] = ServerRecord("web9", "web", "10.9.0.98", "r1")
+        ctx.state.save(ctx.paths)
+        lb.status.pop(name)
+        lb.status["web9"] = "UP"
+        return {"retired": [name], "launched": ["web9"]}
+
+    monkeypatch.setattr(controller_module, "open_environment", open_environment)
+    monkeypatch.setattr(controller_module, "set_desired", set_desired)
+    monkeypatch.setattr(controller_module, "replace", replace)
+    monkeypatch.setattr(controller_module, "converge", lambda ctx, op, health=None: calls.append(("converge",)))
+    auto = Controller(tmp_path / "fabula.yml", "e", out=Output(quiet=True), clock=clock)
+    return SimpleNamespace(clock=clock, paths=paths, lb=lb, calls=calls, auto=auto)
+
+
+def run(world, seconds: int) -> None:
+    for _ in range(seconds):
+        world.auto.round()
+        world.clock.now += 1
+
+
+def logged(world) -> list[dict]:
+    path = world.paths.env_dir / "autoscaler.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sustained_demand_above_target_scales_out_as_an_operation(world):
+    world.lb.rate = 18  # 9 requests/s per server for a target of 5: 4 servers needed
+    run(world, 4)
+    assert world.calls == [("set_desired", 4)]
+    [entry] = [e for e in logged(world) if e["action"] == "scale-out"]
+    assert (entry["from"], entry["to"], entry["outcome"], entry["by"]) == (2, 4, "ok", "autoscaler")
+    assert "9 requests/s per server (18 on 2) is above the target 5" in entry["reason"]
+    [record] = history.read(world.paths)[0]
+    assert (record["action"], record["outcome"], record["details"]["decision"]) == ("autoscale", "ok", "scale-out")
+    assert not lock.lock_path(world.paths).exists()
+
+
+def test_no_demand_scales_in_one_at_a_time_after_the_cooldown(world):
+    run(world, 19)  # the autoscaler's start counts as a change: scale-in waits 20 s
+    assert world.calls == []
+    run(world, 3)
+    assert world.calls == [("set_desired", 1)]
+    holds = [e for e in logged(world) if e["action"] == "hold"]
+    assert len(holds) == 1 and "scale-in waits for its cooldown" in holds[0]["reason"]  # logged once
+
+
+def test_nothing_changes_while_another_command_holds_the_lock(world):
+    parent = os.getppid()  # a live process that is not this one: the lock is not stale
+    holder = lock.Holder(id="d1", owner="me@host", host=lock.socket.gethostname(), pid=parent,
+                         pid_start=lock.process_start(parent), boot_id=lock.boot_id(), started=lock.now_iso(),
+                         action="deploy", command="fabula deploy e")
+    run(world, 2)  # both seen in service
+    assert lock.create_exclusively(world.paths, holder)
+    world.lb.rate = 40
+    world.lb.status["web1"] = "DOWN"
+    run(world, 30)
+    assert world.calls == []
+    skips = [e for e in logged(world) if e["action"] == "skip"]
+    assert len(skips) == 1 and "`fabula deploy e`" in skips[0]["reason"]
+    lock.remove_if(world.paths, "d1")
+    run(world, 1)  # failures are counted afresh once the deploy is done: the grace starts now
+    assert world.calls == []
+    run(world, 4)
+    assert world.calls == [("replace", "web1")]
+
+
+def test_a_failing_server_is_replaced_before_any_scaling(world):
+    run(world, 2)
+    world.lb.rate, world.lb.status["web1"] = 40, "DOWN"
+    run(world, 5)
+    assert world.calls[0] == ("replace", "web1")
+    [entry] = [e for e in logged(world) if e["action"] == "replace"]
+    assert entry["retired"] == ["web1"] and "web1 failed its health check" in entry["reason"]
+
+
+def test_suspended_processes_change_nothing_and_say_so_once(world):
+    state = EnvState.load(world.paths)
+    state.autoscaling_suspended = ["scaling", "healing"]
+    state.save(world.paths)
+    world.lb.rate = 40
+    run(world, 30)
+    world.lb.status["web1"] = "DOWN"
+    run(world, 30)
+    assert world.calls == []
+    reasons = [e["reason"] for e in logged(world) if e["action"] == "hold"]
+    assert len([r for r in reasons if "healing is suspended" in r]) == 1
+    assert len([r for r in reasons if "scaling is suspended" in r]) == 1
+
+
+def test_a_failed_change_is_logged_and_retried_after_a_backoff(world, monkeypatch):
+    def failing(ctx, op, desired, health=None):
+        world.calls.append(("set_desired", desired))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(controller_module, "set_desired", failing)
+    world.lb.rate = 40
+    run(world, 4)
+    assert len(world.calls) == 1
+    [entry] = [e for e in logged(world) if e["action"] == "scale-out"]
+    assert (entry["outcome"], entry["error"], entry["retry_in"]) == ("failed", "boom", 15)
+    run(world, 13)
+    assert len(world.calls) == 1
+    run(world, 2)  # 15 s after the failure
+    assert len(world.calls) == 2
+    assert history.read(world.paths)[0][-1]["outcome"] == "failed"
