@@ -78,10 +78,14 @@ def current_desired(ctx: Context) -> int:
 def check_desired(ctx: Context, desired: int) -> None:
     group = group_config(ctx)
     if not group.min <= desired <= group.max:
-        where = f"environments.{ctx.env_name}.autoscaling" if ctx.env.autoscaling else \
-            f"environments.{ctx.env_name}.servers.web (no `autoscaling` section: the group is fixed)"
+        if ctx.env.autoscaling is None:
+            raise ConfigError(f"the web group of {ctx.env_name} is fixed at {group.min} (servers.web, and no "
+                              f"`autoscaling` section), so desired {desired} is outside its min..max",
+                              f"give environments.{ctx.env_name} an `autoscaling: {{min: .., max: ..}}` in "
+                              f"{ctx.config.path} and run `fabula create {ctx.env_name}`")
         raise ConfigError(f"desired {desired} is outside the web group's min..max ({group.min}..{group.max})",
-                          f"choose {group.min}..{group.max}, or change {where} in {ctx.config.path}")
+                          f"choose {group.min}..{group.max}, or change environments.{ctx.env_name}.autoscaling "
+                          f"in {ctx.config.path}")
 
 
 # -- the decision ------------------------------------------------------------------------------
@@ -550,7 +554,9 @@ def group_report(ctx: Context, health: dict[str, str], decisions: int = 5) -> di
                    "source": source},
         "suspended": list(ctx.state.autoscaling_suspended),
         "controller": controller_state(ctx) if ctx.paths.state_file.exists() else "not running",
-        "decisions": read_decisions(decisions_path(ctx.paths), last=decisions),
+        # the last changes and held-back changes (rounds skipped under another command's lock are
+        # only in `fabula autoscaling ENV decisions`: `lock` already says who holds it)
+        "decisions": [d for d in read_decisions(decisions_path(ctx.paths)) if d.get("action") != "skip"][-decisions:],
     }
 
 
@@ -572,10 +578,11 @@ def describe_lines(report: dict) -> list[str]:
     else:
         now = "not measured"
     kind = "autoscaling" if report["configured"] else "fixed (no `autoscaling` in fabula.yml; self-healing only)"
+    target = f"target {_fmt(report['target'])} {unit} per server; " if report["configured"] else ""
     lines = [f"web group: {report['in_service']} in service, desired {report['desired']} "
              f"(min {report['min']}, max {report['max']}), {kind}",
-             f"  target {_fmt(report['target'])} {unit} per server; demand now {now}; "
-             f"autoscaler {report['controller']}; suspended: {', '.join(report['suspended']) or 'none'}"]
+             f"  {target}demand now {now}; autoscaler {report['controller']}; "
+             f"suspended: {', '.join(report['suspended']) or 'none'}"]
     for entry in report["decisions"]:
         lines.append("  " + decision_line(entry))
     return lines
