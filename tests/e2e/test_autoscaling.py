@@ -202,7 +202,9 @@ def test_a_web_server_whose_processes_all_die_is_replaced(env):
         serving_at = wait_for(lambda: load.first_from(replacement, after=killed_at), timeout=30,
                               message=f"{replacement} taking traffic")
     FIGURES["death to replacement taking traffic"] = serving_at - killed_at
-    entry = next(d for d in reversed(decisions(env)) if d["action"] == "replace")
+    # logged once the operation has ended, just after the state shows the new group
+    entry = wait_for(lambda: next((d for d in reversed(decisions(env)) if d["action"] == "replace"), None),
+                     timeout=30, message="the replacement logged")
     assert entry["outcome"] == "ok" and entry["retired"] == [victim] and set(entry["launched"]) == replacement
     assert f"{victim} failed its health check for" in entry["reason"] and "after being in service" in entry["reason"]
     record = json.loads(env.fabula("history", ENV, "--json").stdout)[-1]
