@@ -99,7 +99,9 @@ def operation(ctx: Context, action: str, command: str | None = None) -> Iterator
     # the lock lives in the environment's directory, which the first `create` makes
     ctx.paths.env_dir.mkdir(parents=True, exist_ok=True)
     holder = Holder.of_this_process(action, command)
-    nested = acquire(ctx, holder)
+    nested = acquire_waiting_for_autoscaler(ctx, holder)
+    if not nested:
+        ctx.state.reload(ctx.paths)  # another process may have changed the environment meanwhile
     op = Operation(ctx, holder)
     error: BaseException | None = None
     try:
@@ -115,6 +117,31 @@ def operation(ctx: Context, action: str, command: str | None = None) -> Iterator
         finally:
             if not nested:
                 release(ctx, holder)
+
+
+AUTOSCALER_ACTION = "autoscale"
+AUTOSCALER_WAIT = 180  # the autoscaler holds the lock for one launch or retirement: seconds
+
+
+def acquire_waiting_for_autoscaler(ctx: Context, holder: Holder) -> bool:
+    """acquire(), but a lock held by the autoscaler's change is waited for rather than refused."""
+    deadline = time.monotonic() + AUTOSCALER_WAIT
+    said = False
+    while True:
+        try:
+            return acquire(ctx, holder)
+        except FabulaError:
+            try:
+                current = lock.read(ctx.paths)
+            except lock.Unreadable:
+                raise
+            autoscaling = current is not None and current.action == AUTOSCALER_ACTION
+            if not autoscaling or holder.action == AUTOSCALER_ACTION or time.monotonic() > deadline:
+                raise
+            if not said:
+                ctx.out.step(holder.action, "waiting for the autoscaler's change to finish")
+                said = True
+            time.sleep(0.5)
 
 
 def locked_error(ctx: Context, holder: Holder) -> FabulaError:

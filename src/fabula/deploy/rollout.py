@@ -176,10 +176,12 @@ def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, p
         raise FabulaError(f"{ctx.env_name} has not been created", f"run `fabula create {ctx.env_name}` first")
     ctx.release = releases.load(ctx, ctx.state.release)
     new = releases.load(ctx, release_id) if release_id else releases.build(ctx, rev or "HEAD")
-    plan = plan_deploy(ctx, new, requested)
     if plan_only:
-        return plan
+        return plan_deploy(ctx, new, requested)
     with operation(ctx, action) as op:
+        # planned under the lock, from the state as it is now (the autoscaler may have changed it)
+        ctx.release = releases.load(ctx, ctx.state.release)
+        plan = plan_deploy(ctx, new, requested)
         op.details.update(from_release=plan.from_release, to_release=new.id, strategy=plan.strategy,
                           reason=plan.reason)
         ctx.out.step("deploy", f"{plan.strategy} deploy of {new.id}: {plan.reason}")

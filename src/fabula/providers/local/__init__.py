@@ -169,14 +169,16 @@ class LocalProvider(Provider):
 
     def destroy(self) -> list[str]:
         removed = []
+        # the load balancer's supervisor first: it runs the autoscaler, which could add a server
+        if self.load_balancer.is_running():
+            removed.append("load balancer")
+        self.load_balancer.stop()
+        self.state.reload(self.paths)
         prefix = f"fab.{self.paths.project}.{self.paths.env}."
         names = {ns[len(prefix):] for ns in network.netns_names() if ns.startswith(prefix)}
         names |= set(self.state.servers)
         if self.paths.servers_dir.exists():
             names |= {p.name for p in self.paths.servers_dir.iterdir()}
-        if self.load_balancer.is_running():
-            removed.append("load balancer")
-        self.load_balancer.stop()
         # the reverse of create's order: clients stop before what they use (Celery before RabbitMQ)
         order = {"web": 0, "worker": 1, "cache": 2, "db-replica": 3, "db-primary": 4}
         roles = {name: record.role for name, record in self.state.servers.items()}
