@@ -127,8 +127,9 @@ def logs(env: EnvArgument, server: Annotated[Optional[str], typer.Argument(help=
          lines: Annotated[int, typer.Option("-n", "--lines")] = 50) -> None:
     """Show the logs of ENV's services (all servers, one server, or one service)."""
     ctx = open_environment(config, env, Output())
-    if server == "lb":
-        files = [ctx.paths.lb_dir / "log" / "haproxy.log"]
+    if server == "lb":  # the platform's programs: HAProxy and the autoscaler
+        files = [ctx.paths.lb_dir / "log" / f"{name}.log" for name in ([service] if service else
+                                                                        ["haproxy", "autoscaler"])]
     else:
         names = [require_server(ctx, server)] if server else sorted(ctx.state.servers)
         files = []
