@@ -18,6 +18,7 @@ from fabula.deploy.autoscaling import desired_for_create, start_controller
 from fabula.errors import ConfigError, FabulaError
 from fabula.providers.base import Backend, Host
 from fabula.db.topology import apply_firewalls, apply_synchronous
+from fabula.deploy.group import wait_healthy
 from fabula.roles import ROLES
 from fabula.roles.web import HTTPS_PORT
 from fabula.roles.worker import migrate
@@ -131,19 +132,9 @@ def converge(ctx: Context, host: Host) -> None:
     ROLES[host.role].converge(ctx, host)
 
 
-def wait_in_service(ctx: Context, names: list[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        health = ctx.provider.load_balancer.health()
-        down = [n for n in names if health.get(n) != "UP"]
-        if not down:
-            ctx.out.step("lb", f"{len(names)} web server(s) in service at {ctx.provider.load_balancer.url()}")
-            return
-        if time.monotonic() > deadline:
-            raise FabulaError(f"load balancer: {', '.join(down)} not healthy after {timeout:.0f}s "
-                              f"(GET /healthcheck.html over HTTPS)",
-                              f"see `fabula logs {ctx.env_name} {down[0]}`")
-        time.sleep(0.3)
+def wait_in_service(ctx: Context, names: list[str]) -> None:
+    wait_healthy(ctx, names)
+    ctx.out.step("lb", f"{len(names)} web server(s) in service at {ctx.provider.load_balancer.url()}")
 
 
 def remove_surplus(ctx: Context) -> None:
