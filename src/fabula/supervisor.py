@@ -65,10 +65,14 @@ class Supervisor:
             # 0600: a program's environment may hold the app's secrets
             if self.host.put_file(self.programs_dir / f"{program.name}.conf", text, mode=0o600):
                 changed.add(program.name)
-        if changed:
+        # a program whose file was written by a run that was killed before `update` is unknown
+        # to supervisord although its file is unchanged: add it too
+        known = self.status()
+        missing = {p.name for p in programs if p.name not in known}
+        if changed or missing:
             self.ctl("reread")
             self.ctl("update")
-        return changed
+        return changed | missing
 
     def status(self) -> dict[str, str]:
         """Program name -> supervisor state (RUNNING, STARTING, BACKOFF, FATAL, STOPPED...)."""

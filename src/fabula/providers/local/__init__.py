@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fabula.config import EnvironmentConfig
@@ -182,10 +183,13 @@ class LocalProvider(Provider):
         # the reverse of create's order: clients stop before what they use (Celery before RabbitMQ)
         order = {"web": 0, "worker": 1, "cache": 2, "db-replica": 3, "db-primary": 4}
         roles = {name: record.role for name, record in self.state.servers.items()}
-        for name in sorted(names, key=lambda n: (order.get(roles.get(n, ""), 5), n)):
-            if self.server_exists(name):
-                removed.append(f"server {name}")
-            self.remove_server(name)
+        tiers: dict[int, list[str]] = {}
+        for name in sorted(names):
+            tiers.setdefault(order.get(roles.get(name, ""), 5), []).append(name)
+        for tier in sorted(tiers):  # one tier after the other, the servers of a tier at once
+            removed += [f"server {n}" for n in tiers[tier] if self.server_exists(n)]
+            with ThreadPoolExecutor(max_workers=len(tiers[tier])) as pool:
+                list(pool.map(self.remove_server, tiers[tier]))
         # anything else still running from this environment's directory (e.g. after a crash)
         kill_and_wait(processes_mentioning(str(self.paths.env_dir) + "/"))
         if self.bridge in network.link_names():
