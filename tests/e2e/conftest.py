@@ -7,6 +7,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,6 +86,38 @@ def leftovers(env: Environment) -> list[str]:
     return found
 
 
+def force_cleanup(env: Environment) -> None:
+    """The safety net behind `fabula destroy` in the tests: whatever of the environment is still
+    on the machine (namespaces and what runs in them, processes, the bridge) goes."""
+    from fabula.state import EnvPaths
+    prefix = f"fab.{env.project}.{env.name}."
+    for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+        if name.startswith(prefix):
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+            if pids:
+                subprocess.run(["kill", "-9", *pids])
+            subprocess.run(["ip", "netns", "del", name])
+    needle = str(env.env_dir).encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and needle in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), 9)
+        except OSError:
+            pass
+    bridge = "fb" + EnvPaths(env.state_dir, env.project, env.name).tag
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def destroy_checked(env: Environment) -> None:
+    """Destroy with the real CLI; clean up by force whatever it left, then fail (unless the test
+    already failed) so that a destroy that leaves residue never goes unnoticed."""
+    destroyed = env.fabula("destroy", env.name, "--yes", timeout=300)
+    left = leftovers(env)
+    force_cleanup(env)
+    if sys.exc_info()[0] is None:
+        assert destroyed.returncode == 0 and not left, f"destroy left {left}: {destroyed.stderr[-2000:]}"
+
+
 @contextmanager
 def running_environment(prefix: str, servers: str | None = None, extra: str = ""):
     """A new environment of the sample app, created with the real CLI; destroyed afterwards,
@@ -103,8 +136,10 @@ def running_environment(prefix: str, servers: str | None = None, extra: str = ""
         assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
         yield env
     finally:
-        env.fabula("destroy", ENV, "--yes", timeout=300)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            destroy_checked(env)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import ENV, Environment, leftovers
+from tests.e2e.conftest import destroy_checked, ENV, Environment, leftovers
 from tests.helpers import fabula_argv, free_port, make_app_repo, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -32,8 +32,10 @@ def fresh():
     try:
         yield env
     finally:
-        env.fabula("destroy", ENV, "--yes", timeout=300)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            destroy_checked(env)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def kill_create_once(env: Environment, marker: Path) -> None:

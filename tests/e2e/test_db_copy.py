@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import Environment
+from tests.e2e.conftest import destroy_checked, Environment
 from tests.helpers import SAMPLE_APP, free_port, run_fabula
 
 pytestmark = pytest.mark.e2e
@@ -53,9 +53,11 @@ def two_environments():
     try:
         yield envs
     finally:
-        for name in envs:
-            run_fabula("destroy", name, "--yes", cwd=app, state_dir=base / "state", timeout=300)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            for environment in envs.values():
+                destroy_checked(environment)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def entries(env: Environment) -> set[str]:

@@ -160,8 +160,13 @@ class LocalProvider(Provider):
         if host.supervisor_pid(conf):
             # an orderly stop first: PostgreSQL shuts down cleanly, Celery finishes its tasks
             host.run(["supervisorctl", "-c", str(conf), "shutdown"], timeout=90)
-        pids = [int(p) for p in run_local(["ip", "netns", "pids", netns]).stdout.split()]
-        kill_and_wait(pids)
+        # again until none is left: a dying RabbitMQ can start a new epmd (a daemon of its own)
+        # after the list was taken, and a process left in it would keep the namespace alive
+        for _ in range(5):
+            pids = [int(p) for p in run_local(["ip", "netns", "pids", netns]).stdout.split()]
+            if not pids:
+                break
+            kill_and_wait(pids)
 
     def remove_server(self, name: str) -> None:
         self._stop_server(name)
@@ -169,7 +174,7 @@ class LocalProvider(Provider):
         shutil.rmtree(self.paths.servers_dir / name, ignore_errors=True)
 
     def destroy(self) -> list[str]:
-        removed = []
+        removed, failures = [], []
         # the load balancer's supervisor first: it runs the autoscaler, which could add a server
         if self.load_balancer.is_running():
             removed.append("load balancer")
@@ -189,10 +194,21 @@ class LocalProvider(Provider):
         for tier in sorted(tiers):  # one tier after the other, the servers of a tier at once
             removed += [f"server {n}" for n in tiers[tier] if self.server_exists(n)]
             with ThreadPoolExecutor(max_workers=len(tiers[tier])) as pool:
-                list(pool.map(self.remove_server, tiers[tier]))
+                # one server that cannot be removed must not stop the others' removal
+                futures = {name: pool.submit(self.remove_server, name) for name in tiers[tier]}
+            failures += [f"{name}: {f.exception()}" for name, f in futures.items() if f.exception()]
         # anything else still running from this environment's directory (e.g. after a crash)
         kill_and_wait(processes_mentioning(str(self.paths.env_dir) + "/"))
+        for name in [ns for ns in network.netns_names() if ns.startswith(prefix)]:
+            try:  # a second try, now that nothing of the environment runs any more
+                self.remove_server(name[len(prefix):])
+            except FabulaError as exc:
+                failures.append(f"{name}: {exc}")
         if self.bridge in network.link_names():
             removed.append(f"bridge {self.bridge}")
         network.remove_bridge(self.bridge)
+        left = [ns for ns in network.netns_names() if ns.startswith(prefix)]
+        if left:
+            raise FabulaError(f"destroy could not remove {', '.join(left)}: " + "; ".join(failures),
+                              "run `fabula destroy` again; `ip netns pids NAME` shows what holds one")
         return removed
