@@ -1,6 +1,9 @@
 """A serial deploy under load, with 2 and 4 web servers: the deploy's wall time, the requests
 served and failed (must be 0), and latency p50/p99 during the deploy against the same load,
-same environment, without a deploy (measured first, side by side in one run).
+same environment, without a deploy (measured first, side by side in one run). Then, in an
+environment with autoscaling (target 4 requests/s per server, interval 1 s, health_grace 3 s):
+the time from a load step to a new web server taking traffic, and from a web server's death
+(kill -9 of everything in its namespace) to its replacement taking traffic.
 
 Run as root: `.venv/bin/python bench/deploy.py [--webs 2 4]`.
 """
@@ -111,6 +114,48 @@ def scenario(base: Path, webs: int) -> dict:
         run_fabula("destroy", ENV, "--yes", cwd=app, state_dir=state, timeout=600)
 
 
+AUTOSCALING = ("    autoscaling: {min: 1, desired: 1, max: 2, metric: requests, target: 4, scale_out_cooldown: 0, "
+               "scale_in_cooldown: 600, health_grace: 3, interval: 1, window: 3}\n")
+
+
+def web_health(state: Path, app: Path) -> dict[str, str]:
+    report = json.loads(run_fabula("describe", ENV, "--json", cwd=app, state_dir=state).stdout)
+    return {s["name"]: s["lb"] for s in report["servers"] if s["role"] == "web"}
+
+
+def wait_until(condition, timeout: float) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise SystemExit(f"condition not met within {timeout}s")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def autoscaling_scenario(base: Path) -> dict:
+    project = f"bscale-{secrets.token_hex(2)}"
+    https = free_port()
+    app = make_app_repo(base / project, project, ENV, https, free_port(),
+                        servers="{web: 1, worker: 1, cache: 1, db-primary: 1, db-replica: 0}", extra=AUTOSCALING)
+    state, url = base / "state", f"https://127.0.0.1:{https}"
+    try:
+        assert run_fabula("create", ENV, cwd=app, state_dir=state, timeout=1200).returncode == 0
+        first = set(web_health(state, app))
+        with Load(url):  # 4 clients: far above 4 requests/s for one server
+            step = wait_until(lambda: sum(v == "UP" for v in web_health(state, app).values()) == 2, 120)
+        new = sorted(set(web_health(state, app)) - first)
+        victim = sorted(web_health(state, app))[0]
+        pids = subprocess.run(["ip", "netns", "pids", f"fab.{project}.{ENV}.{victim}"], capture_output=True,
+                              text=True).stdout.split()
+        subprocess.run(["kill", "-9", *pids], check=True)
+        healed = wait_until(lambda: victim not in (h := web_health(state, app)) and
+                            sum(v == "UP" for v in h.values()) == 2, 180)
+        return {"load_step_to_new_server_s": round(step, 1), "new_server": new,
+                "death_to_replacement_s": round(healed, 1), "killed": victim}
+    finally:
+        run_fabula("destroy", ENV, "--yes", cwd=app, state_dir=state, timeout=600)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--webs", type=int, nargs="+", default=[2, 4])
@@ -121,6 +166,7 @@ def main() -> None:
     base.chmod(0o755)
     try:
         results = [scenario(base, n) for n in args.webs]
+        scaling = autoscaling_scenario(base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     table = Table(title=f"serial deploy under load ({CLIENTS} clients, GET /api/info through the load balancer)")
@@ -133,9 +179,11 @@ def main() -> None:
                       str(d["p50_ms"]), str(b["p99_ms"]), str(d["p99_ms"]),
                       f"{d['p99_ms'] / b['p99_ms']:.2f}" if b["p99_ms"] else "-")
     Console(width=160).print(table)
+    print(f"autoscaling: load step -> new server taking traffic {scaling['load_step_to_new_server_s']} s; "
+          f"web server killed -> replacement taking traffic {scaling['death_to_replacement_s']} s")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "deploy.json").write_text(json.dumps(results, indent=2))
+    (out / "deploy.json").write_text(json.dumps({"deploys": results, "autoscaling": scaling}, indent=2))
 
 
 if __name__ == "__main__":
