@@ -76,3 +76,18 @@ environments:
     subprocess.run(git + ["add", "-A"], check=True)
     subprocess.run(git + ["commit", "-q", "-m", "sample app"], check=True)
     return target
+
+
+def git(repo: Path, *args: str) -> str:
+    """A git command in a test's app repository, as a test author; its output."""
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.email=tests@fabula.invalid",
+                           "-c", "user.name=tests", *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def commit_files(repo: Path, message: str, files: dict[str, str]) -> str:
+    """Write `files` (path relative to the repository -> text), commit them; the new commit."""
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")

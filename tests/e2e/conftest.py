@@ -119,9 +119,9 @@ def destroy_checked(env: Environment) -> None:
 
 
 @contextmanager
-def running_environment(prefix: str, servers: str | None = None, extra: str = ""):
-    """A new environment of the sample app, created with the real CLI; destroyed afterwards,
-    also when the test fails."""
+def prepared_environment(prefix: str, servers: str | None = None, extra: str = ""):
+    """A new environment of the sample app, not yet created: its app repository, state folder
+    and ports. Whatever the test makes of it is destroyed afterwards, also when the test fails."""
     if os.geteuid() != 0:
         pytest.skip("end-to-end tests need root (network namespaces)")
     # under /var/tmp, not pytest's 0700 tmp dirs: service users (postgres, www-data) must traverse it
@@ -132,14 +132,21 @@ def running_environment(prefix: str, servers: str | None = None, extra: str = ""
     kwargs = {"servers": servers} if servers else {}
     make_app_repo(env.app_dir, env.project, ENV, env.https_port, env.http_port, extra=extra, **kwargs)
     try:
-        created = env.fabula("create", ENV, timeout=900)
-        assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
         yield env
     finally:
         try:
             destroy_checked(env)
         finally:
             shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def running_environment(prefix: str, servers: str | None = None, extra: str = ""):
+    """prepared_environment(), created with the real CLI."""
+    with prepared_environment(prefix, servers, extra) as env:
+        created = env.fabula("create", ENV, timeout=900)
+        assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
+        yield env
 
 
 @pytest.fixture(scope="module")

@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import destroy_checked, ENV, Environment, leftovers
-from tests.helpers import fabula_argv, free_port, make_app_repo, wait_for
+from tests.e2e.conftest import ENV, Environment, leftovers, prepared_environment
+from tests.helpers import fabula_argv, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def fresh():
-    if os.geteuid() != 0:
-        pytest.skip("end-to-end tests need root (network namespaces)")
-    base = Path(tempfile.mkdtemp(prefix="fabula-e2e-", dir="/var/tmp"))
-    base.chmod(0o755)
-    env = Environment(project=f"crash-{secrets.token_hex(3)}", app_dir=base / "app", state_dir=base / "state",
-                      https_port=free_port(), http_port=free_port())
-    make_app_repo(env.app_dir, env.project, ENV, env.https_port, env.http_port,
-                  servers="{web: 1, worker: 1, cache: 1, db-primary: 1, db-replica: 0}")
-    try:
+    with prepared_environment("crash", servers="{web: 1, worker: 1, cache: 1, db-primary: 1, db-replica: 0}") as env:
         yield env
-    finally:
-        try:
-            destroy_checked(env)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def kill_create_once(env: Environment, marker: Path) -> None:

@@ -135,12 +135,12 @@ def test_create_again_changes_nothing(environment):
 def test_destroy_leaves_nothing_behind(environment):
     report = environment.describe()
     bridges = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True).stdout
-    assert any(f"fb" in line for line in bridges.splitlines())
+    assert any("fb" in line for line in bridges.splitlines())
     result = environment.fabula("destroy", ENV, "--yes")
     assert result.returncode == 0, result.stderr
     assert leftovers(environment) == []
     web1 = next(s["address"] for s in report["servers"] if s["name"] == "web1")
     routes = subprocess.run(["ip", "-4", "route", "get", web1], capture_output=True, text=True).stdout
-    assert f"dev fb" not in routes  # the environment's bridge is gone
+    assert "dev fb" not in routes  # the environment's bridge is gone
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", environment.https_port)) != 0  # nothing listens on the LB port

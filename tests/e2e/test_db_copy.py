@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import destroy_checked, Environment
-from tests.helpers import SAMPLE_APP, free_port, run_fabula
+from tests.helpers import commit_files, git, SAMPLE_APP, free_port, run_fabula
 
 pytestmark = pytest.mark.e2e
 
@@ -25,11 +24,6 @@ class Migration(migrations.Migration):
     dependencies = [("notes", "0001_initial")]
     operations = [migrations.AddField("entry", "mood", models.CharField(max_length=20, null=True))]
 '''
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@fabula.invalid", "-c", "user.name=t", *args],
-                   check=True, capture_output=True)
 
 
 @pytest.fixture
@@ -72,9 +66,7 @@ def test_copy_brings_the_source_rows_and_keeps_the_target_migrations(two_environ
         for text in texts:
             assert http.post(src.url + "/api/entries", data={"text": text}).status_code == 201
     # the target runs a newer revision, with a migration the source has not had
-    (src.app_dir / "notes" / "migrations" / "0002_entry_mood.py").write_text(MIGRATION)
-    git(src.app_dir, "add", "-A")
-    git(src.app_dir, "commit", "-q", "-m", "add mood")
+    commit_files(src.app_dir, "add mood", {"notes/migrations/0002_entry_mood.py": MIGRATION})
     created = run_fabula("create", "dst", cwd=dst.app_dir, state_dir=dst.state_dir, timeout=900)
     assert created.returncode == 0, created.stderr
     with httpx.Client(verify=False, timeout=10) as http:

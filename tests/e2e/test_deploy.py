@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-import uuid
 
 import httpx
 import pytest
 
 from tests.e2e.conftest import ENV, running_environment
 from tests.e2e.load import RequestLoad
-from tests.helpers import wait_for
+from tests.helpers import commit_files, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -40,12 +38,7 @@ def env():
 
 
 def commit(env, message: str, files: dict[str, str]) -> str:
-    for name, text in files.items():
-        (env.app_dir / name).write_text(text)
-    git = ["git", "-C", str(env.app_dir), "-c", "user.email=t@fabula.invalid", "-c", "user.name=t"]
-    subprocess.run(git + ["add", "-A"], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", message], check=True)
-    return subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    return commit_files(env.app_dir, message, files)
 
 
 def releases_served(env, n: int = 20) -> set[str]:

@@ -18,7 +18,6 @@ from fabula.operations.destroy import destroy as destroy_environment
 from fabula.maintenance import set_maintenance
 from fabula.output import Output
 from fabula.roles import ROLES
-from fabula.supervisor import Supervisor
 
 app = typer.Typer(help="Create, deploy and operate a Django production architecture.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

@@ -11,7 +11,6 @@ neither takes nor releases the lock, and records its own line in the history.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import threading

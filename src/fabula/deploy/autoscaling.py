@@ -32,7 +32,7 @@ from fabula.deploy.audit import Operation, operation
 from fabula.deploy.group import launch_web_server, retire_web_server
 from fabula.errors import ConfigError, FabulaError
 from fabula.state import EnvPaths, EnvState
-from fabula.supervisor import RUNNING, Program
+from fabula.supervisor import Program
 
 PROGRAM = "autoscaler"
 ACTION = "autoscale"              # the controller's operations, in the lock and the history

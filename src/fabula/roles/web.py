@@ -7,7 +7,7 @@ import time
 
 from fabula.context import Context
 from fabula.errors import FabulaError
-from fabula.providers.base import Host, IngressRule, run_local
+from fabula.providers.base import Host, IngressRule
 from fabula import maintenance
 from fabula.roles import appserver
 from fabula.roles.base import Role, ensure_certificate, wait_port
