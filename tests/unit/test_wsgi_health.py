@@ -33,8 +33,13 @@ def call(application, path):
 
 def test_healthcheck_is_answered_without_the_app(wrapper):
     module, calls = wrapper
-    assert call(module.application, "/healthcheck.html") == ("200 OK", b"OK abc123\n")
+    assert call(module.application, "/healthcheck.html") == ("200 OK", b"ok\n")
     assert calls == []
+
+
+def test_healthcheck_does_not_tell_the_release(wrapper):
+    module, _ = wrapper
+    assert b"abc123" not in call(module.application, "/healthcheck.html")[1]
 
 
 def test_other_paths_go_to_the_app(wrapper):
