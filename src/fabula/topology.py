@@ -2,14 +2,42 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import TYPE_CHECKING, Iterator
 
-from fabula.config import EnvironmentConfig
 from fabula.errors import FabulaError
 from fabula.state import EnvState, ServerRecord
+
+if TYPE_CHECKING:
+    from fabula.config import EnvironmentConfig
 
 # the order servers are named and numbered in; databases first, web servers last
 NAME_PREFIX = {"db-primary": "db", "db-replica": "db", "cache": "cache", "worker": "worker", "web": "web"}
 FIRST_HOST = 10  # .1 is the host's end of the bridge; .2-.9 are kept free
+# the one rule for how many servers a subnet holds (config.py checks fabula.yml with it): every
+# address from network + FIRST_HOST up to, not including, the broadcast address
+SMALLEST_PREFIX, LARGEST_PREFIX = 28, 16  # a /28 holds 5 servers; a /16 is as large as a subnet may be
+
+
+def server_capacity(network: ipaddress.IPv4Network) -> int:
+    """How many servers `network` has addresses for."""
+    return max(network.num_addresses - FIRST_HOST - 1, 0)
+
+
+def server_addresses(network: ipaddress.IPv4Network, start: int = 0) -> Iterator[str]:
+    """The servers' addresses of `network` in order, from the `start`-th one, then wrapping round
+    to the first; computed, never listed (a large network must not fill the memory)."""
+    first, count = int(network.network_address) + FIRST_HOST, server_capacity(network)
+    for i in range(count):
+        yield str(ipaddress.IPv4Address(first + (start + i) % count))
+
+
+def address_index(network: ipaddress.IPv4Network, address: str) -> int | None:
+    """The position of `address` among the servers' addresses of `network`, or None."""
+    try:
+        index = int(ipaddress.IPv4Address(address)) - int(network.network_address) - FIRST_HOST
+    except ValueError:
+        return None
+    return index if 0 <= index < server_capacity(network) else None
 
 
 def plan_servers(env: EnvironmentConfig, state: EnvState) -> dict[str, ServerRecord]:
@@ -24,14 +52,17 @@ def plan_servers(env: EnvironmentConfig, state: EnvState) -> dict[str, ServerRec
         planned.update({s.name: s for s in existing[:count]})
     used_names = set(planned)
     used_addresses = {s.address for s in planned.values()}
-    free = (str(a) for a in list(ipaddress.ip_network(state.subnet).hosts())[FIRST_HOST - 1:]
-            if str(a) not in used_addresses)
+    free = (a for a in server_addresses(ipaddress.ip_network(state.subnet)) if a not in used_addresses)
     for role, count in wanted.items():
         have = sum(1 for s in planned.values() if s.role == role)
         for _ in range(count - have):
             name = _next_name(NAME_PREFIX[role], used_names)
             used_names.add(name)
-            planned[name] = ServerRecord(name=name, role=role, address=next(free))
+            address = next(free, None)
+            if address is None:
+                raise FabulaError(f"no address left in {state.subnet} for another {role} server",
+                                  "use a larger `subnet` for this environment")
+            planned[name] = ServerRecord(name=name, role=role, address=address)
     return planned
 
 
@@ -53,12 +84,14 @@ def new_server(state: EnvState, role: str) -> ServerRecord:
     prefix = NAME_PREFIX[role]
     number = max([state.last_number.get(prefix, 0)] + [_number(n) for n in state.servers if n.startswith(prefix)]) + 1
     state.last_number[prefix] = number
-    hosts = [str(a) for a in list(ipaddress.ip_network(state.subnet).hosts())[FIRST_HOST - 1:]]
+    network = ipaddress.ip_network(state.subnet)
     used = {s.address for s in state.servers.values()} | ({state.last_address} if state.last_address else set())
-    highest = max((hosts.index(a) for a in used if a in hosts), default=-1)
-    free = [a for a in hosts[highest + 1:] + hosts[:highest + 1] if a not in used]
-    if not free:
+    indexes = [i for i in (address_index(network, a) for a in used) if i is not None]
+    # the address after the highest one used, wrapping round: one never used before while there is one
+    highest = max(indexes, default=-1)
+    address = next((a for a in server_addresses(network, highest + 1) if a not in used), None)
+    if address is None:
         raise FabulaError(f"no address left in {state.subnet} for another {role} server",
                           "use a larger `subnet` for this environment")
-    state.last_address = free[0]
-    return ServerRecord(name=f"{prefix}{number}", role=role, address=free[0])
+    state.last_address = address
+    return ServerRecord(name=f"{prefix}{number}", role=role, address=address)
