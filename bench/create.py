@@ -71,7 +71,7 @@ def scenario(base: Path, label: str, webs: int, cold: bool) -> dict:
     state = base / "state"
     if cold:
         shutil.rmtree(state / "cache", ignore_errors=True)
-    sampler = PeakSampler(f"fab.{project}.{ENV}.", str(state / f"{project}-{ENV}"))
+    sampler = PeakSampler(f"fab.{project}.{ENV}.", str(state / project / ENV))
     sampler.start()
     started = time.monotonic()
     created = run_fabula("create", ENV, cwd=app, state_dir=state, timeout=1800)

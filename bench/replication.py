@@ -147,7 +147,7 @@ class Env:
 
     @property
     def env_dir(self) -> Path:
-        return self.state_dir / f"{self.project}-{ENV}"
+        return self.state_dir / self.project / ENV
 
     @property
     def db(self) -> str:

@@ -1,8 +1,13 @@
 """The inventory of what an environment has: where it lives and what exists, written atomically.
 
 Everything an environment makes on the machine lives under one directory,
-``<state root>/<project>-<env>/``; the state file there records the servers, their
-addresses and the release, so that ``describe`` and ``destroy`` never guess.
+``<state root>/<project>/<env>/``; the state file there records the servers, their
+addresses and the release, so that ``describe`` and ``destroy`` never guess. One directory per
+(project, environment) pair and never shared: project and environment names are slugs (no ``/``,
+no ``.``), so two environments cannot map to one directory (as ``shop`` + ``eu-prod`` and
+``shop-eu`` + ``prod`` did with the former ``<project>-<env>`` layout), and a directory whose
+state file names another environment is refused rather than used. The history is kept beside
+the directory (``<env>.history.jsonl``), so that it outlives ``destroy``.
 """
 from __future__ import annotations
 
@@ -13,7 +18,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fabula.errors import ConfigError
+
 DEFAULT_STATE_ROOT = Path("/var/lib/fabula")
+# what else lives directly under the state root: a project of one of these names would share it
+RESERVED_PROJECTS = ("cache", "backups")
 
 
 def state_root() -> Path:
@@ -45,9 +54,47 @@ class EnvPaths:
     project: str
     env: str
 
+    def __post_init__(self) -> None:
+        if self.project in RESERVED_PROJECTS:
+            raise ConfigError(f"project name {self.project!r} is reserved: fabula keeps its "
+                              f"{self.project} under {self.root / self.project}",
+                              f"choose another `project:` in fabula.yml (not one of {', '.join(RESERVED_PROJECTS)})")
+        for what, name in (("project", self.project), ("environment", self.env)):
+            if not name or "/" in name or name.startswith(".") or name in ("..", "."):
+                raise ConfigError(f"{what} name {name!r} cannot name a state directory",
+                                  "use lower-case letters, digits and dashes")
+
+    @property
+    def project_dir(self) -> Path:
+        """The project's directory: its environments' directories and their histories."""
+        return self.root / self.project
+
     @property
     def env_dir(self) -> Path:
+        return self.project_dir / self.env
+
+    @property
+    def legacy_env_dir(self) -> Path:
+        """Where fabula kept the environment before the ``<project>/<env>`` layout."""
         return self.root / f"{self.project}-{self.env}"
+
+    @property
+    def history_file(self) -> Path:
+        """Beside the environment's directory, not in it: `destroy` records itself there."""
+        return self.project_dir / f"{self.env}.history.jsonl"
+
+    @property
+    def backups_dir(self) -> Path:
+        """The default folder of the environment's database backups."""
+        return self.root / "backups" / self.project / self.env
+
+    def make_env_dir(self) -> None:
+        """Make the environment's directory (and the project's), traversable by the services'
+        users (postgres, www-data...), whose files are in it."""
+        for folder in (self.root, self.project_dir, self.env_dir):
+            if not folder.is_dir():
+                folder.mkdir(mode=0o755, exist_ok=True)
+                folder.chmod(0o755)  # whatever the umask
 
     @property
     def state_file(self) -> Path:
@@ -119,9 +166,13 @@ class EnvState:
 
     @classmethod
     def load(cls, paths: EnvPaths) -> "EnvState | None":
+        """The environment's state, None if it has none; ConfigError if the file in its directory
+        is another environment's (fabula never uses, nor destroys, another environment's files)."""
         if not paths.state_file.exists():
+            check_no_legacy_dir(paths)
             return None
         raw = json.loads(paths.state_file.read_text())
+        check_owner(paths, raw)
         raw["servers"] = {name: ServerRecord(**rec) for name, rec in raw.get("servers", {}).items()}
         return cls(**raw)
 
@@ -144,3 +195,39 @@ class EnvState:
 
     def serving_replicas(self) -> list[ServerRecord]:
         return [s for s in self.by_role("db-replica") if not s.rebuild]
+
+
+def check_owner(paths: EnvPaths, raw: dict) -> None:
+    """Refuse a state file that names another project or environment than the directory's."""
+    named = (raw.get("project"), raw.get("env"))
+    if named != (paths.project, paths.env):
+        raise ConfigError(
+            f"{paths.state_file} is the state of environment {named[1]!r} of project {named[0]!r}, "
+            f"not of {paths.env!r} of {paths.project!r}: fabula will not use (nor destroy) another "
+            f"environment's directory",
+            f"point FABULA_STATE_DIR at the state root that holds {paths.project}/{paths.env}, or move "
+            f"{paths.env_dir} back where environment {named[1]!r} of project {named[0]!r} expects it "
+            f"({paths.root}/{named[0]}/{named[1]})")
+
+
+def check_no_legacy_dir(paths: EnvPaths) -> None:
+    """An environment created by a fabula from before the ``<project>/<env>`` layout is not
+    silently ignored (its servers would run on, unknown to `describe` and `destroy`)."""
+    legacy = paths.legacy_env_dir / "state.json"
+    try:
+        raw = json.loads(legacy.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(raw, dict) and (raw.get("project"), raw.get("env")) == (paths.project, paths.env):
+        raise ConfigError(
+            f"environment {paths.env} of {paths.project} is in {paths.legacy_env_dir}, where an older "
+            f"fabula kept it; its directory is now {paths.env_dir}",
+            f"destroy it with the fabula that created it, or, while none of its processes runs "
+            f"(`ip netns list` shows none named fab.{paths.project}.{paths.env}.*), "
+            f"`mkdir -p {paths.project_dir} && mv {paths.legacy_env_dir} {paths.env_dir}`, then "
+            f"`fabula create {paths.env}`")
+
+
+def state_files(root: Path) -> list[Path]:
+    """The state file of every environment under `root` (e.g. to know the subnets in use)."""
+    return sorted(root.glob("*/*/state.json"))

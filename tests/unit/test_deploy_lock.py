@@ -201,3 +201,118 @@ def test_describe_shows_who_holds_the_lock(ctx, holder, tmp_path):
     assert (held["owner"], held["pid"], held["command"]) == (lock.owner(), holder.pid, "fabula create testing")
     table = run_fabula("describe", "testing", cwd=tmp_path, state_dir=tmp_path / "state")
     assert f"locked by {lock.owner()} (pid {holder.pid}, since" in table.stdout
+
+
+def test_the_lock_and_the_history_are_readable_by_root_only(ctx):
+    with operation(ctx, "create"):
+        assert lock.lock_path(ctx.paths).stat().st_mode & 0o777 == 0o600
+    path = history.history_path(ctx.paths)
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)  # as an older fabula left it
+    with operation(ctx, "create"):
+        pass
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_history_is_never_written_through_a_symlink(ctx, tmp_path):
+    ctx.paths.make_env_dir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("")
+    history.history_path(ctx.paths).symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        history.append(ctx.paths, {"id": "x"})
+    assert elsewhere.read_text() == ""
+
+
+def test_an_operation_can_fail_without_an_exception(ctx):
+    with operation(ctx, "manage") as op:
+        op.fail("manage.py exited with 3")
+    [record] = history.read(ctx.paths)[0]
+    assert (record["outcome"], record["error"]) == ("failed", "manage.py exited with 3")
+
+
+class FakeProvider:
+    """What destroy asks of a provider, without namespaces."""
+
+    def __init__(self):
+        self.destroyed = 0
+
+    def check_prerequisites(self) -> None:
+        pass
+
+    def destroy(self) -> list[str]:
+        self.destroyed += 1
+        return ["server web1"]
+
+
+def test_destroy_is_refused_while_another_command_holds_the_lock_naming_it_and_the_fix(ctx, holder):
+    from fabula.operations.destroy import destroy
+    ctx.provider = FakeProvider()
+    ctx.state.save(ctx.paths)
+    with pytest.raises(FabulaError) as refused:
+        destroy(ctx)
+    message = str(refused.value)
+    assert f"locked by {lock.owner()} (pid {holder.pid}" in message and "`fabula create testing`" in message
+    assert "`fabula destroy testing --yes --force`" in refused.value.hint
+    assert ctx.provider.destroyed == 0 and ctx.paths.state_file.exists()
+
+
+def test_destroy_force_breaks_a_live_lock_and_records_whose_it_was(ctx, holder):
+    from fabula.operations.destroy import destroy
+    ctx.provider = FakeProvider()
+    ctx.state.save(ctx.paths)
+    (ctx.paths.env_dir / "servers" / "web1").mkdir(parents=True)
+    destroy(ctx, force=True)
+    assert f"breaking the lock of environment testing held by {lock.owner()} (pid {holder.pid}" in warnings(ctx)
+    assert not ctx.paths.env_dir.exists()  # lock included: released without bringing the directory back
+    records = history.read(ctx.paths)[0]  # kept beside the directory, which is gone
+    assert [(r["action"], r["outcome"]) for r in records] == [("break lock", "ok"), ("destroy", "ok")]
+    assert records[0]["details"]["broken"]["pid"] == holder.pid
+    # the holder, ending, finds its lock gone: it warns, and neither brings the directory back
+    _, stderr = holder.communicate(timeout=30)
+    assert "environment testing was destroyed while this command ran" in stderr
+    assert not ctx.paths.env_dir.exists()
+    assert [r["action"] for r in history.read(ctx.paths)[0]] == ["break lock", "destroy", "create"]
+
+
+def test_destroy_takes_over_the_lock_of_a_killed_create_and_leaves_its_record(ctx, holder):
+    from fabula.operations.destroy import destroy
+    ctx.provider = FakeProvider()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    destroy(ctx)
+    assert not ctx.paths.env_dir.exists()
+    assert [(r["action"], r["outcome"]) for r in history.read(ctx.paths)[0]] == [
+        ("create", "interrupted"), ("destroy", "ok")]
+
+
+def test_a_failed_destroy_keeps_the_directory_and_releases_the_lock(ctx):
+    from fabula.operations.destroy import destroy
+
+    class Failing(FakeProvider):
+        def destroy(self):
+            raise FabulaError("destroy could not remove fab.polls.testing.db1")
+
+    ctx.provider = Failing()
+    ctx.state.save(ctx.paths)
+    with pytest.raises(FabulaError):
+        destroy(ctx)
+    assert ctx.paths.state_file.exists() and lock.report(ctx.paths) is None
+    assert history.read(ctx.paths)[0][-1]["outcome"] == "failed"
+
+
+def test_a_command_that_finds_the_directory_destroyed_meanwhile_starts_afresh(ctx, monkeypatch):
+    from fabula.deploy import audit
+    real = audit._acquire
+    calls = []
+
+    def destroyed_first(ctx_, holder_, force_):
+        if not calls:
+            calls.append(1)
+            ctx_.paths.env_dir.rmdir()  # as a destroy ending just then leaves it
+            raise FileNotFoundError(ctx_.paths.env_dir)
+        return real(ctx_, holder_, force_)
+
+    monkeypatch.setattr(audit, "_acquire", destroyed_first)
+    with operation(ctx, "create"):
+        assert lock.report(ctx.paths)["pid"] == os.getpid()

@@ -15,7 +15,7 @@ from fabula.operations import open_environment
 from fabula.operations.create import create as create_environment
 from fabula.operations.describe import describe as describe_environment
 from fabula.operations.destroy import destroy as destroy_environment
-from fabula.maintenance import set_maintenance
+from fabula.maintenance import switch as switch_maintenance
 from fabula.output import Output
 from fabula.roles import ROLES
 
@@ -84,7 +84,9 @@ def describe(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
 
 @app.command()
 def destroy(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
-            yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False) -> None:
+            yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+            force: Annotated[bool, typer.Option(
+                "--force", help="break the lock of another command still running on ENV")] = False) -> None:
     """Remove everything ENV made: processes, namespaces, links, firewall, data, secrets."""
     out = Output()
     ctx = open_environment(config, env, out)
@@ -92,7 +94,7 @@ def destroy(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
         if not sys.stdin.isatty():
             raise FabulaError(f"destroy removes {env}'s data and cannot be undone", "pass --yes to confirm")
         typer.confirm(f"Destroy {ctx.project}/{env} and all its data?", abort=True)
-    destroy_environment(ctx)
+    destroy_environment(ctx, force=force)
     out.console.print(f"environment {env} destroyed")
 
 
@@ -103,7 +105,7 @@ def maintenance(env: EnvArgument, state: Annotated[str, typer.Argument(help="on 
     if state not in ("on", "off"):
         raise FabulaError(f"maintenance takes `on` or `off`, not {state!r}")
     ctx = open_environment(config, env, Output())
-    set_maintenance(ctx, state == "on")
+    switch_maintenance(ctx, state == "on")
 
 
 @app.command(name="exec", context_settings={"allow_interspersed_args": False})

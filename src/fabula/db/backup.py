@@ -14,7 +14,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
+import stat
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from fabula.context import Context
@@ -22,16 +25,16 @@ from fabula.deploy.audit import operation
 from fabula.errors import FabulaError
 from fabula.maintenance import set_maintenance
 from fabula.roles import postgres
-from fabula.state import write_atomically
 
 SUFFIX = ".dump"
+DIR_MODE, FILE_MODE = 0o700, 0o600  # a dump holds every row of the app's data: root's only
 
 
 def backup_dir(ctx: Context) -> Path:
     configured = ctx.env.db.backups
     if configured:
         return configured if configured.is_absolute() else ctx.config.path.parent / configured
-    return ctx.paths.root / "backups" / f"{ctx.project}-{ctx.env_name}"
+    return ctx.paths.backups_dir
 
 
 def primary_host(ctx: Context):
@@ -49,15 +52,86 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def private_dir(folder: Path, own: bool) -> None:
+    """Make `folder` (each missing level 0700), or check the existing one: a directory, not a
+    symlink (root would write wherever it points), owned by root (its owner could swap the
+    files); `own` (fabula's backups folder, not a --to folder of the user's): mode 0700."""
+    missing = []
+    probe = folder
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for level in reversed(missing):
+        try:
+            os.mkdir(level, DIR_MODE)
+        except FileExistsError:
+            pass  # made meanwhile (a concurrent backup): checked below like any existing folder
+    info = os.lstat(folder)
+    if stat.S_ISLNK(info.st_mode):
+        raise FabulaError(f"the backups folder {folder} is a symlink (to {os.readlink(folder)}): "
+                          "fabula writes database dumps only into a real folder; nothing was written",
+                          f"point db.backups or --to at the folder itself")
+    if not stat.S_ISDIR(info.st_mode):
+        raise FabulaError(f"{folder} is not a folder; nothing was written", "pass --to a folder or a new file's path")
+    if info.st_uid != os.geteuid():
+        raise FabulaError(f"the backups folder {folder} belongs to uid {info.st_uid}, not to root: its owner "
+                          "could read or swap the dumps; nothing was written",
+                          f"`chown root: {folder}`, or choose another folder")
+    if (own or folder in missing) and stat.S_IMODE(info.st_mode) != DIR_MODE:
+        os.chmod(folder, DIR_MODE)
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Give the finished file `tmp` (in a private folder beside `target`) its name: link(2), which
+    fails rather than replace or follow whatever is at `target` (like O_CREAT|O_EXCL|O_NOFOLLOW)."""
+    os.chmod(tmp, FILE_MODE)
+    try:
+        os.link(tmp, target, follow_symlinks=False)
+    except FileExistsError:
+        raise FabulaError(f"{target} exists already; nothing was written", "pass --to a new file's path") from None
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Write a new file of mode 0600, refusing one that exists (a symlink included)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb", closefd=False) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        os.close(fd)
+
+
 def backup(ctx: Context, to: Path | None = None) -> Path:
+    """`fabula db backup`: an operation of its own (the lock, a history record)."""
+    primary_host(ctx)  # nothing to back up: refused before anything is locked or recorded
+    with operation(ctx, "db backup") as op:
+        target = _backup(ctx, to)
+        op.details.update(file=str(target))
+    return target
+
+
+def _backup(ctx: Context, to: Path | None) -> Path:
     host = primary_host(ctx)
     db = ctx.database_name
     size = int(postgres.psql(host, f"SELECT pg_database_size('{db}')").stdout.strip())
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    target = Path(to) if to else backup_dir(ctx) / f"{ctx.project}-{ctx.env_name}-{stamp}{SUFFIX}"
-    if target.is_dir():
-        target = target / f"{ctx.project}-{ctx.env_name}-{stamp}{SUFFIX}"
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    name = f"{ctx.project}-{ctx.env_name}-{stamp}{SUFFIX}"
+    to = Path(to) if to else None
+    if to is not None and to.is_symlink():
+        raise FabulaError(f"{to} is a symlink: fabula writes database dumps only to a real path; "
+                          "nothing was written", "pass --to the folder or file itself")
+    if to is None:
+        target = backup_dir(ctx) / name
+    elif to.is_dir():
+        target = to / name
+    else:
+        target = to
+    private_dir(target.parent, own=to is None)
+    if os.path.lexists(target) or os.path.lexists(target.with_name(target.name + ".json")):
+        raise FabulaError(f"{target} exists already; nothing was written", "pass --to a new file's path")
     free = shutil.disk_usage(target.parent).free
     if free < size:  # a dump is smaller than the database; the database's size is the safe bound
         raise FabulaError(f"not enough space for a backup of {db} in {target.parent}: "
@@ -66,19 +140,24 @@ def backup(ctx: Context, to: Path | None = None) -> Path:
     remote = host.path("tmp", f"backup-{stamp}{SUFFIX}")
     ctx.out.step(host.name, f"pg_dump {db}")
     host.make_dirs([host.path("tmp")], mode=0o1777)
+    # fetched into a folder of its own (0700, beside the target: one filesystem), so that no one
+    # sees the file before it is whole and 0600, and nothing at its name is followed
+    work = Path(tempfile.mkdtemp(prefix=".backup-", dir=target.parent))
     try:
         host.check([str(postgres.PG_BIN / "pg_dump"), "-h", str(postgres.socket_dir(host)), "-U", "postgres",
                     "-Fc", "-d", db, "-f", str(remote)], user="postgres", timeout=3600)
-        partial = target.with_name(target.name + ".partial")
+        partial = work / "dump"
         host.fetch_file(remote, partial)
-        partial.chmod(0o600)
-        partial.rename(target)
+        with open(partial, "rb") as fh:
+            os.fsync(fh.fileno())
+        publish(partial, target)
     finally:
         host.run(["rm", "-f", str(remote)])
+        shutil.rmtree(work, ignore_errors=True)
     meta = {"project": ctx.project, "environment": ctx.env_name, "database": db,
             "created": stamp, "size": target.stat().st_size, "sha256": _sha256(target),
             "release": ctx.state.release, "format": "pg_dump custom (-Fc)"}
-    write_atomically(target.with_name(target.name + ".json"), json.dumps(meta, indent=2).encode(), mode=0o600)
+    write_new(target.with_name(target.name + ".json"), json.dumps(meta, indent=2).encode())
     ctx.out.step("backup", f"{target} ({meta['size'] // 1024} KiB)")
     return target
 

@@ -21,10 +21,10 @@ def is_production(ctx: Context) -> bool:
 
 def load_runtime(ctx: Context) -> None:
     """What running the app on a server needs: secrets, CA and the environment's release."""
+    if not ctx.state.release:  # first: an environment not created is left without files
+        raise FabulaError(f"{ctx.env_name} has no release yet", f"run `fabula create {ctx.env_name}`")
     ctx.secrets = secrets.load_or_create(ctx.paths)
     ctx.ca = pki.CertificateAuthority(ctx.paths)
-    if not ctx.state.release:
-        raise FabulaError(f"{ctx.env_name} has no release yet", f"run `fabula create {ctx.env_name}`")
     ctx.release = Release(ctx.state.release, "", str(ctx.paths.releases_dir / ctx.state.release))
 
 

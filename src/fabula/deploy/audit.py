@@ -6,8 +6,14 @@ lock while it runs and leaves one record in its history when it ends, however it
         with op.phase("fence"):
             ...
 
-Operations nest within one process (e.g. a restore that runs create's steps): the inner one
-neither takes nor releases the lock, and records its own line in the history.
+Operations nest within one process (e.g. a restore that runs create's steps, a deploy that
+builds its release): the inner one neither takes nor releases the lock, and records its own line
+in the history.
+
+`destroy` removes the directory that holds the lock: its operation is marked
+(`op.removes_environment`), so that releasing the lock removes the then empty directory under
+the same flock rather than leaving (or recreating) it; its history record is written beside the
+directory (history.py), before the lock goes.
 """
 from __future__ import annotations
 
@@ -55,6 +61,8 @@ class Operation:
         self.phases: list[dict] = []
         self._clock = time.monotonic()
         self._phases_lock = threading.Lock()  # phases may end in create's worker threads
+        self.failure: str | None = None   # an operation that failed without an exception (fail())
+        self.removes_environment = False  # destroy: the emptied directory goes with the lock
 
     @property
     def action(self) -> str:
@@ -77,10 +85,18 @@ class Operation:
             if error is None:
                 self.ctx.out.step(self.action, f"{name} done in {seconds:.1f}s")
 
+    def fail(self, message: str) -> None:
+        """Record the operation as failed though it raises nothing (e.g. `manage`'s command
+        exited non-zero, and its exit status is passed on)."""
+        self.failure = message
+
     def record(self, exc: BaseException | None) -> dict:
         with self._phases_lock:
             phases = list(self.phases)
-        return record_of(self.holder, *outcome_of(exc), ended=lock.now_iso(), details=self.details,
+        outcome, error = outcome_of(exc)
+        if exc is None and self.failure is not None:
+            outcome, error = FAILED, self.failure
+        return record_of(self.holder, outcome, error, ended=lock.now_iso(), details=self.details,
                          phases=phases, seconds=round(time.monotonic() - self._clock, 2))
 
 
@@ -90,15 +106,18 @@ def default_command() -> str:
 
 
 @contextmanager
-def operation(ctx: Context, action: str, command: str | None = None) -> Iterator[Operation]:
+def operation(ctx: Context, action: str, command: str | None = None, force: bool = False) -> Iterator[Operation]:
     """Take the environment's lock (FabulaError naming the holder if taken), yield an Operation,
     append its record to the history when the block ends (outcome "ok", "failed" with the
-    error's message, or "interrupted" on KeyboardInterrupt), and release the lock on every exit."""
+    error's message, or "interrupted" on KeyboardInterrupt), and release the lock on every exit.
+
+    force (destroy --force): a lock held by another live command is broken rather than refused,
+    with a warning and a record of whose it was."""
     command = command or default_command()
     # the lock lives in the environment's directory, which the first `create` makes
-    ctx.paths.env_dir.mkdir(parents=True, exist_ok=True)
+    ctx.paths.make_env_dir()
     holder = Holder.of_this_process(action, command)
-    nested = acquire_waiting_for_autoscaler(ctx, holder)
+    nested = acquire_waiting_for_autoscaler(ctx, holder, force)
     if not nested:
         ctx.state.reload(ctx.paths)  # another process may have changed the environment meanwhile
     op = Operation(ctx, holder)
@@ -115,20 +134,20 @@ def operation(ctx: Context, action: str, command: str | None = None) -> Iterator
             ctx.out.warn(f"could not record {action} in {history.history_path(ctx.paths)}: {exc}")
         finally:
             if not nested:
-                release(ctx, holder)
+                release(ctx, holder, remove_dir=op.removes_environment and error is None)
 
 
 AUTOSCALER_ACTION = "autoscale"
 AUTOSCALER_WAIT = 180  # the autoscaler holds the lock for one launch or retirement: seconds
 
 
-def acquire_waiting_for_autoscaler(ctx: Context, holder: Holder) -> bool:
+def acquire_waiting_for_autoscaler(ctx: Context, holder: Holder, force: bool = False) -> bool:
     """acquire(), but a lock held by the autoscaler's change is waited for rather than refused."""
     deadline = time.monotonic() + AUTOSCALER_WAIT
     said = False
     while True:
         try:
-            return acquire(ctx, holder)
+            return acquire(ctx, holder, force)
         except FabulaError:
             try:
                 current = lock.read(ctx.paths)
@@ -143,16 +162,27 @@ def acquire_waiting_for_autoscaler(ctx: Context, holder: Holder) -> bool:
             time.sleep(0.5)
 
 
-def locked_error(ctx: Context, holder: Holder) -> FabulaError:
+def locked_error(ctx: Context, holder: Holder, wanted: Holder | None = None) -> FabulaError:
     where = "" if holder.on_this_host() else \
         f" on another host ({holder.host}: fabula cannot tell from here whether it still runs)"
-    return FabulaError(f"environment {ctx.env_name} is locked by {holder.describe()}{where}",
-                       f"wait until that command ends; if it is no longer running: "
-                       f"`fabula unlock {ctx.env_name}`")
+    fix = f"wait until that command ends; if it is no longer running: `fabula unlock {ctx.env_name}`"
+    if wanted is not None and wanted.action == "destroy":
+        fix += f"; or destroy anyway, breaking its lock: `fabula destroy {ctx.env_name} --yes --force`"
+    return FabulaError(f"environment {ctx.env_name} is locked by {holder.describe()}{where}", fix)
 
 
-def acquire(ctx: Context, holder: Holder) -> bool:
+def acquire(ctx: Context, holder: Holder, force: bool = False) -> bool:
     """Take the lock for `holder`; True if this process already held it (a nested operation)."""
+    try:
+        return _acquire(ctx, holder, force)
+    except FileNotFoundError:
+        # the directory went between our making it and locking it: a `destroy` ended meanwhile
+        # (it removes the directory with its lock). This command starts afresh after it.
+        ctx.paths.make_env_dir()
+        return _acquire(ctx, holder, force)
+
+
+def _acquire(ctx: Context, holder: Holder, force: bool) -> bool:
     with lock.guarded(ctx.paths):
         for _ in range(2):
             if lock.create_exclusively(ctx.paths, holder):
@@ -168,7 +198,10 @@ def acquire(ctx: Context, holder: Holder) -> bool:
             if current.is_this_process():
                 return True
             if not current.is_stale():
-                raise locked_error(ctx, current)
+                if not force:
+                    raise locked_error(ctx, current, holder)
+                break_live(ctx, current, holder)
+                continue
             take_over(ctx, current)
     raise FabulaError(f"could not take the lock of environment {ctx.env_name}",
                       f"try again; `fabula describe {ctx.env_name}` shows who holds it")
@@ -185,12 +218,35 @@ def take_over(ctx: Context, dead: Holder) -> None:
     lock.lock_path(ctx.paths).unlink()
 
 
-def release(ctx: Context, holder: Holder) -> None:
+def break_live(ctx: Context, current: Holder, breaker: Holder) -> None:
+    """--force: remove the lock of a command that still runs (called under lock.guarded), with a
+    warning and a history record saying whose it was; that command, ending, warns that its lock
+    was broken."""
+    where = "" if current.on_this_host() else f" on {current.host}"
+    ctx.out.warn(f"breaking the lock of environment {ctx.env_name} held by {current.describe()}{where} "
+                 f"(--force): that command may still be changing it")
+    lock.lock_path(ctx.paths).unlink()
+    me = Holder.of_this_process("break lock", breaker.command)
+    history.append(ctx.paths, record_of(me, OK, None, ended=me.started, details={"broken": asdict(current)},
+                                        seconds=0))
+
+
+def release(ctx: Context, holder: Holder, remove_dir: bool = False) -> None:
+    """Release `holder`'s lock; remove_dir (destroy): then remove the environment's directory,
+    emptied by the operation, in the same flock (a command waiting for it finds it gone and
+    starts afresh: acquire())."""
     try:
         with lock.guarded(ctx.paths):
             removed = lock.remove_if(ctx.paths, holder.id)
-    except FileNotFoundError:
-        return  # the environment was destroyed meanwhile: nothing left to unlock
+            if removed and remove_dir:
+                try:
+                    ctx.paths.env_dir.rmdir()
+                except OSError as exc:  # e.g. a command that ignored the lock wrote a file meanwhile
+                    ctx.out.warn(f"could not remove {ctx.paths.env_dir}: {exc.strerror}")
+    except FileNotFoundError:  # nothing left to unlock; but this command's work went with it
+        ctx.out.warn(f"environment {ctx.env_name} was destroyed while this command ran "
+                     "(`fabula destroy --force` broke its lock)")
+        return
     if not removed:
         ctx.out.warn(f"the lock of environment {ctx.env_name} was broken while this command ran "
                      "(`fabula unlock`): another command may have changed it meanwhile")

@@ -1,5 +1,10 @@
-"""The environment's history: one JSON line per operation in ``history.jsonl`` in its directory,
-appended when the operation ends (who, when, what, each phase's duration, the outcome)."""
+"""The environment's history: one JSON line per operation in ``<env>.history.jsonl`` beside its
+directory (``<state root>/<project>/``), appended when the operation ends (who, when, what, each
+phase's duration, the outcome).
+
+Beside the directory rather than in it, so that it outlives `fabula destroy`, whose own record is
+the last of the environment's life. Mode 0600: who ran what, and their errors, are root's business.
+"""
 from __future__ import annotations
 
 import json
@@ -8,15 +13,15 @@ from pathlib import Path
 
 from fabula.state import EnvPaths
 
-HISTORY_FILE = "history.jsonl"
+MODE = 0o600
 
 
 def history_path(paths: EnvPaths) -> Path:
-    return paths.env_dir / HISTORY_FILE
+    return paths.history_file
 
 
 def append(paths: EnvPaths, record: dict) -> bool:
-    """Append one record; False if the environment's directory is gone (destroyed meanwhile).
+    """Append one record; False if the project's directory is gone (the state root removed).
 
     Not write_atomically (which replaces the whole file): history is only ever appended to, and
     one write(2) of one line with O_APPEND lands whole after the others, also from concurrent
@@ -24,11 +29,15 @@ def append(paths: EnvPaths, record: dict) -> bool:
     """
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     try:
-        # no mkdir: recording must not bring back the directory of a destroyed environment
-        fd = os.open(history_path(paths), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # no mkdir: recording must not bring back the directory of a removed state root; never
+        # through a symlink (O_NOFOLLOW): root writes it
+        fd = os.open(history_path(paths), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     MODE)
     except FileNotFoundError:
         return False
     try:
+        if os.fstat(fd).st_mode & 0o777 != MODE:
+            os.fchmod(fd, MODE)  # e.g. written by an older fabula
         os.write(fd, line)
         os.fsync(fd)
     finally:

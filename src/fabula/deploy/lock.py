@@ -28,6 +28,7 @@ from pathlib import Path
 from fabula.state import EnvPaths
 
 LOCK_FILE = "lock.json"
+MODE = 0o600  # the lock says who runs what: readable by root only, like the history
 
 
 def lock_path(paths: EnvPaths) -> Path:
@@ -119,7 +120,9 @@ class Unreadable(Exception):
 def read(paths: EnvPaths) -> Holder | None:
     path = lock_path(paths)
     try:
-        raw = json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as fh:
+            raw = json.load(fh)
         return Holder.from_json(raw)
     except FileNotFoundError:
         return None
@@ -156,7 +159,7 @@ def create_exclusively(paths: EnvPaths, holder: Holder) -> bool:
             json.dump(asdict(holder), fh, indent=2)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, MODE)  # mkstemp made it so already; said for the reader
         os.link(tmp, path)
         return True
     except FileExistsError:
@@ -181,16 +184,24 @@ def break_lock(paths: EnvPaths) -> tuple[Holder | None, bool]:
     """Remove the lock whoever holds it: (the holder if readable, whether there was a lock)."""
     if not paths.env_dir.is_dir():
         return None, False
-    with guarded(paths):
-        try:
-            holder = read(paths)
-        except Unreadable:
-            holder = None
-        existed = lock_path(paths).exists()
-        if existed:
-            lock_path(paths).unlink()
-    return holder, existed
+    try:
+        with guarded(paths):
+            return break_guarded(paths)
+    except FileNotFoundError:  # the environment was destroyed meanwhile
+        return None, False
 
+
+def break_guarded(paths: EnvPaths) -> tuple[Holder | None, bool]:
+    """break_lock's work, for a caller that holds guarded()."""
+    try:
+        holder = read(paths)
+    except Unreadable:
+        holder = None
+    try:
+        lock_path(paths).unlink()
+    except FileNotFoundError:
+        return holder, False
+    return holder, True
 
 
 def report(paths: EnvPaths) -> dict | None:
