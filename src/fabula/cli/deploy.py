@@ -125,10 +125,17 @@ def register(app: typer.Typer) -> None:
         """Run manage.py on the worker (or a web server), with the app's settings; output streamed."""
         ctx = open_environment(config, env, Output())
         load_runtime(ctx)
-        host = rollout.migration_host(ctx)
         args = args[1:] if args and args[0] == "--" else args
-        raise typer.Exit(host.interactive(appserver.manage_argv(ctx, host, *args), user=appserver.APP_USER,
-                                          env=appserver.app_environment(ctx, host)))
+        # manage.py changes the environment (migrations, data): under the lock, recorded
+        with audit.operation(ctx, "manage") as op:
+            host = rollout.migration_host(ctx)
+            op.details["server"] = host.name
+            status = host.interactive(appserver.manage_argv(ctx, host, *args), user=appserver.APP_USER,
+                                      env=appserver.app_environment(ctx, host))
+            op.details["exit_status"] = status
+            if status != 0:
+                op.fail(f"manage.py exited with {status}")
+        raise typer.Exit(status)
 
     release_app = typer.Typer(help="Releases (launch configurations): one immutable build per git revision.",
                               no_args_is_help=True)

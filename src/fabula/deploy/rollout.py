@@ -19,6 +19,7 @@ from pathlib import Path
 from fabula import release as releases
 from fabula.context import Context, Release
 from fabula.deploy.audit import operation
+from fabula.deploy.releases import build_release, resolve_revision
 from fabula.deploy.group import bring_into_service, launch_web_server, retire_web_server, set_backends, wait_healthy, web_names
 from fabula.errors import FabulaError
 from fabula.maintenance import set_host, set_maintenance
@@ -170,17 +171,33 @@ def full(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
         set_maintenance(ctx, False)
 
 
-def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, plan_only: bool = False,
-           release_id: str | None = None, action: str = "deploy") -> DeployPlan:
+def require_created(ctx: Context) -> None:
     if not ctx.state.release:
         raise FabulaError(f"{ctx.env_name} has not been created", f"run `fabula create {ctx.env_name}` first")
-    ctx.release = releases.load(ctx, ctx.state.release)
-    new = releases.load(ctx, release_id) if release_id else releases.build(ctx, rev or "HEAD")
+
+
+def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, plan_only: bool = False,
+           release_id: str | None = None, action: str = "deploy") -> DeployPlan:
+    require_created(ctx)  # and again under the lock: nothing is locked nor recorded for nothing
+    if rev is not None or not release_id:
+        resolve_revision(ctx, rev or "HEAD")  # a bad revision is refused before the lock is taken
     if plan_only:
-        return plan_deploy(ctx, new, requested)
+        # it builds the release if need be and installs it on the worker to read its migrations:
+        # changes of the environment's files, so under the lock too (and recorded)
+        with operation(ctx, f"{action} plan") as op:
+            require_created(ctx)
+            ctx.release = releases.load(ctx, ctx.state.release)
+            new = releases.load(ctx, release_id) if release_id else build_release(ctx, rev or "HEAD")[0]
+            plan = plan_deploy(ctx, new, requested)
+            op.details.update(from_release=plan.from_release, to_release=new.id, strategy=plan.strategy,
+                              reason=plan.reason)
+        return plan
     with operation(ctx, action) as op:
-        # planned under the lock, from the state as it is now (the autoscaler may have changed it)
+        # built (a nested operation: its own record) and planned under the lock, from the state
+        # as it is now (the autoscaler may have changed it)
+        require_created(ctx)
         ctx.release = releases.load(ctx, ctx.state.release)
+        new = releases.load(ctx, release_id) if release_id else build_release(ctx, rev or "HEAD")[0]
         plan = plan_deploy(ctx, new, requested)
         op.details.update(from_release=plan.from_release, to_release=new.id, strategy=plan.strategy,
                           reason=plan.reason)
