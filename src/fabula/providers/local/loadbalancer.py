@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fabula.config import LoadBalancerConfig
 from fabula.errors import FabulaError
-from fabula.pki import self_signed
+from fabula.pki import LB_VALIDITY, internal_name, needs_renewal, self_signed
 from fabula.providers.base import Backend, LoadBalancer, run_local
 from fabula.providers.local.host import LocalHost
 from fabula.supervisor import Program, Supervisor
@@ -18,12 +19,23 @@ from fabula.templates import render
 
 CHECK_INTERVAL = "1s"  # with fall 2: a dead server is out of rotation within about 2-3 s
 
+# Mozilla's "intermediate" configuration, v5.7 (https://ssl-config.mozilla.org/)
+CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+           "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+           "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305")
+CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+CURVES = "X25519:prime256v1:secp384r1"
+HSTS_MAX_AGE = 63072000   # two years
+# a host name the HTTP port may redirect to: exact names only (no ".example.com" or "*" patterns)
+_HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+
 
 class HAProxyLoadBalancer(LoadBalancer):
     def __init__(self, lb: LoadBalancerConfig, lb_dir: Path, ca_file: Path, gateway: Callable[[], str | None],
-                 project: str, env: str):
+                 project: str, env: str, hosts: Sequence[str] = ()):
         self.lb, self.dir, self.ca_file, self.gateway = lb, lb_dir, ca_file, gateway
         self.project, self.env = project, env
+        self.hosts = tuple(hosts)   # the environment's `hosts`: names the HTTP port may redirect to
         # the load balancer's own supervisor runs in the machine's namespace
         self.platform = LocalHost("lb", "lb", str(lb.bind), lb_dir, netns=None)
         self.supervisor = Supervisor(self.platform)
@@ -46,20 +58,29 @@ class HAProxyLoadBalancer(LoadBalancer):
             except OSError as exc:
                 raise FabulaError(f"lb.certificate/lb.key: cannot read {exc.filename}: {exc.strerror}",
                                   "point lb.certificate and lb.key at readable PEM files") from None
+        names = [str(self.lb.bind), "localhost"]
         existing = self.platform.read_file(self.dir / "lb.pem")
-        if existing:
+        # made again within 30 days of its expiry, like the internal certificates
+        if existing and not needs_renewal(existing, names, max_lifetime=LB_VALIDITY):
             return existing
-        pair = self_signed(f"{self.project}-{self.env}", [str(self.lb.bind), "localhost"])
+        pair = self_signed(f"{self.project}-{self.env}", names)
         return pair.cert_pem + pair.key_pem
+
+    def known_hosts(self) -> list[str]:
+        """The names the HTTP port redirects to as asked; any other Host goes to the bind address."""
+        names = [str(self.lb.bind)] + [h.lower() for h in self.hosts if _HOST_NAME.match(h.lower())]
+        return list(dict.fromkeys(names))
 
     def ensure(self, backends: list[Backend]) -> None:
         self.platform.make_dirs([self.dir])
-        self.platform.put_file(self.dir / "lb.pem", self._certificate(), mode=0o600)
+        certificate_changed = self.platform.put_file(self.dir / "lb.pem", self._certificate(), mode=0o600)
         https_suffix = "" if self.lb.https_port == 443 else f":{self.lb.https_port}"
         config = render(__file__, "haproxy.cfg.j2", project=self.project, env=self.env, lb_dir=self.dir,
                         bind=self.lb.bind, http_port=self.lb.http_port, https_port=self.lb.https_port,
-                        https_suffix=https_suffix, ca_file=self.ca_file, backends=backends,
-                        check_interval=CHECK_INTERVAL)
+                        https_suffix=https_suffix, ca_file=self.ca_file, check_interval=CHECK_INTERVAL,
+                        servers=[(b, internal_name(b.name, self.env, self.project)) for b in backends],
+                        known_hosts=self.known_hosts(), ciphers=CIPHERS, ciphersuites=CIPHERSUITES,
+                        curves=CURVES, hsts_max_age=HSTS_MAX_AGE)
         candidate = self.dir / "haproxy.cfg.new"
         candidate.write_text(config)
         checked = run_local(["haproxy", "-c", "-q", "-f", str(candidate)])
@@ -72,7 +93,7 @@ class HAProxyLoadBalancer(LoadBalancer):
         started = self.supervisor.apply([Program(
             name="haproxy", command=["haproxy", "-W", "-db", "-f", str(self.dir / "haproxy.cfg")],
             stopsignal="USR1", stopwaitsecs=30)])
-        if changed and not started:
+        if (changed or certificate_changed) and not started:
             # seamless reload: the master starts new workers, old ones finish their connections
             self.supervisor.signal("haproxy", "USR2")
         self.supervisor.wait_running(["haproxy"], timeout=30)
