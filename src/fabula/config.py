@@ -53,6 +53,13 @@ def excerpt(value: Any, limit: int = EXCERPT) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def cut(text: str, limit: int) -> str:
+    """Text of ours (that may quote the input) for a message: printable, at most `limit` characters."""
+    if not text.replace("\n", " ").isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def shown_path(path: Path | str, limit: int = 160) -> str:
     """A path for a message: printable, and at most `limit` characters (its end kept)."""
     text = str(path)
@@ -468,7 +475,7 @@ def _parse(path: Path, shown: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{shown}:{where}: invalid YAML: {excerpt(problem, 200)[1:-1]}",
+        raise ConfigError(f"{shown}:{where}: invalid YAML: {cut(str(problem), 200)}",
                           f"correct {shown}{' at' + where if where else ''}") from None
     except RecursionError:
         raise ConfigError(f"{shown}: invalid YAML: nested too deeply",
@@ -499,7 +506,7 @@ def _explain(error: dict) -> str:
         return "required key is missing"
     if kind == "greater_than_equal" and len(loc) >= 2 and loc[-2] == "servers":
         return f"at least {error['ctx']['ge']} {loc[-1]} server(s) are needed (got {excerpt(error.get('input'))})"
-    msg = excerpt(msg.removeprefix("Value error, "), 400)[1:-1]
+    msg = cut(msg.removeprefix("Value error, "), 400)
     return f"{msg} (got {excerpt(error.get('input'))})" if kind not in ("value_error", "model_type") else msg
 
 

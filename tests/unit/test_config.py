@@ -98,3 +98,64 @@ def test_unknown_environment_lists_the_known_ones(tmp_path):
 def test_missing_file_says_how_to_point_at_one(tmp_path):
     with pytest.raises(ConfigError, match="no such file.*\n.*-c PATH"):
         load_config(tmp_path / "nope.yml")
+
+
+# -- what a valid file may say, and where its paths lead ------------------------------------------
+
+def test_tls_pair_is_read_relative_to_the_config_and_kept_absolute(tmp_path, monkeypatch):
+    from tests.unit.test_config_corpus import tls_pair
+
+    tls_pair(tmp_path, "site")
+    monkeypatch.chdir("/")
+    config = load_config(write(tmp_path, VALID.replace(
+        "http_port: 8080}", "http_port: 8080, certificate: site.crt, key: site.key}")))
+    lb = config.environment("testing").lb
+    assert (lb.certificate, lb.key) == (tmp_path / "site.crt", tmp_path / "site.key")
+
+
+def test_host_names_and_addresses_are_accepted(tmp_path):
+    config = load_config(write(tmp_path, VALID + "    hosts: [example.com, .example.org, a-b.c.example, 10.1.2.3, '::1']\n"))
+    assert config.environment("testing").hosts[-1] == "::1"
+
+
+def test_environments_on_their_own_subnets_and_ports_load(tmp_path):
+    config = load_config(write(tmp_path, VALID + "    subnet: 10.9.0.0/27\n"
+                               "  staging:\n    subnet: 10.9.0.32/27\n    lb: {https_port: 9443, http_port: 9080}\n"
+                               "  other:\n    lb: {bind: 127.0.0.2}\n"))
+    assert str(config.environment("staging").subnet) == "10.9.0.32/27"
+
+
+def test_backups_in_a_folder_of_root_alone_are_accepted(tmp_path):
+    owned = tmp_path / "owned"
+    owned.mkdir(mode=0o700)
+    for target in (owned, owned / "new" / "deeper"):
+        config = load_config(write(tmp_path, VALID + f"    db: {{backups: {target}}}\n"))
+        assert config.environment("testing").db.backups == target
+
+
+def test_an_explicit_python3_is_accepted_and_app_files_are_checked_when_set(tmp_path):
+    (tmp_path / "reqs").mkdir()
+    (tmp_path / "reqs" / "prod.txt").write_text("django\n")
+    config = load_config(write(tmp_path, VALID.replace(
+        "  settings: polls.settings\n",
+        "  settings: polls.settings\n  python: /usr/bin/python3\n  requirements: reqs/prod.txt\n")))
+    assert config.project.app.requirements == "reqs/prod.txt"
+    message = error_for(tmp_path, VALID.replace("  settings: polls.settings\n",
+                                                "  settings: polls.settings\n  requirements: reqs/none.txt\n"))
+    assert "app.requirements: reqs/none.txt is not a file" in message and "fix:" in message
+
+
+def test_the_maintenance_page_is_resolved_inside_the_source(tmp_path):
+    (tmp_path / "down.html").write_text("<p>down</p>")
+    config = load_config(write(tmp_path, VALID.replace("  settings: polls.settings\n",
+                                                       "  settings: polls.settings\n  maintenance_page: down.html\n")))
+    assert config.project.app.maintenance_page == tmp_path / "down.html"
+
+
+def test_environment_names_match_whole(tmp_path):
+    message = error_for(tmp_path, VALID.replace("  testing:\n", '  "testing\\n":\n'))
+    assert "environment name 'testing\\n' must match" in message
+
+
+def test_an_old_style_message_is_kept_for_a_top_level_that_is_no_mapping(tmp_path):
+    assert "expected a mapping with `project`, `app` and `environments`" in error_for(tmp_path, "- a\n")

@@ -105,19 +105,37 @@ class LocalProvider(Provider):
                                     f"run `make setup` or `apt-get install {' '.join(missing)}`")
 
     def allocate_subnet(self) -> str:
-        if self.env.subnet:
-            return str(self.env.subnet)
+        from fabula.errors import ConfigError
+
         lock_path = self.paths.root / ".subnets.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            taken = network.routed_networks()
-            for other in self.paths.root.glob("*/state.json"):
-                subnet = json.loads(other.read_text()).get("subnet")
+            # the machine's routes (but this environment's own bridge: a crashed create made it),
+            # and the subnets other environments have claimed
+            taken = [(net, f"the route to {net} (dev {dev})")
+                     for net, dev in network.routed_networks(with_devices=True) if dev != self.bridge]
+            for other in [*self.paths.root.glob("*/state.json"), *self.paths.root.glob("*/*/state.json")]:
+                try:
+                    recorded = json.loads(other.read_text()).get("subnet")
+                    subnet = ipaddress.ip_network(recorded) if recorded else None
+                except (OSError, ValueError, AttributeError):
+                    continue
                 if subnet and other.parent != self.paths.env_dir:
-                    taken.append(ipaddress.ip_network(subnet))
+                    name = other.parent.relative_to(self.paths.root)
+                    taken.append((subnet, f"environment {name}'s subnet {subnet}"))
+            if self.env.subnet:  # fabula.yml's: checked here, where the machine's routes are known
+                wanted = self.env.subnet
+                clash = next((what for net, what in taken if wanted.overlaps(net)), None)
+                if clash:
+                    raise ConfigError(f"environments.{self.paths.env}.subnet: {wanted} overlaps {clash} on this machine",
+                                      f"choose another private subnet for {self.paths.env} in fabula.yml, or leave "
+                                      "`subnet` out for a free one")
+                self.state.subnet = str(wanted)
+                self.state.save(self.paths)  # claimed while the lock is held
+                return str(wanted)
             for candidate in AUTO_SUBNETS.subnets(new_prefix=24):
-                if not any(candidate.overlaps(t) for t in taken):
+                if not any(candidate.overlaps(t) for t, _ in taken):
                     self.state.subnet = str(candidate)
                     self.state.save(self.paths)  # claimed while the lock is held
                     return str(candidate)

@@ -30,13 +30,15 @@ def netns_names() -> list[str]:
     return [n["name"] for n in json.loads(result.stdout or "[]")]
 
 
-def routed_networks() -> list[ipaddress.IPv4Network]:
+def routed_networks(with_devices: bool = False) -> list:
+    """The networks the machine has routes to; with_devices: (network, device) pairs."""
     routes = json.loads(ip("-j", "-4", "route", "show").stdout or "[]")
     nets = []
     for r in routes:
         dst = r.get("dst", "")
         if dst and dst != "default":
-            nets.append(ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", strict=False))
+            net = ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", strict=False)
+            nets.append((net, r.get("dev")) if with_devices else net)
     return nets
 
 
