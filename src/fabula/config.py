@@ -701,5 +701,11 @@ def load_config(path: Path) -> LoadedConfig:
     except ValidationError as exc:
         raise _validation_error(exc, shown) from None
     loaded = LoadedConfig(path=_resolve(path), project=project)
-    _check_machine(loaded, shown)
+    try:
+        _check_machine(loaded, shown)
+    except (OSError, ValueError) as exc:  # a name too long, a loop of symlinks... on the way to a path
+        where = shown_path(getattr(exc, "filename", None) or "a path it names")
+        raise ConfigError(f"{shown}: cannot check {where}: {getattr(exc, 'strerror', None) or cut(str(exc), 200)}",
+                          f"correct the paths in {shown} (app.source, app.requirements, app.manage, "
+                          "app.maintenance_page, app.python, db.backups, lb.certificate, lb.key)") from None
     return loaded

@@ -206,6 +206,12 @@ CASES = [
     Case("python missing", replace("  manage: manage.py\n", "  manage: manage.py\n  python: /nope/python3\n"),
          "does not exist"),
     Case("python writable by others", writable_python, "root"),
+    Case("source name too long", replace("app:\n", "app:\n  source: " + "s" * 300 + "\n"), "app.source"),
+    Case("requirements name too long", replace("requirements: requirements.txt", "requirements: " + "r" * 300),
+         "r" * 20),
+    Case("backups name too long", with_env("db: {backups: /srv/" + "b" * 300 + "}\n"), "b" * 20),
+    Case("python name too long", replace("  manage: manage.py\n", "  manage: manage.py\n  python: /" + "p" * 300 + "\n"),
+         "app.python"),
     # -- subnets
     Case("subnet not private", with_env("subnet: 8.8.8.0/24\n"), "RFC 1918"),
     Case("subnet too large", with_env("subnet: 10.0.0.0/8\n"), "prefix length"),
