@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
+import pwd
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from fabula import secrets
 from fabula.context import Context, Release
 from fabula.errors import FabulaError
+from fabula.providers.base import SYSTEM_PATH
+from fabula.roles.appserver import app_variables
 from fabula.runtime import __file__ as runtime_init
 
 METADATA = "release.json"
@@ -40,29 +43,75 @@ def uv_binary() -> str:
     return str(candidate) if candidate.exists() else (shutil.which("uv") or "uv")
 
 
+# what a build may take from the operator's environment: how to reach the package index, nothing
+# else (no SUDO_*, tokens, PATH entries)
+PASSED_THROUGH = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                  "SSL_CERT_FILE", "SSL_CERT_DIR", "UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX",
+                  "UV_INDEX", "UV_NATIVE_TLS")
+
+
+def build_environment(ctx: Context, work: Path, release_id: str) -> dict[str, str]:
+    """The build's whole environment: the app's variables with the environment's real values (its
+    settings are imported by collectstatic), uv's settings, and a fixed PATH."""
+    variables = app_variables(ctx, server="build", role="build", address="127.0.0.1",
+                              static_root=str(work / "static"), release_id=release_id, home=str(work / ".home"))
+    passed = {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ}
+    return {**passed, **variables, "PATH": SYSTEM_PATH, "LANG": "C.UTF-8",
+            "UV_CACHE_DIR": str(wheel_cache(ctx)), "UV_NO_PROGRESS": "1", "UV_PYTHON_DOWNLOADS": "never"}
+
+
+def wheel_cache(ctx: Context) -> Path:
+    # the environment's own: a cache shared with another environment's builds (which run that
+    # environment's requirements' build backends) could hand this one a poisoned wheel
+    return ctx.paths.env_dir / "cache" / "uv"
+
+
+def as_user(user: str, argv: list[str]) -> list[str]:
+    """argv run as `user` (with its groups), unable to gain privileges back (setuid programs)."""
+    return ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--init-groups",
+            "--no-new-privs", *argv]
+
+
 def build(ctx: Context, rev: str = "HEAD") -> Release:
+    """Build the release of `rev` once. Everything that runs the app's code or its requirements'
+    (uv's build backends, collectstatic) runs as the environment's app user, never as root; the
+    finished release is root's and read-only to the app."""
     commit, prefix = resolve(ctx, rev)
     release_id = commit[:12]
     final = ctx.paths.releases_dir / release_id
     if (final / METADATA).exists():
         ctx.out.step("release", f"{release_id} already built")
         return Release(release_id, commit, str(final))
+    if ctx.secrets is None:
+        ctx.secrets = secrets.load_or_create(ctx.paths)
+    accounts = ctx.provider.ensure_accounts()
+    user = accounts.app
     ctx.paths.releases_dir.mkdir(parents=True, exist_ok=True)
     work = ctx.paths.releases_dir / f".build-{release_id}"
     log_path = ctx.paths.releases_dir / f"{release_id}.build.log"
+    env = build_environment(ctx, work, release_id)  # fails before anything is made without servers
     shutil.rmtree(work, ignore_errors=True)
-    (work / "code").mkdir(parents=True)
+    for path in (work, wheel_cache(ctx)):
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.chown(path, user, accounts.group)
+    for parent in (wheel_cache(ctx).parent,):
+        parent.chmod(0o755)
     started = time.monotonic()
-    with open(log_path, "w") as log:
-        def step(what: str, argv: list[str], env: dict[str, str] | None = None, **kwargs) -> None:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as log:
+        def step(what: str, argv: list[str], **kwargs) -> None:
             log.write(f"$ {' '.join(argv)}\n")
             log.flush()
-            proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, **kwargs)
+            proc = subprocess.run(as_user(user, argv), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  cwd=str(work), **kwargs)
             if proc.returncode != 0:
                 log.flush()
                 tail = "\n".join(log_path.read_text().splitlines()[-12:])
                 raise FabulaError(f"release {release_id}: {what} failed:\n{tail}",
                                   f"the whole log is {log_path}")
+
+        def succeeds(argv: list[str]) -> bool:
+            return subprocess.run(as_user(user, argv), env=env, cwd=str(work), capture_output=True).returncode == 0
 
         ctx.out.step("release", f"building {release_id} from {commit[:12]}")
         tree = f"{commit}:{prefix}" if prefix else commit
@@ -71,39 +120,34 @@ def build(ctx: Context, rev: str = "HEAD") -> Release:
                                  capture_output=True)
         if archive.returncode != 0:
             raise FabulaError(f"release {release_id}: git archive failed: {archive.stderr.decode().strip()}")
-        subprocess.run(["tar", "-x", "-C", str(work / "code")], input=archive.stdout, check=True)
+        step("unpacking the code", ["mkdir", "-p", str(work / "code"), str(work / ".home")])
+        step("unpacking the code", ["tar", "-x", "--no-same-owner", "-C", str(work / "code")], input=archive.stdout)
         app = ctx.config.project.app
         for name, relative in (("app.requirements", app.requirements), ("app.manage", app.manage)):
             if not (work / "code" / relative).is_file():
                 raise FabulaError(f"release {release_id}: {name}: {relative} is not in the revision",
                                   f"commit {relative} or set {name} in fabula.yml")
-        uv_env = {**os.environ, "UV_CACHE_DIR": str(ctx.paths.wheel_cache), "UV_NO_PROGRESS": "1",
-                  "UV_PYTHON_DOWNLOADS": "never"}
         uv = uv_binary()
-        step("creating the virtualenv", [uv, "venv", "--relocatable", "--python", app.python,
-                                         str(work / "venv")], env=uv_env)
+        step("creating the virtualenv", [uv, "venv", "--relocatable", "--python", app.python, str(work / "venv")])
         python = str(work / "venv" / "bin" / "python")
         step("installing the requirements", [uv, "pip", "install", "--python", python,
-                                             "-r", str(work / "code" / app.requirements)], env=uv_env)
-        if subprocess.run([python, "-c", "import gunicorn"], capture_output=True).returncode != 0:
-            step("installing gunicorn", [uv, "pip", "install", "--python", python, "gunicorn==23.0.0"],
-                 env=uv_env)
-        if app.celery and subprocess.run([python, "-c", "import celery"], capture_output=True).returncode:
+                                             "-r", str(work / "code" / app.requirements)])
+        if not succeeds([python, "-c", "import gunicorn"]):
+            step("installing gunicorn", [uv, "pip", "install", "--python", python, "gunicorn==23.0.0"])
+        if app.celery and not succeeds([python, "-c", "import celery"]):
             raise FabulaError(f"release {release_id}: app.celery is set but celery is not in "
                               f"{app.requirements}", f"add celery to {app.requirements}")
-        (work / "fabula").mkdir()
-        shutil.copy(Path(runtime_init).parent / "fabula_wsgi.py", work / "fabula" / "fabula_wsgi.py")
         ctx.out.step("release", "collecting static files")
-        step("collectstatic", [python, str(work / "code" / app.manage), "collectstatic", "--noinput"],
-             env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "HOME": str(work),
-                  "DJANGO_SETTINGS_MODULE": app.settings, "STATIC_ROOT": str(work / "static"),
-                  "DJANGO_SECRET_KEY": secrets.token_hex(16), "FABULA_RELEASE": release_id,
-                  "FABULA_ENVIRONMENT": ctx.env_name, "DJANGO_ALLOWED_HOSTS": "localhost"},
-             cwd=str(work / "code"))
-        (work / METADATA).write_text(json.dumps({
-            "id": release_id, "commit": commit, "built_at": time.time(),
-            "build_seconds": round(time.monotonic() - started, 2)}))
-    subprocess.run(["chmod", "-R", "a+rX", str(work)], check=True)
+        step("collectstatic", [python, str(work / "code" / app.manage), "collectstatic", "--noinput"])
+    shutil.rmtree(work / ".home", ignore_errors=True)
+    (work / "fabula").mkdir()
+    shutil.copy(Path(runtime_init).parent / "fabula_wsgi.py", work / "fabula" / "fabula_wsgi.py")
+    (work / METADATA).write_text(json.dumps({
+        "id": release_id, "commit": commit, "built_at": time.time(),
+        "build_seconds": round(time.monotonic() - started, 2)}))
+    # immutable from now on: root's, readable by the environment's services, writable by none
+    subprocess.run(["chown", "-R", "--no-dereference", "root:root", str(work)], check=True)
+    subprocess.run(["chmod", "-R", "u+rwX,go+rX,go-w", str(work)], check=True)
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
     ctx.out.step("release", f"{release_id} built in {time.monotonic() - started:.1f}s")

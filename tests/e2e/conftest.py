@@ -35,7 +35,7 @@ class Environment:
 
     @property
     def env_dir(self) -> Path:
-        return self.state_dir / f"{self.project}-{self.name}"
+        return self.state_dir / self.project / self.name
 
     def fabula(self, *args: str, timeout: float = 600) -> Run:
         return run_fabula(*args, cwd=self.app_dir, state_dir=self.state_dir, timeout=timeout)
@@ -55,10 +55,17 @@ class Environment:
         conf = self.env_dir / "servers" / server / "supervisor" / "supervisord.conf"
         return self.exec(server, "supervisorctl", "-c", str(conf), *args)
 
+    @property
+    def accounts(self):
+        """The environment's own system users (its database's is PostgreSQL's superuser)."""
+        from fabula.accounts import Accounts
+        from fabula.state import EnvPaths
+        return Accounts(EnvPaths(self.state_dir, self.project, self.name).tag)
+
     def psql(self, server: str, sql: str) -> str:
         socket_dir = self.env_dir / "servers" / server / "run" / "postgresql"
         db = self.project.replace("-", "_")
-        result = self.exec(server, "runuser", "-u", "postgres", "--", "psql", "-X", "-A", "-t", "-h",
+        result = self.exec(server, "runuser", "-u", self.accounts.db, "--", "psql", "-X", "-A", "-t", "-h",
                            str(socket_dir), "-d", db, "-c", sql)
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
@@ -83,7 +90,12 @@ def leftovers(env: Environment) -> list[str]:
                 pass
     if env.env_dir.exists():
         found.append(f"directory {env.env_dir}")
+    found += [f"user {name}" for name in env.accounts.users().values() if user_exists(name)]
     return found
+
+
+def user_exists(name: str) -> bool:
+    return subprocess.run(["id", "-u", name], capture_output=True).returncode == 0
 
 
 def force_cleanup(env: Environment) -> None:
@@ -106,6 +118,10 @@ def force_cleanup(env: Environment) -> None:
             pass
     bridge = "fb" + EnvPaths(env.state_dir, env.project, env.name).tag
     subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    for name in env.accounts.users().values():
+        subprocess.run(["pkill", "-9", "-u", name], capture_output=True)
+        subprocess.run(["userdel", name], capture_output=True)
+    subprocess.run(["groupdel", env.accounts.group], capture_output=True)
 
 
 def destroy_checked(env: Environment) -> None:

@@ -1,22 +1,32 @@
 """`fabula release build/list` on a copy of the sample app: real builds (code, virtualenv,
-static files), no servers, so no root and a few seconds each."""
+static files) of an environment that exists (its settings need the environment's addresses and
+passwords), as the environment's app user."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import subprocess
 
 import pytest
 
-from tests.helpers import free_port, make_app_repo, run_fabula
+from tests.e2e.conftest import running_environment
+from tests.helpers import commit_files, fabula_argv, run_fabula
 
 pytestmark = pytest.mark.e2e
 ENV = "ci"
+SMALL = "{web: 1, worker: 0, cache: 1, db-primary: 1, db-replica: 0}"
+
+
+@pytest.fixture(scope="module")
+def environment():
+    with running_environment("rel", servers=SMALL) as env:
+        yield env
 
 
 @pytest.fixture
-def app(tmp_path):
-    # everything lives under tmp_path (the state directory too), which pytest removes
-    return make_app_repo(tmp_path / "app", "rel", ENV, free_port(), free_port())
+def app(environment):
+    return environment.app_dir
 
 
 def fabula(app, *args: str):
@@ -28,29 +38,64 @@ def head(app) -> str:
                           check=True).stdout.strip()
 
 
-def test_each_revision_is_built_once_and_listed(app):
+def test_each_revision_is_built_once_and_listed(environment, app):
     first_commit = head(app)
-    first = fabula(app, "release", "build", ENV)
+    first = fabula(app, "release", "build", ENV)  # create built it already
     assert first.returncode == 0, first.stderr
-    assert f"release {first_commit[:12]} (commit {first_commit}) built" in first.stdout
-    again = fabula(app, "release", "build", ENV, "--rev", "main")
-    assert again.returncode == 0, again.stderr
-    assert f"release {first_commit[:12]} (commit {first_commit}) already built" in again.stdout
+    assert f"release {first_commit[:12]} (commit {first_commit}) already built" in first.stdout
 
-    (app / "polls" / "NOTE").write_text("a second revision\n")
-    git = ["git", "-C", str(app), "-c", "user.email=t@fabula.invalid", "-c", "user.name=t"]
-    subprocess.run(git + ["add", "-A"], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "second"], check=True)
+    second_commit = commit_files(app, "second", {"polls/NOTE": "a second revision\n"})
     second = fabula(app, "release", "build", ENV)
     assert second.returncode == 0, second.stderr
+    assert f"release {second_commit[:12]} (commit {second_commit}) built" in second.stdout
+    again = fabula(app, "release", "build", ENV, "--rev", "main")
+    assert again.returncode == 0, again.stderr
+    assert f"release {second_commit[:12]} (commit {second_commit}) already built" in again.stdout
 
     listed = fabula(app, "release", "list", ENV, "--json")
     assert listed.returncode == 0, listed.stderr
     report = json.loads(listed.stdout)
-    assert [r["commit"] for r in report["releases"]] == [first_commit, head(app)]  # newest last
-    assert report["group_release"] is None and not any(r["servers"] for r in report["releases"])
+    assert [r["commit"] for r in report["releases"]] == [first_commit, second_commit]  # newest last
+    assert report["group_release"] == first_commit[:12]
+    assert [r["servers"] for r in report["releases"]] == [["web1"], []]
     assert all(r["build_seconds"] > 0 for r in report["releases"])
 
     history = json.loads(fabula(app, "history", ENV, "--json").stdout)
-    assert [(r["action"], r["details"]["reused"], r["outcome"]) for r in history] == [
-        ("release build", False, "ok"), ("release build", True, "ok"), ("release build", False, "ok")]
+    assert [(r["details"]["reused"], r["outcome"]) for r in history if r["action"] == "release build"] == [
+        (True, "ok"), (False, "ok"), (True, "ok")]
+
+
+PROBE = """
+import json as _json
+if os.environ.get("FABULA_ROLE") == "build":  # the release build imports the settings
+    os.makedirs(os.environ["STATIC_ROOT"], exist_ok=True)
+    with open(os.path.join(os.environ["STATIC_ROOT"], "probe.json"), "w") as _probe:
+        _json.dump({"uid": os.getuid(), "environ": dict(os.environ)}, _probe)
+"""
+
+
+def test_the_build_runs_the_apps_code_as_the_environments_user_with_its_real_settings(environment, app):
+    settings = (app / "polls" / "settings.py").read_text()
+    commit = commit_files(app, "probe the build", {"polls/settings.py": settings + PROBE})
+    # what the operator's shell has must not reach the app's code
+    proc = subprocess.run([*fabula_argv(), "release", "build", ENV], cwd=app, capture_output=True, text=True,
+                          env={**os.environ, "FABULA_STATE_DIR": str(environment.state_dir),
+                               "SUDO_USER": "alice", "GITHUB_TOKEN": "ghp_not_for_the_app",
+                               "PATH": "/opt/operator/bin:" + os.environ["PATH"]}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    release_dir = environment.env_dir / "releases" / commit[:12]
+    probe = json.loads((release_dir / "static" / "probe.json").read_text())
+    assert probe["uid"] == pwd.getpwnam(environment.accounts.app).pw_uid != 0
+    seen = probe["environ"]
+    for name in ("DATABASE_URL", "DATABASE_REPLICA_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SECRET_KEY",
+                 "DJANGO_ALLOWED_HOSTS", "STATIC_ROOT", "FABULA_ENVIRONMENT", "FABULA_SERVER", "FABULA_ROLE",
+                 "FABULA_RELEASE"):
+        assert seen.get(name), f"{name} is missing from the build's environment"
+    cache = next(s for s in environment.describe()["servers"] if s["role"] == "cache")
+    assert f"@{cache['address']}:6379/" in seen["REDIS_URL"]  # the environment's real values
+    assert not {"SUDO_USER", "GITHUB_TOKEN"} & set(seen) and "/opt/operator" not in seen["PATH"]
+    # the finished release is root's: the app cannot change its own code
+    assert (release_dir / "code" / "manage.py").stat().st_uid == 0
+    changed = environment.exec("web1", "runuser", "-u", environment.accounts.app, "--", "touch",
+                               str(release_dir / "code" / "manage.py"))
+    assert changed.returncode != 0

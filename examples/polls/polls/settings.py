@@ -1,9 +1,11 @@
 """Settings for the polls example.
 
-Twelve-factor: everything that differs between deploys comes from environment
-variables (see README.md). With no environment at all the project still runs
-(`manage.py check`, `migrate`, `runserver`) on SQLite, a local-memory cache and
-an in-memory Celery broker.
+Twelve-factor and strict: everything that differs between deploys comes from
+environment variables (see README.md), and what the project needs is read with
+os.environ[...], so importing these settings without them fails at once with a
+KeyError. fabula provides every one of them wherever the code is imported:
+the release build (collectstatic), migrations, `fabula manage`, gunicorn and
+Celery.
 """
 import os
 from pathlib import Path
@@ -31,17 +33,16 @@ def env_list(name, default=""):
 
 # --- fabula ------------------------------------------------------------------
 # Set by fabula on every server; shown on the pages and in /api/info.
-FABULA_ENVIRONMENT = env("FABULA_ENVIRONMENT")
-FABULA_SERVER = env("FABULA_SERVER")
-FABULA_ROLE = env("FABULA_ROLE")
-FABULA_RELEASE = env("FABULA_RELEASE")
+FABULA_ENVIRONMENT = os.environ["FABULA_ENVIRONMENT"]
+FABULA_SERVER = os.environ["FABULA_SERVER"]
+FABULA_ROLE = os.environ["FABULA_ROLE"]
+FABULA_RELEASE = os.environ["FABULA_RELEASE"]
 
 # --- core --------------------------------------------------------------------
-# The fallback key is for local development only; every deployed server of one
-# environment must get the same DJANGO_SECRET_KEY.
-SECRET_KEY = env("DJANGO_SECRET_KEY", "django-insecure-polls-dev-key-do-not-use-in-production")
+# Every deployed server of one environment gets the same DJANGO_SECRET_KEY.
+SECRET_KEY = os.environ["DJANGO_SECRET_KEY"]
 DEBUG = env_bool("DJANGO_DEBUG")
-ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
+ALLOWED_HOSTS = [h.strip() for h in os.environ["DJANGO_ALLOWED_HOSTS"].split(",") if h.strip()]
 # Optional, e.g. "https://polls.example.com,https://127.0.0.1:8443" (only needed
 # for CSRF-protected form posts over HTTPS; the JSON API is csrf-exempt).
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
@@ -97,46 +98,33 @@ def _database(url):
 
 
 DATABASES = {
-    "default": _database(env("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")),
+    "default": _database(os.environ["DATABASE_URL"]),
+    # a read-only streaming replica (the primary while there is none), used only where a view
+    # asks for it with .using("replica"). No router: writes and migrations go to "default";
+    # never run migrate against the replica.
+    "replica": _database(os.environ["DATABASE_REPLICA_URL"]),
 }
-
-# DATABASE_REPLICA_URL: a read-only streaming replica, used only where a view
-# asks for it with .using("replica"). No router: writes and migrations go to
-# "default"; never run migrate against the replica.
-if env("DATABASE_REPLICA_URL"):
-    DATABASES["replica"] = _database(env("DATABASE_REPLICA_URL"))
-    # In Django's test runner the replica is the default test database.
-    DATABASES["replica"]["TEST"] = {"MIRROR": "default"}
+# In Django's test runner the replica is the default test database.
+DATABASES["replica"]["TEST"] = {"MIRROR": "default"}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- cache and sessions ------------------------------------------------------
-REDIS_URL = env("REDIS_URL")  # e.g. redis://127.0.0.1:6379/0
+REDIS_URL = os.environ["REDIS_URL"]  # e.g. redis://:password@10.213.0.12:6379/0
 
-if REDIS_URL:
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "polls",
-        }
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "polls",
     }
-    # Sessions live in Redis, shared by every web server.
-    SESSION_ENGINE = "django.contrib.sessions.backends.cache"
-else:
-    # Per-process cache; sessions in the database (shared by the web servers).
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-            "LOCATION": "polls",
-        }
-    }
-    SESSION_ENGINE = "django.contrib.sessions.backends.db"
+}
+# Sessions live in Redis, shared by every web server.
+SESSION_ENGINE = "django.contrib.sessions.backends.cache"
 
 # --- Celery (read by polls/celery.py: CELERY_FOO -> Celery's `foo`) -----------
-# RabbitMQ, e.g. amqp://user:pass@127.0.0.1:5672/polls. "memory://" only works
-# inside one process (tests, eager mode): nothing reaches a worker.
-CELERY_BROKER_URL = env("CELERY_BROKER_URL", "memory://localhost/")
+# RabbitMQ, e.g. amqp://user:pass@10.213.0.12:5672//
+CELERY_BROKER_URL = os.environ["CELERY_BROKER_URL"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
@@ -157,7 +145,7 @@ USE_TZ = True
 # `manage.py collectstatic` copies them to STATIC_ROOT; nginx serves that
 # directory at /static/ (Django does not serve static files when DEBUG is off).
 STATIC_URL = "/static/"
-STATIC_ROOT = env("STATIC_ROOT", str(BASE_DIR / "staticfiles"))
+STATIC_ROOT = os.environ["STATIC_ROOT"]
 
 # --- logging -----------------------------------------------------------------
 # Everything to stderr, where gunicorn / celery / systemd pick it up.

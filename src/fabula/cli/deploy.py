@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         with audit.operation(ctx, "manage") as op:
             host = rollout.migration_host(ctx)
             op.details["server"] = host.name
-            status = host.interactive(appserver.manage_argv(ctx, host, *args), user=appserver.APP_USER,
+            status = host.interactive(appserver.manage_argv(ctx, host, *args), user=host.accounts.app,
                                       env=appserver.app_environment(ctx, host))
             op.details["exit_status"] = status
             if status != 0:

@@ -30,6 +30,15 @@ SUFFIX = ".dump"
 DIR_MODE, FILE_MODE = 0o700, 0o600  # a dump holds every row of the app's data: root's only
 
 
+def db_scratch(host):
+    """Where dumps pass through on the database server: the database user's own folder (a
+    world-writable one would let anyone on the machine swap a dump under a restore)."""
+    folder = host.path("tmp", "postgresql")
+    host.make_dirs([host.path("tmp")])
+    host.make_dirs([folder], mode=0o700, owner=host.accounts.db)
+    return folder
+
+
 def backup_dir(ctx: Context) -> Path:
     configured = ctx.env.db.backups
     if configured:
@@ -137,15 +146,14 @@ def _backup(ctx: Context, to: Path | None) -> Path:
         raise FabulaError(f"not enough space for a backup of {db} in {target.parent}: "
                           f"{free // 2**20} MiB free, up to {size // 2**20} MiB needed (nothing was written)",
                           "free some space or pass --to PATH on another disk")
-    remote = host.path("tmp", f"backup-{stamp}{SUFFIX}")
+    remote = db_scratch(host) / f"backup-{stamp}{SUFFIX}"
     ctx.out.step(host.name, f"pg_dump {db}")
-    host.make_dirs([host.path("tmp")], mode=0o1777)
     # fetched into a folder of its own (0700, beside the target: one filesystem), so that no one
     # sees the file before it is whole and 0600, and nothing at its name is followed
     work = Path(tempfile.mkdtemp(prefix=".backup-", dir=target.parent))
     try:
         host.check([str(postgres.PG_BIN / "pg_dump"), "-h", str(postgres.socket_dir(host)), "-U", "postgres",
-                    "-Fc", "-d", db, "-f", str(remote)], user="postgres", timeout=3600)
+                    "-Fc", "-d", db, "-f", str(remote)], user=host.accounts.db, timeout=3600)
         partial = work / "dump"
         host.fetch_file(remote, partial)
         with open(partial, "rb") as fh:
@@ -173,7 +181,7 @@ def list_backups(ctx: Context) -> list[dict]:
 
 
 def _check_archive(ctx: Context, host, remote: PurePosixPath, source: Path, force: bool) -> None:
-    listing = host.run([str(postgres.PG_BIN / "pg_restore"), "--list", str(remote)], user="postgres")
+    listing = host.run([str(postgres.PG_BIN / "pg_restore"), "--list", str(remote)], user=host.accounts.db)
     if not listing.ok:
         raise FabulaError(f"{source} is not a readable pg_dump archive ({listing.stderr.strip()}); "
                           "nothing was changed", "restore a file made by `fabula db backup`")
@@ -197,9 +205,8 @@ def restore(ctx: Context, source: Path, force: bool = False, migrate=None) -> st
     host = primary_host(ctx)
     db = ctx.database_name
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S")
-    remote = host.path("tmp", f"restore-{stamp}{SUFFIX}")
-    host.make_dirs([host.path("tmp")], mode=0o1777)
-    host.push_file(source, remote, owner="postgres")
+    remote = db_scratch(host) / f"restore-{stamp}{SUFFIX}"
+    host.push_file(source, remote, owner=host.accounts.db)
     staging, kept = f"{db}_restoring", f"{db}_before_restore_{stamp}"
     try:
         _check_archive(ctx, host, remote, source, force)
@@ -232,7 +239,7 @@ def _restore_into(ctx: Context, host, remote: PurePosixPath, source: Path, stagi
     postgres.psql(host, f"DROP DATABASE IF EXISTS {staging};\nCREATE DATABASE {staging} OWNER app;")
     restored = host.run([str(postgres.PG_BIN / "pg_restore"), "-h", str(postgres.socket_dir(host)),
                          "-U", "postgres", "--no-owner", "--role=app", "--exit-on-error", "-d", staging,
-                         str(remote)], user="postgres", timeout=3600)
+                         str(remote)], user=host.accounts.db, timeout=3600)
     if not restored.ok:
         postgres.psql(host, f"DROP DATABASE IF EXISTS {staging}")
         raise FabulaError(f"restoring {source} failed, the database was left as it was:\n"

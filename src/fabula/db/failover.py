@@ -43,7 +43,7 @@ def lsn_value(lsn: str) -> int:
 def shutdown_checkpoint(ctx: Context, name: str) -> int:
     host = ctx.host(name)
     out = host.check([str(postgres.PG_BIN / "pg_controldata"), str(postgres.data_dir(host))],
-                     user="postgres").stdout
+                     user=host.accounts.db).stdout
     state = re.search(r"Database cluster state:\s+(.+)", out).group(1).strip()
     if state != "shut down":
         raise FabulaError(f"{name}: PostgreSQL did not shut down cleanly ({state})")
@@ -61,7 +61,7 @@ def fence(ctx: Context, name: str) -> list[str]:
     host.run(["rm", "-f", str(supervisor.programs_dir / "postgresql.conf")])
     supervisor.ctl("update")
     if postgres.is_initialized(host):
-        host.run(["touch", str(postgres.data_dir(host) / "standby.signal")], user="postgres")
+        host.run(["touch", str(postgres.data_dir(host) / "standby.signal")], user=host.accounts.db)
     ctx.state.servers[name].rebuild = True
     ctx.state.servers[name].role = "db-replica"
     ctx.state.save(ctx.paths)
@@ -153,6 +153,7 @@ def _rebuild(ctx: Context, primary, replicas) -> None:
         record.rebuild = True
     ctx.state.sync_standbys = []
     ctx.state.save(ctx.paths)
+    apply_firewalls(ctx)         # a fenced former primary may reach the primary for its base backup
     apply_synchronous(ctx)       # commits must not wait for replicas being rebuilt
     repoint_app_servers(ctx)     # reads go to the primary meanwhile
     for record in replicas:

@@ -17,7 +17,7 @@ def query(ctx: Context, name: str, sql: str) -> list[list[str]] | None:
         return None
     result = host.run([str(postgres.PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-F", "\t", "-h",
                        str(postgres.socket_dir(host)), "-U", "postgres", "-d", "postgres", "-c", sql],
-                      user="postgres", timeout=10)
+                      user=host.accounts.db, timeout=10)
     if not result.ok:
         return None
     return [line.split("\t") for line in result.stdout.splitlines() if line]

@@ -31,6 +31,7 @@ from fabula.deploy import lock
 from fabula.deploy.audit import Operation, operation
 from fabula.deploy.group import launch_web_server, retire_web_server
 from fabula.errors import ConfigError, FabulaError
+from fabula.providers.base import SYSTEM_PATH
 from fabula.state import EnvPaths, EnvState
 from fabula.supervisor import Program
 
@@ -495,13 +496,15 @@ def set_suspended(ctx: Context, suspend: bool, processes: list[str] | None, wait
 
 def controller_program(ctx: Context) -> Program:
     """The autoscaler as a program of the load balancer's (the platform's) supervisor."""
-    path = os.environ.get("PATH") or "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    # it runs as root: fabula's own code only, never a module of the app's folder (`-I`: no
+    # current directory or script folder on sys.path, no PYTHON* variables, no user site), from
+    # the environment's state directory, with a fixed PATH
     return Program(
         name=PROGRAM,
-        command=[sys.executable, "-m", "fabula", "autoscaler", ctx.env_name, "-c", str(ctx.config.path),
+        command=[sys.executable, "-I", "-m", "fabula", "autoscaler", ctx.env_name, "-c", str(ctx.config.path),
                  "--decisions", str(decisions_path(ctx.paths))],
-        environment={"FABULA_STATE_DIR": str(ctx.paths.root), "PATH": path, "PYTHONUNBUFFERED": "1"},
-        directory=str(ctx.config.path.parent), stopsignal="TERM", stopwaitsecs=20)
+        environment={"FABULA_STATE_DIR": str(ctx.paths.root), "PATH": SYSTEM_PATH, "PYTHONUNBUFFERED": "1"},
+        directory=str(ctx.paths.env_dir), stopsignal="TERM", stopwaitsecs=20)
 
 
 def start_controller(ctx: Context) -> None:

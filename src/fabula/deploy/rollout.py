@@ -51,10 +51,10 @@ def migration_plan(ctx: Context, new: Release) -> list[dict]:
     host = migration_host(ctx)
     path = host.install_release(new.path, new.id)
     script = host.path("tmp", "fabula_migration_plan.py")
-    host.make_dirs([host.path("tmp")], mode=0o1777)
+    host.make_dirs([host.path("tmp")])  # root's: the app's user only reads the script
     host.put_file(script, PLAN_SCRIPT.read_bytes())
     env = {**appserver.app_environment(ctx, host), "PYTHONPATH": str(path / "code"), "FABULA_RELEASE": new.id}
-    result = host.check([str(path / "venv" / "bin" / "python"), str(script)], user=appserver.APP_USER, env=env,
+    result = host.check([str(path / "venv" / "bin" / "python"), str(script)], user=host.accounts.app, env=env,
                         timeout=300)
     return json.loads(result.stdout.strip().splitlines()[-1])
 

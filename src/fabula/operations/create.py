@@ -61,7 +61,6 @@ def create(ctx: Context) -> None:
     check_ports_free(ctx)
     started = time.monotonic()
     ctx.paths.env_dir.mkdir(parents=True, exist_ok=True)
-    ctx.paths.env_dir.chmod(0o755)
     # the lock is taken only after the checks above: bad input must leave nothing behind
     with operation(ctx, "create") as op:
         op.details["from_release"] = ctx.state.release
@@ -72,6 +71,7 @@ def create(ctx: Context) -> None:
             ctx.state.web_desired_config = ctx.env.web_group().desired
             ctx.state.servers = plan_servers(ctx.env, ctx.state)
             ctx.state.save(ctx.paths)  # recorded before anything is made, so `destroy` can always find it
+            ctx.provider.ensure_accounts()
             ctx.secrets = secrets.load_or_create(ctx.paths)
             ctx.ca = pki.CertificateAuthority(ctx.paths)
 

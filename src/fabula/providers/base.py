@@ -6,7 +6,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from fabula.accounts import Accounts
 from fabula.errors import CommandFailed
+
+# the PATH of every command fabula runs on a server or starts as a program: never the operator's
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,15 @@ class IngressRule:
     description: str
 
 
+@dataclass(frozen=True)
+class EgressRule:
+    """A security-group rule: this server may open connections to `port` on `destinations`."""
+
+    port: int
+    destinations: tuple[str, ...]
+    description: str
+
+
 class Host(abc.ABC):
     """One server, reached however the provider reaches it (a namespace, SSH...)."""
 
@@ -36,6 +49,7 @@ class Host(abc.ABC):
     role: str
     address: str
     root: PurePosixPath   # the server's private directory: configs, data, logs, releases
+    accounts: Accounts    # the environment's own system users, that its services run as
 
     @abc.abstractmethod
     def run(self, argv: list[str], *, user: str | None = None, env: dict[str, str] | None = None,
@@ -136,6 +150,10 @@ class Provider(abc.ABC):
         ...
 
     @abc.abstractmethod
+    def ensure_accounts(self) -> Accounts:
+        """The environment's own system users, that its services run as (created if missing)."""
+
+    @abc.abstractmethod
     def ensure_server(self, name: str, role: str, address: str) -> Host:
         """Create the server if missing (idempotent) and return it."""
 
@@ -148,8 +166,9 @@ class Provider(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def apply_firewall(self, host: Host, rules: list[IngressRule]) -> bool:
-        """Admit only these rules' traffic to the server; return True if anything changed."""
+    def apply_firewall(self, host: Host, rules: list[IngressRule | EgressRule]) -> bool:
+        """Admit only these rules' traffic to and from the server (connections it accepts, and
+        those it opens); return True if anything changed."""
 
     @abc.abstractmethod
     def remove_server(self, name: str) -> None:

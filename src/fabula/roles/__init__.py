@@ -13,7 +13,9 @@ __all__ = ["ROLES", "Role"]
 
 
 def firewall_rules(ctx, record) -> list:
-    """The security group of one server: its role's, or nothing while it awaits a rebuild."""
+    """The security group of one server: its role's; while it awaits a rebuild, it admits no one
+    but may still reach what its role reaches (a replica's base backup from the primary)."""
+    role = ROLES[record.role]
     if record.rebuild:
-        return []
-    return ROLES[record.role].ingress(ctx)
+        return role.egress(ctx)
+    return role.ingress(ctx) + role.egress(ctx)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from fabula.context import Context
-from fabula.providers.base import Host
+from fabula.errors import FabulaError
+from fabula.providers.base import EgressRule, Host
 from fabula.supervisor import Program, Supervisor
 from fabula.templates import render
 
-APP_USER = "www-data"
 APP_PORT = 8000
 PGBOUNCER_PORT = 6432
 
@@ -35,10 +35,25 @@ def install_release(ctx: Context, host: Host) -> bool:
 
 
 def app_environment(ctx: Context, host: Host) -> dict[str, str]:
+    """What the app's processes on this server receive (README: "What the app receives")."""
+    return app_variables(ctx, server=host.name, role=host.role, address=host.address,
+                         static_root=str(current(host) / "static"), release_id=ctx.release.id,
+                         # a home of the server's own: tools that keep files in ~ (gunicorn's
+                         # control socket) don't collide
+                         home=str(host.path("data", "home")))
+
+
+def app_variables(ctx: Context, *, server: str, role: str, address: str, static_root: str,
+                  release_id: str, home: str) -> dict[str, str]:
+    """Every variable the README promises the app, with the environment's real values, wherever
+    its code is imported (the release build too: settings may read any of them)."""
     s, db = ctx.secrets, ctx.database_name
     cache = ctx.state.one("cache")
+    if cache is None or s is None:
+        raise FabulaError(f"environment {ctx.env_name} has no servers yet: the app's settings get their "
+                          "addresses and passwords from them", f"run `fabula create {ctx.env_name}` first")
     local_db = f"postgres://app:{s.db_app_password}@127.0.0.1:{PGBOUNCER_PORT}"
-    allowed = [str(ctx.env.lb.bind), "localhost", "127.0.0.1", host.address, *ctx.env.hosts]
+    allowed = [str(ctx.env.lb.bind), "localhost", "127.0.0.1", address, *ctx.env.hosts]
     return {
         "DATABASE_URL": f"{local_db}/{db}",
         # PgBouncer points this at a serving replica, or at the primary while there is none
@@ -48,31 +63,38 @@ def app_environment(ctx: Context, host: Host) -> dict[str, str]:
         "DJANGO_SECRET_KEY": s.django_secret_key,
         "DJANGO_ALLOWED_HOSTS": ",".join(dict.fromkeys(allowed)),
         "DJANGO_SETTINGS_MODULE": ctx.config.project.app.settings,
-        "STATIC_ROOT": str(current(host) / "static"),
+        "STATIC_ROOT": static_root,
         "FABULA_ENVIRONMENT": ctx.env_name,
-        "FABULA_SERVER": host.name,
-        "FABULA_ROLE": host.role,
-        "FABULA_RELEASE": ctx.release.id,
+        "FABULA_SERVER": server,
+        "FABULA_ROLE": role,
+        "FABULA_RELEASE": release_id,
         "PYTHONUNBUFFERED": "1",
-        # a home of the server's own: tools that keep files in ~ (gunicorn's control socket) don't collide
-        "HOME": str(host.path("data", "home")),
+        "HOME": home,
     }
+
+
+def app_egress(ctx: Context) -> list[EgressRule]:
+    """What web and worker servers reach: the cache's Redis and RabbitMQ, and the databases."""
+    cache = tuple(ctx.addresses("cache"))
+    return [EgressRule(6379, cache, "redis on the cache"), EgressRule(5672, cache, "rabbitmq on the cache"),
+            EgressRule(5432, tuple(ctx.addresses("db-primary", "db-replica")), "postgresql on the databases")]
 
 
 def pgbouncer(ctx: Context, host: Host) -> tuple[Program, bool]:
     """PgBouncer's files and program; True if its configuration changed."""
     conf_dir, run_dir = host.path("etc", "pgbouncer"), host.path("run", "pgbouncer")
-    host.make_dirs([conf_dir], mode=0o700, owner="postgres")
-    host.make_dirs([run_dir], owner="postgres")
+    db_user = host.accounts.db
+    host.make_dirs([conf_dir], mode=0o700, owner=db_user)
+    host.make_dirs([run_dir], mode=0o700, owner=db_user)  # its Unix socket: for no other user
     primary, replicas = ctx.state.one("db-primary"), ctx.state.serving_replicas()
     replica = replicas[0] if replicas else primary
-    changed = host.put_file(conf_dir / "root.crt", ctx.ca.cert_pem, owner="postgres")
+    changed = host.put_file(conf_dir / "root.crt", ctx.ca.cert_pem, owner=db_user)
     changed |= host.put_file(conf_dir / "userlist.txt", f'"app" "{ctx.secrets.db_app_password}"\n',
-                             mode=0o600, owner="postgres")
+                             mode=0o600, owner=db_user)
     changed |= host.put_file(conf_dir / "pgbouncer.ini", render(
         __file__, "pgbouncer.ini.j2", name=host.name, database=ctx.database_name, primary=primary.address,
-        replica=replica.address, conf_dir=conf_dir, run_dir=run_dir), owner="postgres")
-    return Program("pgbouncer", ["/usr/sbin/pgbouncer", str(conf_dir / "pgbouncer.ini")], user="postgres"), changed
+        replica=replica.address, conf_dir=conf_dir, run_dir=run_dir), owner=db_user)
+    return Program("pgbouncer", ["/usr/sbin/pgbouncer", str(conf_dir / "pgbouncer.ini")], user=db_user), changed
 
 
 def reload_changed(host: Host, started: set[str], changed: dict[str, bool], how: dict[str, str]) -> None:
@@ -88,7 +110,7 @@ def reload_changed(host: Host, started: set[str], changed: dict[str, bool], how:
 
 
 def prepare_app_dirs(host: Host) -> None:
-    host.make_dirs([host.path("data", "home")], mode=0o700, owner=APP_USER)
+    host.make_dirs([host.path("data", "home")], mode=0o700, owner=host.accounts.app)
 
 
 def manage_argv(ctx: Context, host: Host, *args: str) -> list[str]:
@@ -96,5 +118,5 @@ def manage_argv(ctx: Context, host: Host, *args: str) -> list[str]:
 
 
 def run_manage(ctx: Context, host: Host, *args: str, timeout: float = 1800):
-    return host.check(manage_argv(ctx, host, *args), user=APP_USER, env=app_environment(ctx, host),
+    return host.check(manage_argv(ctx, host, *args), user=host.accounts.app, env=app_environment(ctx, host),
                       timeout=timeout)

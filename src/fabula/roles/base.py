@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 from fabula.context import Context
 from fabula.errors import FabulaError
 from fabula.pki import certificate_names
-from fabula.providers.base import Host, IngressRule
+from fabula.providers.base import EgressRule, Host, IngressRule
 
 
 class Role:
@@ -16,6 +16,10 @@ class Role:
     services: tuple[str, ...] = ()   # supervisor programs, as shown by `describe`
 
     def ingress(self, ctx: Context) -> list[IngressRule]:
+        return []
+
+    def egress(self, ctx: Context) -> list[EgressRule]:
+        """The connections the role's servers may open (besides replies and their own loopback)."""
         return []
 
     def services_for(self, ctx: Context) -> tuple[str, ...]:

@@ -26,8 +26,8 @@ class Cache(Role):
         rabbit_env, rabbit_changed = self._rabbitmq(ctx, host)
         supervisor = Supervisor(host)
         started = supervisor.apply([
-            Program("redis", ["redis-server", str(host.path("etc", "redis", "redis.conf"))], user="redis"),
-            Program("rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], user="rabbitmq",
+            Program("redis", ["redis-server", str(host.path("etc", "redis", "redis.conf"))], user=host.accounts.cache),
+            Program("rabbitmq", ["/usr/lib/rabbitmq/bin/rabbitmq-server"], user=host.accounts.cache,
                     environment=rabbit_env, stopwaitsecs=60, startsecs=3),
         ])
         for name, changed in (("redis", redis_changed), ("rabbitmq", rabbit_changed)):
@@ -40,20 +40,20 @@ class Cache(Role):
 
     def _redis(self, ctx: Context, host: Host) -> bool:
         conf_dir, data_dir = host.path("etc", "redis"), host.path("data", "redis")
-        host.make_dirs([conf_dir, data_dir], mode=0o700, owner="redis")
+        host.make_dirs([conf_dir, data_dir], mode=0o700, owner=host.accounts.cache)
         return host.put_file(conf_dir / "redis.conf", render(
             __file__, "redis.conf.j2", name=host.name, address=host.address,
-            password=ctx.secrets.redis_password, data_dir=data_dir), mode=0o600, owner="redis")
+            password=ctx.secrets.redis_password, data_dir=data_dir), mode=0o600, owner=host.accounts.cache)
 
     def _rabbitmq(self, ctx: Context, host: Host) -> tuple[dict[str, str], bool]:
         conf_dir, data_dir = host.path("etc", "rabbitmq"), host.path("data", "rabbitmq")
         log_dir = host.path("log", "rabbitmq")
-        host.make_dirs([conf_dir, data_dir, log_dir], mode=0o700, owner="rabbitmq")
+        host.make_dirs([conf_dir, data_dir, log_dir], mode=0o700, owner=host.accounts.cache)
         changed = host.put_file(conf_dir / "rabbitmq.conf", render(
             __file__, "rabbitmq.conf.j2", name=host.name, address=host.address,
-            password=ctx.secrets.rabbitmq_password), mode=0o600, owner="rabbitmq")
-        changed |= host.put_file(conf_dir / "enabled_plugins", "[].\n", owner="rabbitmq")
-        changed |= host.put_file(conf_dir / "rabbitmq-env.conf", "# written by fabula\n", owner="rabbitmq")
+            password=ctx.secrets.rabbitmq_password), mode=0o600, owner=host.accounts.cache)
+        changed |= host.put_file(conf_dir / "enabled_plugins", "[].\n", owner=host.accounts.cache)
+        changed |= host.put_file(conf_dir / "rabbitmq-env.conf", "# written by fabula\n", owner=host.accounts.cache)
         environment = {
             # a node of its own, with its own files and Erlang cookie, inside this server's namespace
             "HOME": str(data_dir), "RABBITMQ_NODENAME": "rabbit@localhost",

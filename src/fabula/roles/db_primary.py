@@ -30,10 +30,10 @@ class DatabasePrimary(Role):
         partial = f"{data}.partial"
         ctx.out.step(host.name, "initdb")
         host.check(["rm", "-rf", partial])  # an interrupted earlier attempt
-        host.make_dirs([partial], mode=0o700, owner="postgres")
+        host.make_dirs([partial], mode=0o700, owner=host.accounts.db)
         host.check([str(postgres.PG_BIN / "initdb"), "-D", partial, "-U", "postgres", "-E", "UTF8",
                     "--locale=C.UTF-8", "--auth-local=peer", "--auth-host=scram-sha-256"],
-                   user="postgres", timeout=300)
+                   user=host.accounts.db, timeout=300)
         host.check(["mv", partial, str(data)])
 
     def _setup_sql(self, ctx: Context) -> str:

@@ -6,7 +6,7 @@ import time
 
 from fabula.context import Context
 from fabula.errors import FabulaError
-from fabula.providers.base import Host, IngressRule
+from fabula.providers.base import EgressRule, Host, IngressRule
 from fabula.roles import postgres
 from fabula.roles.base import Role
 from fabula.supervisor import Supervisor
@@ -20,6 +20,9 @@ class DatabaseReplica(Role):
     def ingress(self, ctx: Context) -> list[IngressRule]:
         return [IngressRule(5432, tuple(ctx.addresses("web", "worker")), "postgresql reads from web and worker")]
 
+    def egress(self, ctx: Context) -> list[EgressRule]:
+        return [EgressRule(5432, tuple(ctx.addresses("db-primary")), "replication from the primary")]
+
     def conninfo(self, ctx: Context, host: Host) -> str:
         primary = ctx.state.one("db-primary")
         conf = postgres.conf_dir(host)
@@ -28,10 +31,10 @@ class DatabaseReplica(Role):
 
     def converge(self, ctx: Context, host: Host) -> None:
         primary = ctx.state.one("db-primary")
-        host.make_dirs([postgres.conf_dir(host)], mode=0o700, owner="postgres")
+        host.make_dirs([postgres.conf_dir(host)], mode=0o700, owner=host.accounts.db)
         host.put_file(postgres.conf_dir(host) / "pgpass",
                       f"{primary.address}:5432:*:replicator:{ctx.secrets.db_replication_password}\n",
-                      mode=0o600, owner="postgres")
+                      mode=0o600, owner=host.accounts.db)
         changed = postgres.install_config(ctx, host, primary_conninfo=self.conninfo(ctx, host))
         record = ctx.state.servers[host.name]
         if record.rebuild and postgres.is_initialized(host):
@@ -52,10 +55,10 @@ class DatabaseReplica(Role):
         partial = f"{data}.partial"
         ctx.out.step(host.name, "pg_basebackup from the primary")
         host.check(["rm", "-rf", partial])
-        host.make_dirs([partial], mode=0o700, owner="postgres")
+        host.make_dirs([partial], mode=0o700, owner=host.accounts.db)
         host.check([str(postgres.PG_BIN / "pg_basebackup"), "-d", self.conninfo(ctx, host), "-D", partial, "-X", "stream",
-                    "-S", postgres.slot_name(host.name), "-c", "fast"], user="postgres", timeout=1800)
-        host.check(["touch", f"{partial}/standby.signal"], user="postgres")
+                    "-S", postgres.slot_name(host.name), "-c", "fast"], user=host.accounts.db, timeout=1800)
+        host.check(["touch", f"{partial}/standby.signal"], user=host.accounts.db)
         host.check(["mv", partial, str(data)])
 
 

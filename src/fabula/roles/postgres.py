@@ -32,18 +32,21 @@ def is_initialized(host: Host) -> bool:
 
 
 def install_config(ctx: Context, host: Host, primary_conninfo: str | None = None) -> bool:
-    host.make_dirs([conf_dir(host)], mode=0o700, owner="postgres")
-    host.make_dirs([socket_dir(host)], mode=0o755, owner="postgres")
+    host.make_dirs([conf_dir(host)], mode=0o700, owner=host.accounts.db)
+    # the Unix socket admits the database superuser by peer authentication: its folder is the
+    # environment's database user's alone
+    host.make_dirs([socket_dir(host)], mode=0o700, owner=host.accounts.db)
     changed = ensure_certificate(ctx, host, conf_dir(host) / "server.crt", conf_dir(host) / "server.key",
-                                 owner="postgres")
-    changed |= host.put_file(conf_dir(host) / "root.crt", ctx.ca.cert_pem, owner="postgres")
+                                 owner=host.accounts.db)
+    changed |= host.put_file(conf_dir(host) / "root.crt", ctx.ca.cert_pem, owner=host.accounts.db)
     changed |= host.put_file(conf_dir(host) / "postgresql.conf", render(
         __file__, "postgresql.conf.j2", name=host.name, role=host.role, address=host.address,
         socket_dir=socket_dir(host), conf_dir=conf_dir(host), primary_conninfo=primary_conninfo,
-        slot=slot_name(host.name), sync_names=sync_names(ctx, host)), owner="postgres")
+        slot=slot_name(host.name), sync_names=sync_names(ctx, host)), owner=host.accounts.db)
     changed |= host.put_file(conf_dir(host) / "pg_hba.conf", render(
-        __file__, "pg_hba.conf.j2", database=ctx.database_name, subnet=ctx.state.subnet), owner="postgres")
-    changed |= host.put_file(conf_dir(host) / "pg_ident.conf", "# written by fabula\n", owner="postgres")
+        __file__, "pg_hba.conf.j2", database=ctx.database_name, subnet=ctx.state.subnet), owner=host.accounts.db)
+    changed |= host.put_file(conf_dir(host) / "pg_ident.conf", render(
+        __file__, "pg_ident.conf.j2", db_user=host.accounts.db), owner=host.accounts.db)
     return changed
 
 
@@ -64,7 +67,7 @@ def slot_name(server: str) -> str:
 
 
 def program(host: Host) -> Program:
-    return Program(name="postgresql", user="postgres",
+    return Program(name="postgresql", user=host.accounts.db,
                    command=[str(PG_BIN / "postgres"), "-D", str(data_dir(host)),
                             "-c", f"config_file={conf_dir(host) / 'postgresql.conf'}"],
                    environment={"HOME": str(conf_dir(host))},  # libpq looks for client certificates in ~
@@ -98,4 +101,4 @@ def psql(host: Host, sql: str, database: str = "postgres") -> Result:
     """Run SQL as the postgres superuser over the server's Unix socket (given on stdin, so that
     passwords in it never appear in a process list)."""
     return host.check([str(PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(socket_dir(host)),
-                       "-U", "postgres", "-d", database], user="postgres", input=sql)
+                       "-U", "postgres", "-d", database], user=host.accounts.db, input=sql)

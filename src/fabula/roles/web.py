@@ -7,7 +7,7 @@ import time
 
 from fabula.context import Context
 from fabula.errors import FabulaError
-from fabula.providers.base import Host, IngressRule
+from fabula.providers.base import EgressRule, Host, IngressRule
 from fabula import maintenance
 from fabula.roles import appserver
 from fabula.roles.base import Role, ensure_certificate, wait_port
@@ -28,6 +28,9 @@ class Web(Role):
         return [IngressRule(HTTPS_PORT, ctx.provider.load_balancer.source_addresses(),
                             "https from the load balancer")]
 
+    def egress(self, ctx: Context) -> list[EgressRule]:
+        return appserver.app_egress(ctx)
+
     def gunicorn(self, ctx: Context, host: Host) -> Program:
         cur = appserver.current(host)
         return Program(
@@ -36,7 +39,7 @@ class Web(Role):
              "--workers", str(ctx.env.gunicorn_workers), "--chdir", str(cur / "code"),
              "--pythonpath", str(cur / "fabula"), "--graceful-timeout", "30", "--access-logfile", "-",
              "fabula_wsgi:application"],
-            user=appserver.APP_USER, directory=str(cur / "code"),
+            user=host.accounts.app, directory=str(cur / "code"),
             environment={**appserver.app_environment(ctx, host),
                          "FABULA_WSGI_APP": ctx.config.project.app.wsgi},
             stopwaitsecs=35)
@@ -44,10 +47,11 @@ class Web(Role):
     def nginx(self, ctx: Context, host: Host) -> tuple[Program, bool]:
         conf_dir = host.path("etc", "nginx")
         host.make_dirs([conf_dir])
-        host.make_dirs([host.path("tmp", "nginx")], owner="www-data")
+        host.make_dirs([host.path("tmp", "nginx")], mode=0o700, owner=host.accounts.web)
         changed = ensure_certificate(ctx, host, conf_dir / "server.crt", conf_dir / "server.key", owner="root")
         maintenance.install_page(ctx, host)
         text = render(__file__, "nginx.conf.j2", name=host.name, root=host.root, address=host.address,
+                      user=host.accounts.web, group=host.accounts.group,
                       conf_dir=conf_dir, app_port=appserver.APP_PORT,
                       maintenance_dir=maintenance.directory(host))
         conf = conf_dir / "nginx.conf"

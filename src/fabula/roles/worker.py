@@ -4,7 +4,7 @@ servers take traffic."""
 from __future__ import annotations
 
 from fabula.context import Context
-from fabula.providers.base import Host
+from fabula.providers.base import EgressRule, Host
 from fabula.roles import appserver
 from fabula.roles.base import Role
 from fabula.supervisor import Program, Supervisor
@@ -14,6 +14,9 @@ from fabula.supervisor import Program, Supervisor
 class Worker(Role):
     name = "worker"
     packages = ("pgbouncer",)
+
+    def egress(self, ctx: Context) -> list[EgressRule]:
+        return appserver.app_egress(ctx)
 
     def services_for(self, ctx: Context) -> tuple[str, ...]:
         return ("pgbouncer", "celery", "celerybeat") if ctx.config.project.app.celery else ("pgbouncer",)
@@ -25,17 +28,17 @@ class Worker(Role):
         code = str(appserver.current(host) / "code")
         env = appserver.app_environment(ctx, host)
         beat_dir = host.path("data", "celerybeat")
-        host.make_dirs([beat_dir], owner=appserver.APP_USER)
+        host.make_dirs([beat_dir], owner=host.accounts.app)
         base = [appserver.python(host), "-m", "celery", "-A", app]
         return [
             Program("celery", base + ["worker", "--loglevel", "INFO", "--concurrency",
                                       str(ctx.env.celery_concurrency), "--hostname", f"celery@{host.name}"],
-                    user=appserver.APP_USER, directory=code, environment=env,
+                    user=host.accounts.app, directory=code, environment=env,
                     # long tasks (the seed: 5-10 minutes) finish before a stop completes
                     stopwaitsecs=ctx.env.celery_drain_timeout),
             Program("celerybeat", base + ["beat", "--loglevel", "INFO", "--schedule",
                                           str(beat_dir / "schedule"), "--pidfile="],
-                    user=appserver.APP_USER, directory=code, environment=env),
+                    user=host.accounts.app, directory=code, environment=env),
         ]
 
     def converge(self, ctx: Context, host: Host) -> None:

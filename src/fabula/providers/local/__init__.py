@@ -12,10 +12,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig
 from fabula.errors import FabulaError, PermissionError_, PrerequisiteError
-from fabula.providers.base import Host, IngressRule, Provider, run_local
-from fabula.providers.local import network
+from fabula.providers.base import EgressRule, Host, IngressRule, Provider, run_local
+from fabula.providers.local import network, users
 from fabula.providers.local.host import LocalHost
 from fabula.providers.local.loadbalancer import HAProxyLoadBalancer
 from fabula.state import EnvPaths, EnvState
@@ -142,11 +143,36 @@ class LocalProvider(Provider):
         raise FabulaError(f"no free /24 left in {AUTO_SUBNETS}", "set `subnet:` for this environment")
 
     # -- servers --------------------------------------------------------------------------
+    @property
+    def machine_table(self) -> str:
+        return f"fabula-{self.paths.tag}"
+
     def ensure_network(self) -> None:
         network.ensure_bridge(self.bridge, self.gateway, self.subnet.prefixlen)
+        # the machine's own side: its namespace is the load balancer's, and every process of the
+        # machine shares it; only root's (HAProxy, fabula) may open connections to the servers,
+        # and nothing is routed into or out of the environment's network
+        ruleset = render(__file__, "machine.nft.j2", table=self.machine_table, bridge=self.bridge,
+                         subnet=str(self.subnet), project=self.paths.project, env=self.paths.env)
+        path = self.paths.env_dir / "machine.nft"
+        path.write_text(ruleset)
+        result = run_local(["nft", "-f", str(path)])
+        if not result.ok:
+            raise FabulaError(f"nft rejects {path}: {result.stderr.strip()}")
 
     def _host(self, name: str, role: str, address: str) -> LocalHost:
-        return LocalHost(name, role, address, self.paths.servers_dir / name, self.netns(name))
+        return LocalHost(name, role, address, self.paths.servers_dir / name, self.netns(name),
+                         Accounts(self.paths.tag))
+
+    def ensure_accounts(self) -> Accounts:
+        """The environment's system users and group (on this machine, shared by its servers), and
+        its directory open to that group only."""
+        accounts = Accounts(self.paths.tag)
+        users.ensure(accounts, f"fabula {self.paths.project}/{self.paths.env}", self.paths.root / ".accounts.lock")
+        self.paths.env_dir.mkdir(parents=True, exist_ok=True)
+        os.chown(self.paths.env_dir, 0, users.gid(accounts.group))
+        self.paths.env_dir.chmod(0o750)
+        return accounts
 
     def host(self, name: str, role: str, address: str) -> Host:
         return self._host(name, role, address)
@@ -162,8 +188,10 @@ class LocalProvider(Provider):
         host.make_dirs([host.path(d) for d in ("etc", "run", "log", "data", "releases", "tmp")])
         return host
 
-    def apply_firewall(self, host: Host, rules: list[IngressRule]) -> bool:
-        ruleset = render(__file__, "firewall.nft.j2", server=host.name, subnet=str(self.subnet), rules=rules)
+    def apply_firewall(self, host: Host, rules: list[IngressRule | EgressRule]) -> bool:
+        ruleset = render(__file__, "firewall.nft.j2", server=host.name, subnet=str(self.subnet),
+                         ingress=[r for r in rules if isinstance(r, IngressRule)],
+                         egress=[r for r in rules if isinstance(r, EgressRule)])
         changed = host.put_file(host.path("etc", "firewall.nft"), ruleset, mode=0o600)
         if changed or not host.run(["nft", "list", "table", "inet", "fabula"]).ok:
             host.check(["nft", "-f", str(host.path("etc", "firewall.nft"))])
@@ -225,8 +253,12 @@ class LocalProvider(Provider):
         if self.bridge in network.link_names():
             removed.append(f"bridge {self.bridge}")
         network.remove_bridge(self.bridge)
+        if run_local(["nft", "delete", "table", "inet", self.machine_table]).ok:
+            removed.append(f"firewall table {self.machine_table}")
         left = [ns for ns in network.netns_names() if ns.startswith(prefix)]
         if left:
             raise FabulaError(f"destroy could not remove {', '.join(left)}: " + "; ".join(failures),
                               "run `fabula destroy` again; `ip netns pids NAME` shows what holds one")
+        removed += [f"user {name}" for name in
+                    users.remove(Accounts(self.paths.tag), self.paths.root / ".accounts.lock")]
         return removed

@@ -7,10 +7,11 @@ import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
 
-from fabula.providers.base import Host, Result, run_local
+from fabula.accounts import Accounts
+from fabula.providers.base import SYSTEM_PATH, Host, Result, run_local
 from fabula.state import write_atomically
 
-BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+BASE_ENV = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"}
 
 
 def _ids(owner: str) -> tuple[int, int]:
@@ -21,8 +22,10 @@ def _ids(owner: str) -> tuple[int, int]:
 class LocalHost(Host):
     """Runs commands inside the server's namespace (or the machine's own, when netns is None)."""
 
-    def __init__(self, name: str, role: str, address: str, root: Path, netns: str | None):
+    def __init__(self, name: str, role: str, address: str, root: Path, netns: str | None,
+                 accounts: Accounts | None = None):
         self.name, self.role, self.address = name, role, address
+        self.accounts = accounts or Accounts("")
         self.root = PurePosixPath(root)
         self.netns = netns
 
