@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import fcntl
 import grp
+import os
 import pwd
+import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,12 +65,38 @@ def ensure(accounts: Accounts, comment: str, lock_path: Path) -> None:
                         "--home-dir", "/nonexistent", "--shell", NOLOGIN, "--comment", f"{comment} {what}", name])
 
 
+def processes_of(uid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def kill_all(uid: int, timeout: float = 10) -> None:
+    """Kill every process of the user, wherever it runs: e.g. an epmd that a dying RabbitMQ
+    started after its namespace was emptied, which would otherwise outlive the environment."""
+    deadline = time.monotonic() + timeout
+    while (pids := processes_of(uid)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
 def remove(accounts: Accounts, lock_path: Path) -> list[str]:
-    """Remove the users and the group; the names of those removed."""
+    """Remove the users (and whatever still runs as them) and the group; the names of those removed."""
     removed = []
     with _locked(lock_path):
         for name in accounts.users().values():
             if exists(name):
+                kill_all(pwd.getpwnam(name).pw_uid)
                 _check(["userdel", name])
                 removed.append(name)
         if _group_exists(accounts.group):
