@@ -123,10 +123,14 @@ def build(ctx: Context, rev: str = "HEAD") -> Release:
         step("unpacking the code", ["mkdir", "-p", str(work / "code"), str(work / ".home")])
         step("unpacking the code", ["tar", "-x", "--no-same-owner", "-C", str(work / "code")], input=archive.stdout)
         app = ctx.config.project.app
+        code = (work / "code").resolve()
         for name, relative in (("app.requirements", app.requirements), ("app.manage", app.manage)):
-            if not (work / "code" / relative).is_file():
-                raise FabulaError(f"release {release_id}: {name}: {relative} is not in the revision",
-                                  f"commit {relative} or set {name} in fabula.yml")
+            # resolved: a committed symlink must not lead the build out of the release's code
+            found = (code / relative).resolve()
+            if not found.is_relative_to(code) or not found.is_file():
+                raise FabulaError(f"release {release_id}: {name}: {relative} is not a file of the revision",
+                                  f"commit {relative} (a file, not a link out of the repository) or set {name} "
+                                  "in fabula.yml")
         uv = uv_binary()
         step("creating the virtualenv", [uv, "venv", "--relocatable", "--python", app.python, str(work / "venv")])
         python = str(work / "venv" / "bin" / "python")

@@ -42,6 +42,14 @@ def check_ports_free(ctx: Context) -> None:
                                   f"(`ss -ltnp 'sport = :{port}'` shows it)") from None
 
 
+def check_subnet_unchanged(ctx: Context) -> None:
+    wanted, have = ctx.env.subnet, ctx.state.subnet
+    if wanted is not None and have is not None and str(wanted) != have:
+        raise ConfigError(f"{ctx.config.path}: environments.{ctx.env_name}.subnet: {ctx.env_name} was created "
+                          f"in {have}; its servers cannot move to {wanted}",
+                          f"set subnet back to {have}, or `fabula destroy {ctx.env_name}` and create it again")
+
+
 def in_parallel(ctx: Context, items: list, action: Callable) -> list:
     """Run `action` on each item at once; if any fail, raise one error naming each failure."""
     if not items:
@@ -59,14 +67,17 @@ def in_parallel(ctx: Context, items: list, action: Callable) -> list:
 def create(ctx: Context) -> None:
     ctx.provider.check_prerequisites()
     check_ports_free(ctx)
+    check_subnet_unchanged(ctx)
     started = time.monotonic()
+    if not ctx.state.subnet:
+        # a subnet that clashes with the machine's routes or another environment's is bad input:
+        # refused here, before anything is made
+        ctx.provider.allocate_subnet()
     ctx.paths.env_dir.mkdir(parents=True, exist_ok=True)
     # the lock is taken only after the checks above: bad input must leave nothing behind
     with operation(ctx, "create") as op:
         op.details["from_release"] = ctx.state.release
         with op.phase("servers"):
-            if not ctx.state.subnet:
-                ctx.provider.allocate_subnet()
             ctx.state.web_desired = desired_for_create(ctx.env, ctx.state)  # the web group's count
             ctx.state.web_desired_config = ctx.env.web_group().desired
             ctx.state.servers = plan_servers(ctx.env, ctx.state)
