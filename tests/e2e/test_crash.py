@@ -2,6 +2,7 @@
 `destroy` removes completely."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -50,4 +51,8 @@ def test_destroy_after_a_create_killed_midway_leaves_nothing(fresh):
     kill_create_once(fresh, fresh.env_dir / "servers" / "cache1" / "log" / "redis.log")
     result = fresh.fabula("destroy", ENV, "--yes")
     assert result.returncode == 0, result.stderr
+    assert "taking over the stale lock" in result.stderr  # the killed create's: no unlock needed
     assert leftovers(fresh) == []
+    # the history outlives the environment: the killed create, then the destroy
+    records = json.loads(fresh.fabula("history", ENV, "--json").stdout)
+    assert [(r["action"], r["outcome"]) for r in records[-2:]] == [("create", "interrupted"), ("destroy", "ok")]

@@ -2,9 +2,11 @@
 replicas rebuilt, backups that restore. One environment with synchronous replication."""
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -131,6 +133,9 @@ def test_backup_then_drop_then_restore_gives_back_the_same_data(env, tmp_path):
     assert made.returncode == 0, made.stderr
     backup_file = made.stdout.strip().splitlines()[-1]
     assert backup_file in env.fabula("db", "backups", ENV, "--json").stdout or backup_file.startswith(str(tmp_path))
+    for path in (backup_file, backup_file + ".json"):  # root's only, and nothing else left beside
+        assert os.stat(path).st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(backup_file).name, Path(backup_file).name + ".json"])
     env.psql(primary, "DROP TABLE notes_entry CASCADE")
     restored = env.fabula("db", "restore", ENV, backup_file)
     assert restored.returncode == 0, restored.stderr
