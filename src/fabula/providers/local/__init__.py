@@ -81,7 +81,7 @@ class LocalProvider(Provider):
         self.paths, self.env, self.state = paths, env, state
         self.bridge = f"fb{paths.tag}"
         self.load_balancer = HAProxyLoadBalancer(env.lb, paths.lb_dir, paths.pki_dir / "ca.pem",
-                                                 lambda: self.gateway, paths.project, paths.env)
+                                                 lambda: self.gateway, paths.project, paths.env, hosts=env.hosts)
 
     # -- naming ---------------------------------------------------------------------------
     def netns(self, server: str) -> str:
