@@ -277,7 +277,7 @@ def log_decision(path: Path, entry: dict) -> None:
     entry = {"time": lock.now_iso(), "ts": round(time.time(), 3), **entry}
     line = (json.dumps(entry, sort_keys=True) + "\n").encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except FileNotFoundError:
         return  # destroyed meanwhile: do not bring its directory back
     try:
@@ -307,7 +307,9 @@ def write_status(path: Path, status: dict) -> None:
     if not path.parent.is_dir():
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(status))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(status))
     os.replace(tmp, path)
 
 
