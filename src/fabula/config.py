@@ -19,7 +19,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       field_validator, model_validator)
 
 from fabula.errors import ConfigError
-from fabula.topology import LARGEST_PREFIX, SMALLEST_PREFIX, server_capacity
+from fabula.addressing import LARGEST_PREFIX, SMALLEST_PREFIX, server_capacity
 
 ROLES = ("web", "worker", "cache", "db-primary", "db-replica")
 # patterns are matched whole (re.fullmatch, ASCII only): "testing\n" is not a name

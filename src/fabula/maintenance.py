@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from fabula.context import Context
-from fabula.deploy.audit import operation
-from fabula.errors import ConfigError, FabulaError
+from fabula.errors import ConfigError
 from fabula.providers.base import Host
 
 DEFAULT_PAGE = Path(__file__).parent / "templates" / "maintenance.html"
@@ -40,18 +39,3 @@ def set_maintenance(ctx: Context, on: bool) -> None:
     for record in ctx.state.by_role("web"):
         set_host(ctx.host(record.name), on)
     ctx.out.step("maintenance", "on: web servers answer 503 with the maintenance page" if on else "off")
-
-
-def switch(ctx: Context, on: bool) -> None:
-    """`fabula maintenance ENV on|off`: an operation of its own (the lock, a history record).
-    Within other operations (restore, a full deploy) set_maintenance is called directly."""
-    if not ctx.paths.state_file.exists():
-        raise FabulaError(f"environment {ctx.env_name} does not exist", f"`fabula create {ctx.env_name}` creates it")
-    with operation(ctx, f"maintenance {'on' if on else 'off'}"):
-        set_maintenance(ctx, on)
-
-
-def is_on(ctx: Context) -> bool:
-    webs = ctx.state.by_role("web")
-    return bool(webs) and all(ctx.host(r.name).read_file(directory(ctx.host(r.name)) / "on") is not None
-                              for r in webs)

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from fabula.deploy import lock
+from fabula.environment import lock
 from fabula.state import EnvPaths
 from tests.e2e.conftest import ENV, leftovers, running_environment
 from tests.helpers import wait_for

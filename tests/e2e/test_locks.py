@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from fabula.deploy import lock
+from fabula.environment import lock
 from fabula.state import EnvPaths
 from tests.e2e.conftest import ENV, leftovers, running_environment
 

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from fabula.config import EnvironmentConfig
-from fabula.deploy import controller as controller_module, history, lock
+from fabula.deploy import controller as controller_module
+from fabula.environment import history, lock
 from fabula.deploy.controller import Controller
 from fabula.output import Output
 from fabula.state import EnvPaths, EnvState, ServerRecord

@@ -17,8 +17,8 @@ from rich.console import Console
 
 from fabula.config import load_config
 from fabula.context import Context
-from fabula.deploy import history, lock
-from fabula.deploy.audit import operation
+from fabula.environment import history, lock
+from fabula.environment.audit import operation
 from fabula.errors import FabulaError
 from fabula.output import Output
 from fabula.state import EnvPaths, EnvState
@@ -29,7 +29,7 @@ from tests.unit.test_config import VALID
 HOLDER = """
 import sys
 from pathlib import Path
-from fabula.deploy.audit import operation
+from fabula.environment.audit import operation
 from fabula.output import Output
 from tests.unit.test_deploy_lock import make_context
 ctx = make_context(Path(sys.argv[1]))
@@ -302,7 +302,7 @@ def test_a_failed_destroy_keeps_the_directory_and_releases_the_lock(ctx):
 
 
 def test_a_command_that_finds_the_directory_destroyed_meanwhile_starts_afresh(ctx, monkeypatch):
-    from fabula.deploy import audit
+    from fabula.environment import audit
     real = audit._acquire
     calls = []
 

@@ -1,165 +1,20 @@
-"""The `fabula` command: parse, call an operation, print. Nothing else lives here."""
+"""The `fabula` command: parse, call an operation, print. Nothing else lives here; each module
+of this package registers its commands on the one Typer app."""
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
+from fabula.cli import db as db_commands, deploy as deploy_commands, environment as environment_commands
+from fabula.cli import scaling as scaling_commands
 from fabula.errors import FabulaError
-from fabula.operations import open_environment
-from fabula.operations.create import create as create_environment
-from fabula.operations.describe import describe as describe_environment
-from fabula.operations.destroy import destroy as destroy_environment
-from fabula.maintenance import switch as switch_maintenance
 from fabula.output import Output
-from fabula.roles import ROLES
 
 app = typer.Typer(help="Create, deploy and operate a Django production architecture.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-ConfigOption = Annotated[Path, typer.Option("-c", "--config", help="path of fabula.yml")]
-EnvArgument = Annotated[str, typer.Argument(help="environment name, as under `environments:` in fabula.yml")]
-DEFAULT_CONFIG = Path("fabula.yml")
-
-
-def _status_style(value: str | None) -> str:
-    styles = {"up": "green", "UP": "green", "running": "green", "degraded": "yellow", "DOWN": "red",
-              "missing": "red", "stopped": "red"}
-    return f"[{styles.get(value or '', 'red')}]{value}[/]" if value else "-"
-
-
-def print_table(out: Output, report: dict) -> None:
-    table = Table(title=f"{report['project']} / {report['environment']}  (release {report['release'] or '-'})")
-    for column in ("server", "role", "address", "state", "services", "release", "lb health"):
-        table.add_column(column)
-    for s in report["servers"]:
-        services = " ".join(f"[green]{name}[/]" if state == "up" else f"[red]{name}({state})[/]"
-                            for name, state in s["services"].items())
-        if s.get("replication"):
-            r = s["replication"]
-            lag = f", lag {r['lag_bytes']} B" if r["lag_bytes"] is not None else ""
-            services += f" ({r['state']} {r['sync_state'] or ''}{lag})"
-        table.add_row(s["name"], s["role"], s["address"], _status_style(s["state"]), services,
-                      s["release"] or "-", _status_style(s["lb"]) if s["role"] == "web" else "")
-    out.console.print(table)
-    lb = report["load_balancer"]
-    running = "[green]running[/]" if lb["running"] else "[red]not running[/]"
-    out.console.print(f"load balancer: {running}   url: [bold]{report['url']}[/bold]")
-    if report.get("lock"):
-        out.console.print(_deploy_commands.lock_line(report["lock"]))
-    if report.get("autoscaling"):
-        from fabula.deploy.autoscaling import describe_lines
-        for line in describe_lines(report["autoscaling"]):
-            out.console.print(line, markup=False, highlight=False)
-
-
-@app.command()
-def create(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Create ENV (or converge it to fabula.yml): servers, services, release, load balancer."""
-    out = Output()
-    ctx = open_environment(config, env, out)
-    create_environment(ctx)
-    print_table(out, describe_environment(ctx))
-
-
-@app.command()
-def describe(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
-             as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
-    """Show ENV's servers, their services, release and load-balancer health."""
-    out = Output()
-    ctx = open_environment(config, env, out)
-    report = describe_environment(ctx)
-    if as_json:
-        print(json.dumps(report, indent=2))
-    elif not report["exists"]:
-        out.console.print(f"environment {env} does not exist: `fabula create {env}` creates it")
-    else:
-        print_table(out, report)
-
-
-@app.command()
-def destroy(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
-            yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
-            force: Annotated[bool, typer.Option(
-                "--force", help="break the lock of another command still running on ENV")] = False) -> None:
-    """Remove everything ENV made: processes, namespaces, links, firewall, data, secrets."""
-    out = Output()
-    ctx = open_environment(config, env, out)
-    if not yes:
-        if not sys.stdin.isatty():
-            raise FabulaError(f"destroy removes {env}'s data and cannot be undone", "pass --yes to confirm")
-        typer.confirm(f"Destroy {ctx.project}/{env} and all its data?", abort=True)
-    destroy_environment(ctx, force=force)
-    out.console.print(f"environment {env} destroyed")
-
-
-@app.command()
-def maintenance(env: EnvArgument, state: Annotated[str, typer.Argument(help="on or off")],
-                config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Turn maintenance mode on (every web server answers 503 with the maintenance page) or off."""
-    if state not in ("on", "off"):
-        raise FabulaError(f"maintenance takes `on` or `off`, not {state!r}")
-    ctx = open_environment(config, env, Output())
-    switch_maintenance(ctx, state == "on")
-
-
-@app.command(name="exec", context_settings={"allow_interspersed_args": False})
-def exec_(env: EnvArgument, server: Annotated[str, typer.Argument(help="server name, e.g. web1")],
-          command: Annotated[list[str], typer.Argument(help="command to run, after --")],
-          config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Run a command on one server of ENV (as root), e.g. `fabula exec testing db1 -- ps aux`."""
-    ctx = open_environment(config, env, Output())
-    require_server(ctx, server)
-    if command and command[0] == "--":
-        command = command[1:]
-    raise typer.Exit(ctx.host(server).interactive(command))
-
-
-@app.command()
-def logs(env: EnvArgument, server: Annotated[Optional[str], typer.Argument(help="server name")] = None,
-         service: Annotated[Optional[str], typer.Argument(help="service, e.g. gunicorn")] = None,
-         config: ConfigOption = DEFAULT_CONFIG,
-         follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
-         lines: Annotated[int, typer.Option("-n", "--lines")] = 50) -> None:
-    """Show the logs of ENV's services (all servers, one server, or one service)."""
-    ctx = open_environment(config, env, Output())
-    if server == "lb":  # the platform's programs: HAProxy and the autoscaler
-        files = [ctx.paths.lb_dir / "log" / f"{name}.log" for name in ([service] if service else
-                                                                        ["haproxy", "autoscaler"])]
-    else:
-        names = [require_server(ctx, server)] if server else sorted(ctx.state.servers)
-        files = []
-        for name in names:
-            record = ctx.state.servers[name]
-            services = ROLES[record.role].services_for(ctx)
-            if service and service not in services:
-                raise FabulaError(f"{name} ({record.role}) runs no service {service!r}",
-                                  f"use one of: {', '.join(services)}")
-            host = ctx.host(name)
-            files += [Path(str(host.path("log", f"{s}.log"))) for s in ([service] if service else services)]
-    files = [str(f) for f in files if f.exists()]
-    if not files:
-        raise FabulaError("no logs yet", f"has `fabula create {env}` run?")
-    raise typer.Exit(subprocess.call(["tail", "-n", str(lines), *(["-F"] if follow else []), *files]))
-
-
-def require_server(ctx, server: str) -> str:
-    if server not in ctx.state.servers:
-        known = ", ".join(sorted(ctx.state.servers)) or "none (run `fabula create` first)"
-        raise FabulaError(f"environment {ctx.env_name} has no server {server!r}", f"servers: {known}")
-    return server
-
-
-from fabula.cli import db as _db_commands, deploy as _deploy_commands, scaling as _scaling_commands  # noqa: E402
-
-_db_commands.register(app)
-_deploy_commands.register(app)
-_scaling_commands.register(app)
+for module in (environment_commands, deploy_commands, db_commands, scaling_commands):
+    module.register(app)
 
 
 def main() -> None:

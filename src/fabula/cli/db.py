@@ -12,12 +12,10 @@ from fabula.db.backup import backup, list_backups, restore
 from fabula.db.copy import copy_database, load_runtime
 from fabula.db.failover import promote, reset_replicas
 from fabula.db.status import db_status
-from fabula.operations import open_environment
+from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
+from fabula.environment.opening import open_environment
 from fabula.output import Output
 
-ConfigOption = Annotated[Path, typer.Option("-c", "--config", help="path of fabula.yml")]
-EnvArgument = Annotated[str, typer.Argument(help="environment name")]
-DEFAULT_CONFIG = Path("fabula.yml")
 
 
 def _lag(seconds: float | None) -> str:

@@ -9,16 +9,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fabula.cli import DEFAULT_CONFIG, ConfigOption, EnvArgument
+from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument, JsonOption
 from fabula.db.copy import load_runtime
-from fabula.deploy import audit, history as history_file, releases, rollout
+from fabula.deploy import releases, rollout
+from fabula.environment import audit, history as history_file
 from fabula.deploy.rollout import plan_report
 from fabula.errors import ConfigError as BadInput
 from fabula.roles import appserver
-from fabula.operations import open_environment
+from fabula.environment.opening import open_environment
 from fabula.output import Output
 
-JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 OUTCOME_STYLES = {"ok": "green", "failed": "red", "interrupted": "yellow"}
 
 

@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from fabula.cli import DEFAULT_CONFIG, ConfigOption, EnvArgument
+from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument, JsonOption
 from fabula.deploy import autoscaling
 from fabula.errors import ConfigError
-from fabula.operations import open_environment
+from fabula.environment.opening import open_environment
 from fabula.output import Output
 
 

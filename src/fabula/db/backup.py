@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from fabula.context import Context
-from fabula.deploy.audit import operation
+from fabula.environment.audit import operation
 from fabula.errors import FabulaError
 from fabula.maintenance import set_maintenance
 from fabula.roles import postgres

@@ -8,7 +8,7 @@ from pathlib import Path
 from fabula import pki, secrets
 from fabula.context import Context, Release
 from fabula.db.backup import backup, restore
-from fabula.deploy.audit import operation
+from fabula.environment.audit import operation
 from fabula.errors import FabulaError
 from fabula.roles import appserver
 

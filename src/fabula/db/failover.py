@@ -14,8 +14,9 @@ import time
 
 from fabula.context import Context
 from fabula.db.status import query, server_status
-from fabula.deploy.audit import operation
-from fabula.db.topology import apply_firewalls, apply_synchronous, repoint_app_servers
+from fabula.environment.audit import operation
+from fabula.db.topology import apply_synchronous, repoint_app_servers
+from fabula.environment.firewall import apply_firewalls
 from fabula.errors import FabulaError
 from fabula.roles import ROLES, postgres
 from fabula.supervisor import Supervisor

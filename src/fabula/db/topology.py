@@ -1,15 +1,10 @@
 """Keeping the environment in step with which database server is primary and which replicas
-serve: firewalls, synchronous replication, and the app servers' PgBouncers."""
+serve: synchronous replication, and the app servers' PgBouncers."""
 from __future__ import annotations
 
 from fabula.context import Context
-from fabula.roles import appserver, firewall_rules, postgres
+from fabula.roles import appserver, postgres
 from fabula.supervisor import Supervisor
-
-
-def apply_firewalls(ctx: Context) -> None:
-    for record in ctx.state.servers.values():
-        ctx.provider.apply_firewall(ctx.host(record.name), firewall_rules(ctx, record))
 
 
 def apply_synchronous(ctx: Context) -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 from fabula import pki, release as releases, secrets
 from fabula.config import AutoscalingConfig, EnvironmentConfig
 from fabula.context import Context, Release
-from fabula.deploy import lock
-from fabula.deploy.audit import Operation, operation
+from fabula.environment import lock
+from fabula.environment.audit import Operation, operation
 from fabula.deploy.group import launch_web_server, retire_web_server
 from fabula.errors import ConfigError, FabulaError
 from fabula.providers.base import SYSTEM_PATH

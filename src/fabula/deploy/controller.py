@@ -26,9 +26,9 @@ from fabula.deploy.autoscaling import (
     Locked, current_desired, converge, decide, decisions_path, failing, group_operation, in_service,
     log_decision, lock_holder, read_decisions, replace, set_desired, status_path, write_status,
 )
-from fabula.deploy.lock import now_iso
+from fabula.environment.lock import now_iso
 from fabula.errors import FabulaError
-from fabula.operations import open_environment
+from fabula.environment.opening import open_environment
 from fabula.output import Output
 
 DEFAULT_INTERVAL = 2.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from fabula.context import Context, Release
-from fabula.db.topology import apply_firewalls
+from fabula.environment.firewall import apply_firewalls
 from fabula.errors import FabulaError
 from fabula.providers.base import Backend
 from fabula.roles import ROLES

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from fabula import release
 from fabula.context import Context, Release
-from fabula.deploy.audit import operation
+from fabula.environment.audit import operation
 from fabula.errors import ExitStatus, FabulaError
 
 

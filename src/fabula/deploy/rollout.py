@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fabula import release as releases
 from fabula.context import Context, Release
-from fabula.deploy.audit import operation
+from fabula.environment.audit import operation
 from fabula.deploy.releases import build_release, resolve_revision
 from fabula.deploy.group import bring_into_service, launch_web_server, retire_web_server, set_backends, wait_healthy, web_names
 from fabula.errors import FabulaError

@@ -13,11 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fabula import pki, release, secrets
 from fabula.context import Context
-from fabula.deploy.audit import operation
+from fabula.environment.audit import operation
 from fabula.deploy.autoscaling import desired_for_create, start_controller
 from fabula.errors import ConfigError, FabulaError
 from fabula.providers.base import Backend, Host
-from fabula.db.topology import apply_firewalls, apply_synchronous
+from fabula.db.topology import apply_synchronous
+from fabula.environment.firewall import apply_firewalls
 from fabula.deploy.group import wait_healthy
 from fabula.roles import ROLES
 from fabula.roles.web import HTTPS_PORT

@@ -12,8 +12,8 @@ import os
 import shutil
 
 from fabula.context import Context
-from fabula.deploy import lock
-from fabula.deploy.audit import operation
+from fabula.environment import lock
+from fabula.environment.audit import operation
 
 
 def destroy(ctx: Context, force: bool = False) -> list[str]:

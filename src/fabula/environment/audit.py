@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import asdict
 
 from fabula.context import Context
-from fabula.deploy import history, lock
-from fabula.deploy.lock import Holder
+from fabula.environment import history, lock
+from fabula.environment.lock import Holder
 from fabula.errors import FabulaError
 
 OK, FAILED, INTERRUPTED = "ok", "failed", "interrupted"
