@@ -34,6 +34,8 @@ destroy-demo: venv
 	cd examples/polls && ../../$(FABULA) destroy testing --yes
 
 test: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src/fabula
 	FABULA_SSLYZE=$(CURDIR)/$(SSLYZE_VENV)/bin/sslyze $(VENV)/bin/pytest -v
 
 unit: venv

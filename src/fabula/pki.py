@@ -15,7 +15,6 @@ import ipaddress
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -53,7 +52,7 @@ def _key_pem(key) -> bytes:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
@@ -75,7 +74,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _san(names: list[str]) -> x509.SubjectAlternativeName:
-    entries = []
+    entries: list[x509.GeneralName] = []
     for n in names:
         try:
             entries.append(x509.IPAddress(ipaddress.ip_address(n)))
@@ -224,9 +223,10 @@ def needs_renewal(cert_pem: bytes | None, names: list[str], max_lifetime: dt.tim
     for other names, expiring within RENEW_BEFORE, or valid for longer than `max_lifetime`."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem or b"")
-        current = sorted(certificate_names(cert_pem))
+        current = sorted(certificate_names(cert_pem or b""))
     except ValueError:
         return True
     if current != sorted(names) or _expiring(cert):
         return True
-    return max_lifetime is not None and cert.not_valid_after_utc - cert.not_valid_before_utc > max_lifetime + dt.timedelta(days=1)
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return max_lifetime is not None and lifetime > max_lifetime + dt.timedelta(days=1)

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fabula.errors import ConfigError
+from fabula.errors import ConfigError, FabulaError
 
 DEFAULT_STATE_ROOT = Path("/var/lib/fabula")
 # what else lives directly under the state root: a project of one of these names would share it
@@ -134,7 +134,7 @@ class EnvPaths:
 class ServerRecord:
     name: str
     role: str
-    address: str
+    address: str = ""   # given by the provider when it makes the server
     release: str | None = None
     # a database server that must be rebuilt from the primary before it serves (e.g. a fenced
     # former primary): it admits no connections and is not used as a replica until then
@@ -165,7 +165,7 @@ class EnvState:
     autoscaling_suspended: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, paths: EnvPaths) -> "EnvState | None":
+    def load(cls, paths: EnvPaths) -> EnvState | None:
         """The environment's state, None if it has none; ConfigError if the file in its directory
         is another environment's (fabula never uses, nor destroys, another environment's files)."""
         if not paths.state_file.exists():
@@ -192,6 +192,13 @@ class EnvState:
     def one(self, role: str) -> ServerRecord | None:
         found = self.by_role(role)
         return found[0] if found else None
+
+    def require(self, role: str) -> ServerRecord:
+        """The first server of `role`; an error naming the role if the environment has none."""
+        found = self.one(role)
+        if found is None:
+            raise FabulaError(f"this environment has no {role} server", "run `fabula create` for it")
+        return found
 
     def serving_replicas(self) -> list[ServerRecord]:
         return [s for s in self.by_role("db-replica") if not s.rebuild]

@@ -114,7 +114,8 @@ def test_tls_pair_is_read_relative_to_the_config_and_kept_absolute(tmp_path, mon
 
 
 def test_host_names_and_addresses_are_accepted(tmp_path):
-    config = load_config(write(tmp_path, VALID + "    hosts: [example.com, .example.org, a-b.c.example, 10.1.2.3, '::1']\n"))
+    hosts = "    hosts: [example.com, .example.org, a-b.c.example, 10.1.2.3, '::1']\n"
+    config = load_config(write(tmp_path, VALID + hosts))
     assert config.environment("testing").hosts[-1] == "::1"
 
 

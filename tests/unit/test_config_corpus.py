@@ -14,13 +14,14 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fabula.cli import main
 from fabula.config import load_config
@@ -71,7 +72,7 @@ def tls_pair(folder: Path, name: str) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now)
             .not_valid_after(now + dt.timedelta(days=30)).sign(key, hashes.SHA256()))
@@ -210,8 +211,8 @@ CASES = [
     Case("requirements name too long", replace("requirements: requirements.txt", "requirements: " + "r" * 300),
          "r" * 20),
     Case("backups name too long", with_env("db: {backups: /srv/" + "b" * 300 + "}\n"), "b" * 20),
-    Case("python name too long", replace("  manage: manage.py\n", "  manage: manage.py\n  python: /" + "p" * 300 + "\n"),
-         "app.python"),
+    Case("python name too long",
+         replace("  manage: manage.py\n", "  manage: manage.py\n  python: /" + "p" * 300 + "\n"), "app.python"),
     # -- subnets
     Case("subnet not private", with_env("subnet: 8.8.8.0/24\n"), "RFC 1918"),
     Case("subnet too large", with_env("subnet: 10.0.0.0/8\n"), "prefix length"),
@@ -256,7 +257,8 @@ def cli(monkeypatch, capsys, tmp_path):
 
     built = {}
     real = typer.main.get_command
-    monkeypatch.setattr(typer.main, "get_command", lambda app: built.get(id(app)) or built.setdefault(id(app), real(app)))
+    monkeypatch.setattr(typer.main, "get_command",
+                        lambda app: built.get(id(app)) or built.setdefault(id(app), real(app)))
     monkeypatch.setenv("FABULA_STATE_DIR", str(tmp_path / "state"))
     return lambda config: run_in_process(config, capsys, monkeypatch)
 

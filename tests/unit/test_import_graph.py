@@ -89,7 +89,8 @@ def test_only_the_registry_imports_the_local_provider():
     known = modules()
     importers = sorted(name for name, path in known.items()
                        if unit(name) != "fabula.providers.local"
-                       and any(unit(t) == "fabula.providers.local" for t in imports(path) if t.startswith("fabula.providers.local")))
+                       and any(unit(t) == "fabula.providers.local" for t in imports(path)
+                               if t.startswith("fabula.providers.local")))
     assert importers == [REGISTRY]
 
 

@@ -111,7 +111,7 @@ def test_ca_certificate_is_renewed_within_30_days_with_the_same_key(tmp_path, mo
     new = pki.CertificateAuthority(paths(tmp_path))
     assert new.cert_pem != old.cert_pem
     new_cert = x509.load_pem_x509_certificate(new.cert_pem)
-    assert new_cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) > dt.timedelta(days=800)
+    assert new_cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=800)
     # what the old certificate issued still verifies: same key, same name
     assert openssl_verify(new.cert_pem, leaf.cert_pem, tmp_path).returncode == 0
     assert pki.CertificateAuthority(paths(tmp_path)).cert_pem == new.cert_pem   # and then it stays
@@ -124,7 +124,7 @@ def test_ca_certificate_without_the_extensions_is_signed_again(tmp_path):
     ca = pki.CertificateAuthority(p)
     key = serialization.load_pem_private_key((p.pki_dir / "ca.key").read_bytes(), None)
     name = x509.load_pem_x509_certificate(ca.cert_pem).subject
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     legacy = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
               .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=800))
               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
 from fabula.db.backup import backup, list_backups, restore
 from fabula.db.copy import copy_database, load_runtime
 from fabula.db.failover import promote, reset_replicas
 from fabula.db.status import db_status
-from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
 from fabula.environment.opening import open_environment
 from fabula.output import Output
-
 
 
 def _lag(seconds: float | None) -> str:
@@ -55,7 +54,7 @@ def register(app: typer.Typer) -> None:
 
     @db_app.command("promote")
     def promote_(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
-                 replica: Annotated[Optional[str], typer.Option("--replica", help="which replica")] = None) -> None:
+                 replica: Annotated[str | None, typer.Option("--replica", help="which replica")] = None) -> None:
         """Make a replica the primary: fence the old primary, promote, repoint every PgBouncer."""
         out = Output()
         ctx = open_environment(config, env, out)
@@ -77,7 +76,7 @@ def register(app: typer.Typer) -> None:
 
     @db_app.command("backup")
     def backup_(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
-                to: Annotated[Optional[Path], typer.Option("--to", help="file or folder")] = None) -> None:
+                to: Annotated[Path | None, typer.Option("--to", help="file or folder")] = None) -> None:
         """Back up the app's database (pg_dump custom format, from the primary)."""
         out = Output()
         ctx = open_environment(config, env, out)
@@ -103,7 +102,8 @@ def register(app: typer.Typer) -> None:
     @db_app.command("restore")
     def restore_(env: EnvArgument, backup_file: Annotated[Path, typer.Argument(help="a backup file")],
                  config: ConfigOption = DEFAULT_CONFIG,
-                 force: Annotated[bool, typer.Option("--force", help="restore another database's backup")] = False) -> None:
+                 force: Annotated[bool, typer.Option("--force",
+                                                     help="restore another database's backup")] = False) -> None:
         """Restore a backup as the app's database, under maintenance mode."""
         out = Output()
         ctx = open_environment(config, env, out)

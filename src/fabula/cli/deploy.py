@@ -3,7 +3,7 @@ record of operations."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -12,12 +12,13 @@ from rich.table import Table
 from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument, JsonOption
 from fabula.db.copy import load_runtime
 from fabula.deploy import releases, rollout
-from fabula.environment import audit, history as history_file
 from fabula.deploy.rollout import plan_report
-from fabula.errors import ConfigError as BadInput
-from fabula.roles import appserver
+from fabula.environment import audit
+from fabula.environment import history as history_file
 from fabula.environment.opening import open_environment
+from fabula.errors import ConfigError as BadInput
 from fabula.output import Output
+from fabula.roles import appserver
 
 OUTCOME_STYLES = {"ok": "green", "failed": "red", "interrupted": "yellow"}
 
@@ -91,7 +92,7 @@ def print_plan(out: Output, plan: dict) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def deploy(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
-               rev: Annotated[Optional[str], typer.Option("--rev", help="git revision (default HEAD)")] = None,
+               rev: Annotated[str | None, typer.Option("--rev", help="git revision (default HEAD)")] = None,
                serial: Annotated[bool, typer.Option("--serial", help="replace web servers one at a time")] = False,
                full: Annotated[bool, typer.Option("--full", help="upgrade page, then swap all servers")] = False,
                plan: Annotated[bool, typer.Option("--plan", help="show what would happen; change nothing")] = False,

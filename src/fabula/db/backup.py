@@ -79,7 +79,7 @@ def private_dir(folder: Path, own: bool) -> None:
     if stat.S_ISLNK(info.st_mode):
         raise FabulaError(f"the backups folder {folder} is a symlink (to {os.readlink(folder)}): "
                           "fabula writes database dumps only into a real folder; nothing was written",
-                          f"point db.backups or --to at the folder itself")
+                          "point db.backups or --to at the folder itself")
     if not stat.S_ISDIR(info.st_mode):
         raise FabulaError(f"{folder} is not a folder; nothing was written", "pass --to a folder or a new file's path")
     if info.st_uid != os.geteuid():
@@ -126,7 +126,7 @@ def _backup(ctx: Context, to: Path | None) -> Path:
     host = primary_host(ctx)
     db = ctx.database_name
     size = int(postgres.psql(host, f"SELECT pg_database_size('{db}')").stdout.strip())
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     name = f"{ctx.project}-{ctx.env_name}-{stamp}{SUFFIX}"
     to = Path(to) if to else None
     if to is not None and to.is_symlink():
@@ -162,11 +162,12 @@ def _backup(ctx: Context, to: Path | None) -> Path:
     finally:
         host.run(["rm", "-f", str(remote)])
         shutil.rmtree(work, ignore_errors=True)
+    size = target.stat().st_size
     meta = {"project": ctx.project, "environment": ctx.env_name, "database": db,
-            "created": stamp, "size": target.stat().st_size, "sha256": _sha256(target),
+            "created": stamp, "size": size, "sha256": _sha256(target),
             "release": ctx.state.release, "format": "pg_dump custom (-Fc)"}
     write_new(target.with_name(target.name + ".json"), json.dumps(meta, indent=2).encode())
-    ctx.out.step("backup", f"{target} ({meta['size'] // 1024} KiB)")
+    ctx.out.step("backup", f"{target} ({size // 1024} KiB)")
     return target
 
 
@@ -204,7 +205,7 @@ def restore(ctx: Context, source: Path, force: bool = False, migrate=None) -> st
         raise FabulaError(f"no backup file {source}", f"`fabula db backups {ctx.env_name}` lists them")
     host = primary_host(ctx)
     db = ctx.database_name
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
     remote = db_scratch(host) / f"restore-{stamp}{SUFFIX}"
     host.push_file(source, remote, owner=host.accounts.db)
     staging, kept = f"{db}_restoring", f"{db}_before_restore_{stamp}"

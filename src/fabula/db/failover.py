@@ -14,8 +14,8 @@ import time
 
 from fabula.context import Context
 from fabula.db.status import query, server_status
-from fabula.environment.audit import operation
 from fabula.db.topology import apply_synchronous, repoint_app_servers
+from fabula.environment.audit import operation
 from fabula.environment.firewall import apply_firewalls
 from fabula.errors import FabulaError
 from fabula.roles import ROLES, postgres
@@ -45,10 +45,13 @@ def shutdown_checkpoint(ctx: Context, name: str) -> int:
     host = ctx.host(name)
     out = host.check([str(postgres.PG_BIN / "pg_controldata"), str(postgres.data_dir(host))],
                      user=host.accounts.db).stdout
-    state = re.search(r"Database cluster state:\s+(.+)", out).group(1).strip()
-    if state != "shut down":
-        raise FabulaError(f"{name}: PostgreSQL did not shut down cleanly ({state})")
-    return lsn_value(re.search(r"Latest checkpoint location:\s+(\S+)", out).group(1))
+    state = re.search(r"Database cluster state:\s+(.+)", out)
+    checkpoint = re.search(r"Latest checkpoint location:\s+(\S+)", out)
+    if state is None or checkpoint is None:
+        raise FabulaError(f"{name}: pg_controldata's output has no cluster state or checkpoint location:\n{out}")
+    if state.group(1).strip() != "shut down":
+        raise FabulaError(f"{name}: PostgreSQL did not shut down cleanly ({state.group(1).strip()})")
+    return lsn_value(checkpoint.group(1))
 
 
 def fence(ctx: Context, name: str) -> list[str]:
@@ -76,7 +79,7 @@ def fence(ctx: Context, name: str) -> list[str]:
 
 
 def promote(ctx: Context, replica: str | None = None) -> dict:
-    old = ctx.state.one("db-primary").name
+    old = ctx.state.require("db-primary").name
     new = choose_replica(ctx, replica)
     with operation(ctx, "db promote") as op:
         op.details.update(from_primary=old, to_primary=new)
@@ -140,7 +143,7 @@ def wait_replayed(ctx: Context, replica: str, target: int, old: str, timeout: fl
 
 def reset_replicas(ctx: Context) -> None:
     """Rebuild every replica from the current primary (a former primary becomes a replica)."""
-    primary = ctx.host(ctx.state.one("db-primary").name)
+    primary = ctx.host(ctx.state.require("db-primary").name)
     replicas = ctx.state.by_role("db-replica")
     if not replicas:
         raise FabulaError(f"{ctx.env_name} has no replica", "set servers.db-replica in fabula.yml and run create")

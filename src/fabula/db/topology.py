@@ -11,7 +11,7 @@ def apply_synchronous(ctx: Context) -> None:
     """With db.synchronous, make the primary wait for its streaming replicas on commit. Set only
     once they stream: before that, a commit would wait for a replica that is not there."""
     wanted = [r.name for r in ctx.state.serving_replicas()] if ctx.env.db.synchronous else []
-    primary = ctx.host(ctx.state.one("db-primary").name)
+    primary = ctx.host(ctx.state.require("db-primary").name)
     if wanted != ctx.state.sync_standbys:
         ctx.state.sync_standbys = wanted
         ctx.state.save(ctx.paths)

@@ -85,14 +85,14 @@ class Holder:
     command: str
 
     @classmethod
-    def of_this_process(cls, action: str, command: str) -> "Holder":
+    def of_this_process(cls, action: str, command: str) -> Holder:
         return cls(id=uuid.uuid4().hex[:12], owner=owner(), host=socket.gethostname(), pid=os.getpid(),
                    pid_start=process_start(os.getpid()), boot_id=boot_id(), started=now_iso(),
                    action=action, command=command)
 
     @classmethod
-    def from_json(cls, raw: dict) -> "Holder":
-        return cls(**{name: raw.get(name) for name in cls.__dataclass_fields__})
+    def from_json(cls, raw: dict) -> Holder:
+        return cls(**{name: raw.get(name) for name in cls.__dataclass_fields__})  # type: ignore[arg-type]
 
     def on_this_host(self) -> bool:
         return self.host == socket.gethostname()
