@@ -34,15 +34,19 @@ FIGURES: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def env():
-    environment = None
     try:
         with running_environment("scale", servers=SERVERS, extra=AUTOSCALING) as environment:
             yield environment
+            # destroy stops the autoscaler (its command line names the environment's directory, so
+            # leftovers() sees it) and everything else: checked here, right after destroy and before
+            # running_environment's safety net force-cleans whatever is left (its own destroy is then
+            # a no-op on an environment that is gone)
+            destroyed = environment.fabula("destroy", ENV, "--yes", timeout=300)
+            assert destroyed.returncode == 0, destroyed.stderr
+            assert leftovers(environment) == []
     finally:
         if FIGURES:
             print("\nautoscaling figures: " + ", ".join(f"{k} {v:.1f}s" for k, v in FIGURES.items()))
-        if environment is not None:  # destroy stopped the autoscaler and everything else
-            assert leftovers(environment) == []
 
 
 # -- looking at the environment without the CLI (describe takes seconds) -------------------------

@@ -2,6 +2,7 @@
 replicas rebuilt, backups that restore. One environment with synchronous replication."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -121,6 +122,12 @@ def test_emergency_promote_after_kill_9_loses_no_acknowledged_write(env):
     assert db_status(env)[old]["state"] == "streaming"
 
 
+def backups_listed(env) -> list[dict]:
+    listed = env.fabula("db", "backups", ENV, "--json")
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)
+
+
 def dump_of_entries(env, server: str) -> str:
     return env.psql(server, "SELECT id, text, server FROM notes_entry ORDER BY id")
 
@@ -132,10 +139,23 @@ def test_backup_then_drop_then_restore_gives_back_the_same_data(env, tmp_path):
     made = env.fabula("db", "backup", ENV, "--to", str(tmp_path))
     assert made.returncode == 0, made.stderr
     backup_file = made.stdout.strip().splitlines()[-1]
-    assert backup_file in env.fabula("db", "backups", ENV, "--json").stdout or backup_file.startswith(str(tmp_path))
+    assert Path(backup_file).parent == tmp_path  # where --to said, under the name it printed
     for path in (backup_file, backup_file + ".json"):  # root's only, and nothing else left beside
         assert os.stat(path).st_mode & 0o777 == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(backup_file).name, Path(backup_file).name + ".json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(backup_file).name,
+                                                                 Path(backup_file).name + ".json"])
+    # without --to the backup goes to the environment's backups folder, and `db backups` lists it
+    # (and only it as new) with what was recorded when it was made
+    listed_before = {b["path"] for b in backups_listed(env)}
+    made_default = env.fabula("db", "backup", ENV)
+    assert made_default.returncode == 0, made_default.stderr
+    default_file = made_default.stdout.strip().splitlines()[-1]
+    listed = {b["path"]: b for b in backups_listed(env)}
+    assert set(listed) - listed_before == {default_file}
+    entry = listed[default_file]
+    assert entry["size"] == os.stat(default_file).st_size > 0
+    assert (entry["project"], entry["environment"], entry["database"]) == (env.project, ENV,
+                                                                           env.project.replace("-", "_"))
     env.psql(primary, "DROP TABLE notes_entry CASCADE")
     restored = env.fabula("db", "restore", ENV, backup_file)
     assert restored.returncode == 0, restored.stderr
