@@ -7,10 +7,10 @@ import textwrap
 import pytest
 
 from fabula.config import AutoscalingConfig, EnvironmentConfig, load_config
-from fabula.deploy.autoscaling import (
-    HOLD, SCALE_IN, SCALE_OUT, DemandMeter, HealthTracker, decide, decision_line, desired_for_create,
-    describe_lines,
+from fabula.autoscaling.policy import (
+    HOLD, SCALE_IN, SCALE_OUT, DemandMeter, HealthTracker, decide, desired_for_create,
 )
+from fabula.cli.scaling import decision_line, describe_lines
 from fabula.errors import ConfigError
 from fabula.state import EnvState
 

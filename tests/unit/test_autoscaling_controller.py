@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from fabula.config import EnvironmentConfig
-from fabula.deploy import controller as controller_module
+from fabula.autoscaling import controller as controller_module
 from fabula.environment import history, lock
-from fabula.deploy.controller import Controller
+from fabula.autoscaling.controller import Controller
 from fabula.output import Output
 from fabula.state import EnvPaths, EnvState, ServerRecord
 

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from fabula.cli.deploy import lock_line
 from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
+from fabula.cli.scaling import describe_lines
 from fabula.environment.opening import open_environment
 from fabula.errors import FabulaError
 from fabula.operations.maintenance import switch as switch_maintenance
@@ -48,7 +49,6 @@ def print_table(out: Output, report: dict) -> None:
     if report.get("lock"):
         out.console.print(lock_line(report["lock"]))
     if report.get("autoscaling"):
-        from fabula.deploy.autoscaling import describe_lines
         for line in describe_lines(report["autoscaling"]):
             out.console.print(line, markup=False, highlight=False)
 

@@ -1,5 +1,6 @@
 """`fabula scale`, `fabula autoscaling`, and the autoscaler program itself (hidden): the web
-group's desired count, suspending and resuming the autoscaler, and its decisions."""
+group's desired count, suspending and resuming the autoscaler, and its decisions; the web group
+as text (under `fabula describe`'s table, and the decisions)."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,48 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument, JsonOption
-from fabula.deploy import autoscaling
+from fabula.autoscaling.actions import scale as scale_group, set_suspended
+from fabula.autoscaling.log import decisions_path, read_decisions
+from fabula.autoscaling.policy import check_desired, fmt, unit
+from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
 from fabula.errors import ConfigError
 from fabula.environment.opening import open_environment
 from fabula.output import Output
+
+
+def describe_lines(report: dict) -> list[str]:
+    """The web group (autoscaling.report's group_report) as plain lines under `describe`'s table."""
+    per = unit(report["metric"])
+    demand = report["demand"]
+    if demand["per_server"] is not None:
+        now = f"{fmt(demand['per_server'])} {per} per server ({fmt(demand['total'])} in all)"
+    elif demand["total"] is not None:
+        now = f"{fmt(demand['total'])} {per} in all"
+    else:
+        now = "not measured"
+    kind = "autoscaling" if report["configured"] else "fixed (no `autoscaling` in fabula.yml; self-healing only)"
+    target = f"target {fmt(report['target'])} {per} per server; " if report["configured"] else ""
+    lines = [f"web group: {report['in_service']} in service, desired {report['desired']} "
+             f"(min {report['min']}, max {report['max']}), {kind}",
+             f"  {target}demand now {now}; autoscaler {report['controller']}; "
+             f"suspended: {', '.join(report['suspended']) or 'none'}"]
+    for entry in report["decisions"]:
+        lines.append("  " + decision_line(entry))
+    return lines
+
+
+def decision_line(entry: dict) -> str:
+    """One entry of the decisions log as a line."""
+    when = (entry.get("time") or "").replace("T", " ")[:19]
+    action = entry.get("action", "?")
+    change = f" {entry['from']} -> {entry['to']}" if "from" in entry and "to" in entry else ""
+    outcome = entry.get("outcome")
+    took = f", {entry['seconds']:.1f}s" if isinstance(entry.get("seconds"), (int, float)) else ""
+    servers = "".join(f" {label} {', '.join(entry[key])}" for key, label in (("retired", "-"), ("launched", "+"))
+                      if entry.get(key))
+    tail = f" [{outcome}{took}]" if outcome else ""
+    error = f": {entry['error']}" if entry.get("error") else ""
+    return f"{when} {action}{change}{servers}: {entry.get('reason', '')}{tail}{error}"
 
 
 def register(app: typer.Typer) -> None:
@@ -25,9 +63,9 @@ def register(app: typer.Typer) -> None:
         """Set the web group's desired count (within min..max) and launch or retire web servers now."""
         out = Output()
         ctx = open_environment(config, env, out)
-        autoscaling.check_desired(ctx, desired)  # bad input: nothing is touched, not even the lock
+        check_desired(ctx, desired)  # bad input: nothing is touched, not even the lock
         ctx.provider.check_prerequisites()
-        result = autoscaling.scale(ctx, desired)
+        result = scale_group(ctx, desired)
         if as_json:
             print(json.dumps(result, indent=2))
             return
@@ -52,21 +90,21 @@ def register(app: typer.Typer) -> None:
         if action in ("suspend", "resume"):
             if not ctx.paths.state_file.exists():
                 raise ConfigError(f"environment {env} does not exist", f"`fabula create {env}` creates it")
-            suspended = autoscaling.set_suspended(ctx, action == "suspend", process)
+            suspended = set_suspended(ctx, action == "suspend", process)
             if as_json:
                 print(json.dumps({"suspended": suspended}))
             else:
                 out.console.print(f"autoscaling of {env}: suspended processes: {', '.join(suspended) or 'none'}",
                                   highlight=False)
         elif action == "decisions":
-            entries = autoscaling.read_decisions(autoscaling.decisions_path(ctx.paths), last=last)
+            entries = read_decisions(decisions_path(ctx.paths), last=last)
             if as_json:
                 print(json.dumps(entries, indent=2))
             elif not entries:
                 out.console.print(f"no autoscaling decisions recorded for {env}")
             else:
                 for entry in entries:
-                    out.console.print(escape(autoscaling.decision_line(entry)), highlight=False)
+                    out.console.print(escape(decision_line(entry)), highlight=False)
         else:
             raise ConfigError(f"autoscaling takes suspend, resume or decisions, not {action!r}")
 
@@ -74,6 +112,6 @@ def register(app: typer.Typer) -> None:
     def autoscaler(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
                    decisions: Annotated[Optional[Path], typer.Option(help="the decisions log")] = None) -> None:
         """The autoscaler itself: runs until stopped (`create` starts it under the platform's supervisor)."""
-        from fabula.deploy.controller import Controller
+        from fabula.autoscaling.controller import Controller
 
         Controller(config.resolve(), env, decisions).run()

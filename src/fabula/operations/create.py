@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from fabula import pki, release, secrets
 from fabula.context import Context
 from fabula.environment.audit import operation
-from fabula.deploy.autoscaling import desired_for_create, start_controller
+from fabula.autoscaling.controller import start_controller
+from fabula.autoscaling.policy import desired_for_create
 from fabula.errors import ConfigError, FabulaError
 from fabula.providers.base import Backend, Host
 from fabula.db.topology import apply_synchronous

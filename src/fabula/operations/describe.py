@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fabula.context import Context
 from fabula.db.status import replication
 from fabula.environment import lock
-from fabula.deploy.autoscaling import group_report
+from fabula.autoscaling.report import group_report
 from fabula.roles import ROLES
 from fabula.supervisor import RUNNING, Supervisor
 

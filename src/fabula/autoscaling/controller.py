@@ -7,32 +7,80 @@ server's health; then, in this order, it
   1. (healing) replaces a web server that has failed its health check for longer than
      `health_grace` after it was in service, or launches/retires servers if the group does not
      have its desired count;
-  2. (scaling) decides the desired count from the demand (see autoscaling.decide) and converges.
+  2. (scaling) decides the desired count from the demand (see policy.decide) and converges.
 Each change is one operation: the environment's lock, a history record, the group primitives.
 When another command holds the lock (a deploy, `fabula scale`), the round is skipped. Every
 decision and every change wanted but held back (cooldown, max, suspended, locked) is appended
 to <env dir>/autoscaler.jsonl with its reason, and printed to the program's log.
+
+`create` installs it under the platform's supervisor (start_controller); it runs as
+`python -I -m fabula autoscaler ENV` (the hidden command of cli/scaling.py).
 """
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fabula.context import Context
-from fabula.deploy.autoscaling import (
-    ACTION, BACKOFF_FIRST, BACKOFF_MAX, HOLD, PROGRAM, SCALE_IN, SCALE_OUT, DemandMeter, HealthTracker,
-    Locked, current_desired, converge, decide, decisions_path, failing, group_operation, in_service,
-    log_decision, lock_holder, read_decisions, replace, set_desired, status_path, write_status,
+from fabula.autoscaling.actions import Locked, converge, group_operation, lock_holder, replace, set_desired
+from fabula.autoscaling.log import decisions_path, log_decision, read_decisions, status_path, write_status
+from fabula.autoscaling.policy import (
+    HOLD, SCALE_IN, SCALE_OUT, DemandMeter, HealthTracker, current_desired, decide, failing, fmt, group_config,
+    in_service, unit,
 )
+from fabula.context import Context
+from fabula.environment.audit import AUTOSCALER_ACTION
 from fabula.environment.lock import now_iso
-from fabula.errors import FabulaError
 from fabula.environment.opening import open_environment
+from fabula.errors import FabulaError
 from fabula.output import Output
+from fabula.providers.base import SYSTEM_PATH
+from fabula.supervisor import Program
 
+PROGRAM = "autoscaler"
 DEFAULT_INTERVAL = 2.0
+# after a failed change the autoscaler waits before trying again: 15 s, 30 s, ... up to 10 min
+BACKOFF_FIRST, BACKOFF_MAX = 15.0, 600.0
 
+
+# -- its installation --------------------------------------------------------------------------
+
+def controller_program(ctx: Context) -> Program:
+    """The autoscaler as a program of the load balancer's (the platform's) supervisor."""
+    # it runs as root: fabula's own code only, never a module of the app's folder (`-I`: no
+    # current directory or script folder on sys.path, no PYTHON* variables, no user site), from
+    # the environment's state directory, with a fixed PATH
+    return Program(
+        name=PROGRAM,
+        command=[sys.executable, "-I", "-m", "fabula", "autoscaler", ctx.env_name, "-c", str(ctx.config.path),
+                 "--decisions", str(decisions_path(ctx.paths))],
+        environment={"FABULA_STATE_DIR": str(ctx.paths.root), "PATH": SYSTEM_PATH, "PYTHONUNBUFFERED": "1"},
+        directory=str(ctx.paths.env_dir), stopsignal="TERM", stopwaitsecs=20)
+
+
+def start_controller(ctx: Context) -> None:
+    """(Re)start the autoscaler under the platform's supervisor, so it runs the current code."""
+    supervisor = ctx.provider.load_balancer.supervisor
+    supervisor.ensure_running()
+    if not supervisor.apply([controller_program(ctx)]):
+        supervisor.restart(PROGRAM)
+    supervisor.wait_running([PROGRAM], timeout=30)
+    group = group_config(ctx)
+    ctx.out.step(PROGRAM, f"running (web group: desired {current_desired(ctx)}, min {group.min}, max {group.max}, "
+                          f"target {fmt(group.target)} {unit(group.metric)} per server)")
+
+
+def controller_state(ctx: Context) -> str:
+    """The autoscaler program's state under the platform's supervisor (running, stopped...)."""
+    lb = ctx.provider.load_balancer
+    if not lb.is_running():
+        return "not running"
+    return (lb.supervisor.status().get(PROGRAM) or "not installed").lower()
+
+
+# -- the program -------------------------------------------------------------------------------
 
 class ClockOutput(Output):
     """Progress lines with the time of day: the program's log runs for days."""
@@ -198,7 +246,7 @@ class Controller:
         self.meter = None  # the change reloads the load balancer (its counters restart): measure afresh
         entry = {"action": action, "reason": reason, **(measured or {}), **entry}
         try:
-            with group_operation(ctx, ACTION, command=f"fabula autoscaler {ctx.env_name} ({action})") as op:
+            with group_operation(ctx, AUTOSCALER_ACTION, command=f"fabula autoscaler {ctx.env_name} ({action})") as op:
                 op.details.update(decision=action, reason=reason)
                 if still is not None and not still(ctx):
                     self.notice(ctx, "skip", f"{action} no longer needed: the group changed meanwhile",
