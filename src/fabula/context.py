@@ -40,11 +40,7 @@ class Context:
     def database_name(self) -> str:
         return self.project.replace("-", "_")
 
-    def addresses(self, *roles: str) -> list[str]:
-        return [s.address for s in self.state.servers.values() if s.role in roles]
-
     def host(self, name: str) -> Host:
         if name not in self.hosts:
-            record = self.state.servers[name]
-            self.hosts[name] = self.provider.host(record.name, record.role, record.address)
+            self.hosts[name] = self.provider.host(name)
         return self.hosts[name]

@@ -50,12 +50,16 @@ class Supervisor:
     def ctl(self, *args: str, timeout: float = 120):
         return self.host.run(["supervisorctl", "-c", str(self.conf), *args], timeout=timeout)
 
+    def is_running(self) -> bool:
+        return self.ctl("pid", timeout=15).stdout.strip().isdigit()
+
     def ensure_running(self) -> None:
         self.host.make_dirs([self.host.path("supervisor"), self.programs_dir, self.host.path("log"),
                              self.host.path("run")])
         self.host.put_file(self.conf, render(__file__, "supervisord.conf.j2", name=self.host.name,
                                              root=str(self.host.root)))
-        self.host.start_supervisor(self.conf)
+        if not self.is_running():
+            self.host.check(["supervisord", "-c", str(self.conf)])
 
     def apply(self, programs: list[Program]) -> set[str]:
         """Install exactly these programs; start new ones and restart changed ones. Returns those."""

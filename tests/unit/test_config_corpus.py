@@ -294,7 +294,7 @@ def check_refusal(code, err: str, problem: str, named: str, expect: str) -> list
     return failures
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(600)
 def test_the_corpus_of_bad_files_gives_clean_errors(tmp_path, capsys, cli):
     tried, clean, tracebacks, report = 0, 0, 0, []
     for number, case in enumerate(CASES):
@@ -306,7 +306,7 @@ def test_the_corpus_of_bad_files_gives_clean_errors(tmp_path, capsys, cli):
         code, err, problem = cli(config)
         elapsed = time.monotonic() - started
         failures = check_refusal(code, err, problem, str(config), case.expect)
-        if elapsed > 5:
+        if elapsed > 30:  # a hang (e.g. an alias bomb being expanded), not a slow machine
             failures.append(f"took {elapsed:.1f}s")
         tried += 1
         tracebacks += bool(problem or "Traceback" in err)
@@ -375,7 +375,7 @@ def loads_or_refuses(config: Path, content: bytes) -> None:
     assert time.monotonic() - started < 5
 
 
-PROPERTY_SETTINGS = settings(max_examples=100, deadline=dt.timedelta(seconds=5), derandomize=True,
+PROPERTY_SETTINGS = settings(max_examples=100, deadline=dt.timedelta(seconds=30), derandomize=True,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -19,8 +17,8 @@ from fabula.operations.maintenance import switch as switch_maintenance
 from fabula.operations.create import create as create_environment
 from fabula.operations.describe import describe as describe_environment
 from fabula.operations.destroy import destroy as destroy_environment
+from fabula.operations.logs import log_sources, show_logs
 from fabula.output import Output
-from fabula.roles import ROLES
 
 
 def _status_style(value: str | None) -> str:
@@ -131,21 +129,4 @@ def register(app: typer.Typer) -> None:
              lines: Annotated[int, typer.Option("-n", "--lines")] = 50) -> None:
         """Show the logs of ENV's services (all servers, one server, or one service)."""
         ctx = open_environment(config, env, Output())
-        if server == "lb":  # the platform's programs: HAProxy and the autoscaler
-            files = [ctx.paths.lb_dir / "log" / f"{name}.log" for name in ([service] if service else
-                                                                            ["haproxy", "autoscaler"])]
-        else:
-            names = [require_server(ctx, server)] if server else sorted(ctx.state.servers)
-            files = []
-            for name in names:
-                record = ctx.state.servers[name]
-                services = ROLES[record.role].services_for(ctx)
-                if service and service not in services:
-                    raise FabulaError(f"{name} ({record.role}) runs no service {service!r}",
-                                      f"use one of: {', '.join(services)}")
-                host = ctx.host(name)
-                files += [Path(str(host.path("log", f"{s}.log"))) for s in ([service] if service else services)]
-        files = [str(f) for f in files if f.exists()]
-        if not files:
-            raise FabulaError("no logs yet", f"has `fabula create {env}` run?")
-        raise typer.Exit(subprocess.call(["tail", "-n", str(lines), *(["-F"] if follow else []), *files]))
+        raise typer.Exit(show_logs(log_sources(ctx, server, service), lines, follow))

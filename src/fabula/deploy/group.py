@@ -47,8 +47,8 @@ def launch_web_server(ctx: Context, release: Release, in_service: bool = True) -
     record.release = release.id
     ctx.state.servers[record.name] = record
     ctx.state.save(ctx.paths)  # recorded before it exists, so destroy finds it after a crash
-    ctx.out.step(record.name, f"launching from release {release.id} at {record.address}")
-    host = ctx.provider.ensure_server(record.name, record.role, record.address)
+    host = ctx.provider.ensure_server(record.name, record.role)
+    ctx.out.step(record.name, f"launching from release {release.id} at {host.address}")
     ctx.hosts[record.name] = host
     apply_firewalls(ctx)  # the cache and databases admit the new address
     Supervisor(host).ensure_running()
@@ -79,9 +79,8 @@ def retire_web_server(ctx: Context, name: str, timeout: float = DRAIN_TIMEOUT) -
     if name in serving(ctx):
         lb.drain(name)
         ctx.out.step(name, "draining")
-        deadline = time.monotonic() + timeout
-        while lb.active_requests(name) > 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        if not lb.wait_drained(name, timeout):
+            ctx.out.warn(f"{name} still serves requests after {timeout:.0f}s of draining: they are cut")
         set_backends(ctx, [n for n in serving(ctx) if n != name and n in ctx.state.servers])
     ctx.provider.remove_server(name)
     ctx.state.servers.pop(name, None)

@@ -49,7 +49,7 @@ def migration_plan(ctx: Context, new: Release) -> list[dict]:
     """The migrations `new` would apply, each operation marked additive or not (run on the
     worker, with the new release's code, against the live database; changes nothing)."""
     host = migration_host(ctx)
-    path = host.install_release(new.path, new.id)
+    path = appserver.put_release(host, new)
     script = host.path("tmp", "fabula_migration_plan.py")
     host.make_dirs([host.path("tmp")])  # root's: the app's user only reads the script
     host.put_file(script, PLAN_SCRIPT.read_bytes())

@@ -6,7 +6,6 @@ load balancer last, so web servers take traffic only once the schema is in place
 """
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,22 +25,6 @@ from fabula.roles.web import HTTPS_PORT
 from fabula.roles.worker import migrate
 from fabula.supervisor import Supervisor
 from fabula.topology import plan_servers
-
-
-def check_ports_free(ctx: Context) -> None:
-    lb = ctx.env.lb
-    if ctx.provider.load_balancer.is_running():
-        return  # ours already holds them
-    for key, port in (("https_port", lb.https_port), ("http_port", lb.http_port)):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((str(lb.bind), port))
-            except OSError as exc:
-                raise ConfigError(f"{ctx.config.path}: environments.{ctx.env_name}.lb.{key}: "
-                                  f"{lb.bind}:{port} is not available ({exc.strerror})",
-                                  "choose a free port, or stop what uses it "
-                                  f"(`ss -ltnp 'sport = :{port}'` shows it)") from None
 
 
 def check_subnet_unchanged(ctx: Context) -> None:
@@ -68,7 +51,7 @@ def in_parallel(ctx: Context, items: list, action: Callable) -> list:
 
 def create(ctx: Context) -> None:
     ctx.provider.check_prerequisites()
-    check_ports_free(ctx)
+    ctx.provider.check_can_create(str(ctx.config.path))
     check_subnet_unchanged(ctx)
     started = time.monotonic()
     if not ctx.state.subnet:
@@ -92,7 +75,7 @@ def create(ctx: Context) -> None:
             ctx.provider.ensure_network()
             servers = list(ctx.state.servers.values())
             for record in servers:
-                ctx.hosts[record.name] = ctx.provider.ensure_server(record.name, record.role, record.address)
+                ctx.hosts[record.name] = ctx.provider.ensure_server(record.name, record.role)
             apply_firewalls(ctx)
             in_parallel(ctx, list(ctx.hosts.values()), lambda h: Supervisor(h).ensure_running())
             ctx.out.step("servers", f"{len(servers)} up: "
@@ -152,10 +135,7 @@ def wait_in_service(ctx: Context, names: list[str]) -> None:
 
 def remove_surplus(ctx: Context) -> None:
     """Servers that exist on the machine but are no longer in the plan (fewer web servers asked)."""
-    prefix_dir = ctx.paths.servers_dir
-    if not prefix_dir.exists():
-        return
-    for path in prefix_dir.iterdir():
-        if path.name not in ctx.state.servers:
-            ctx.out.step(path.name, "removing (no longer in fabula.yml)")
-            ctx.provider.remove_server(path.name)
+    for name in ctx.provider.list_servers():
+        if name not in ctx.state.servers:
+            ctx.out.step(name, "removing (no longer in fabula.yml)")
+            ctx.provider.remove_server(name)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import abc
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -26,24 +28,38 @@ class Result:
 
 @dataclass(frozen=True)
 class IngressRule:
-    """A security-group rule: `port` on this server is open to `sources` (addresses)."""
+    """A security-group rule, in the architecture's terms: `port` on this server is open to the
+    servers of `from_roles` and, with `from_load_balancer`, to the load balancer. The provider
+    resolves them: to addresses (local, ssh), to security-group references (aws)."""
 
     port: int
-    sources: tuple[str, ...]
     description: str
+    from_roles: tuple[str, ...] = ()
+    from_load_balancer: bool = False
 
 
 @dataclass(frozen=True)
 class EgressRule:
-    """A security-group rule: this server may open connections to `port` on `destinations`."""
+    """A security-group rule: this server may open connections to `port` on the servers of `to_roles`."""
 
     port: int
-    destinations: tuple[str, ...]
     description: str
+    to_roles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FileState:
+    mode: int     # permission bits, e.g. 0o600
+    owner: str    # user name
 
 
 class Host(abc.ABC):
-    """One server, reached however the provider reaches it (a namespace, SSH...)."""
+    """One server, reached however the provider reaches it (a namespace, SSH...).
+
+    A provider implements the transport only: the abstract methods below (run a command, read,
+    write and inspect a file, copy files between this machine and the server). What is built on
+    them (idempotent files and directories, releases, the supervisor) is written once, here and
+    in the modules that use it, for every provider."""
 
     name: str
     role: str
@@ -51,52 +67,76 @@ class Host(abc.ABC):
     root: PurePosixPath   # the server's private directory: configs, data, logs, releases
     accounts: Accounts    # the environment's own system users, that its services run as
 
+    # -- the transport ---------------------------------------------------------------------
     @abc.abstractmethod
     def run(self, argv: list[str], *, user: str | None = None, env: dict[str, str] | None = None,
             input: str | None = None, timeout: float | None = 120) -> Result:
-        """Run a command on the server, as root or as `user`; never raises for a non-zero exit."""
-
-    def check(self, argv: list[str], **kwargs) -> Result:
-        result = self.run(argv, **kwargs)
-        if not result.ok:
-            raise CommandFailed(self.name, argv, result.returncode, result.stdout + result.stderr)
-        return result
+        """Run a command on the server, as root or as `user`, with exactly `env` added to a fixed
+        base environment (never in argv); never raises for a non-zero exit."""
 
     @abc.abstractmethod
     def interactive(self, argv: list[str], *, user: str | None = None, env: dict[str, str] | None = None) -> int:
         """Run a command with the caller's terminal attached; return its exit status."""
 
     @abc.abstractmethod
-    def put_file(self, path: PurePosixPath, content: str | bytes, *, mode: int = 0o644,
-                 owner: str = "root") -> bool:
-        """Write a file atomically; return True if its content, mode or owner changed."""
-
-    @abc.abstractmethod
-    def read_file(self, path: PurePosixPath) -> bytes | None:
+    def read(self, path: PurePosixPath) -> bytes | None:
         """The file's content, or None when it does not exist."""
 
     @abc.abstractmethod
-    def make_dirs(self, paths: list[PurePosixPath], *, mode: int = 0o755, owner: str = "root") -> None:
-        ...
+    def write(self, path: PurePosixPath, data: bytes, *, mode: int, owner: str) -> None:
+        """Replace the file atomically (a reader sees the old content or the new, whole), owned by
+        `owner` and its primary group."""
 
     @abc.abstractmethod
-    def fetch_file(self, path: PurePosixPath, local: "Path") -> None:
+    def stat(self, path: PurePosixPath) -> FileState | None:
+        """The file's mode and owner, or None when it does not exist."""
+
+    @abc.abstractmethod
+    def copy_tree(self, local: Path, path: PurePosixPath) -> None:
+        """Copy a directory tree of this machine (a built release) to `path`, which must not exist."""
+
+    @abc.abstractmethod
+    def fetch(self, path: PurePosixPath, local: Path) -> None:
         """Copy a (possibly large) file from the server to this machine."""
 
     @abc.abstractmethod
-    def push_file(self, local: "Path", path: PurePosixPath, *, mode: int = 0o600, owner: str = "root") -> None:
+    def push(self, local: Path, path: PurePosixPath, *, mode: int = 0o600, owner: str = "root") -> None:
         """Copy a (possibly large) file from this machine to the server."""
 
-    @abc.abstractmethod
-    def install_release(self, release_dir: str, release_id: str) -> PurePosixPath:
-        """Put a built release on the server (once) and return where it is."""
-
-    @abc.abstractmethod
-    def start_supervisor(self, config: PurePosixPath) -> None:
-        """Make sure the server's process supervisor runs with this configuration."""
+    # -- built on the transport, for every provider ------------------------------------------
+    def check(self, argv: list[str], **kwargs) -> Result:
+        result = self.run(argv, **kwargs)
+        if not result.ok:
+            raise CommandFailed(self.name, argv, result.returncode, result.stdout + result.stderr)
+        return result
 
     def path(self, *parts: str) -> PurePosixPath:
         return self.root.joinpath(*parts)
+
+    def put_file(self, path: PurePosixPath, content: str | bytes, *, mode: int = 0o644,
+                 owner: str = "root") -> bool:
+        """Write a file if its content, mode or owner differ; return True if anything changed."""
+        data = content.encode() if isinstance(content, str) else content
+        if self.stat(path) == FileState(mode, owner) and self.read(path) == data:
+            return False
+        self.write(path, data, mode=mode, owner=owner)
+        return True
+
+    def read_file(self, path: PurePosixPath) -> bytes | None:
+        return self.read(path)
+
+    def make_dirs(self, paths: list[PurePosixPath], *, mode: int = 0o755, owner: str = "root") -> None:
+        """Make the directories (and their parents), each owned by `owner` with `mode`."""
+        if all(self.stat(p) == FileState(mode, owner) for p in paths):
+            return
+        self.check(["sh", "-ec", 'owner=$1 mode=$2; shift 2; mkdir -p -- "$@"; chown -- "$owner:" "$@"; '
+                    'chmod -- "$mode" "$@"', "sh", owner, f"{mode:o}", *map(str, paths)])
+
+    def fetch_file(self, path: PurePosixPath, local: Path) -> None:
+        self.fetch(path, local)
+
+    def push_file(self, local: Path, path: PurePosixPath, *, mode: int = 0o600, owner: str = "root") -> None:
+        self.push(local, path, mode=mode, owner=owner)
 
 
 @dataclass(frozen=True)
@@ -125,13 +165,23 @@ class LoadBalancer(abc.ABC):
     def active_requests(self, name: str) -> int:
         """Requests the backend is serving now (0 once a drained backend is idle)."""
 
+    def wait_drained(self, name: str, timeout: float) -> bool:
+        """Wait until a drained backend serves no request any more; False if it still does after
+        `timeout` seconds (the caller removes it anyway: a request that long is cut)."""
+        return poll(lambda: self.active_requests(name) == 0, timeout, interval=0.1)
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, dict[str, str]]:
+        """Per backend, the load balancer's counters: at least `scur` (requests in progress),
+        `req_rate` (requests per second) and `status`."""
+
+    @abc.abstractmethod
+    def is_running(self) -> bool:
+        """Whether the load balancer exists and answers."""
+
     @abc.abstractmethod
     def url(self) -> str:
         ...
-
-    @abc.abstractmethod
-    def source_addresses(self) -> tuple[str, ...]:
-        """Where the load balancer's requests come from, for the web servers' firewall."""
 
 
 class Provider(abc.ABC):
@@ -140,6 +190,10 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def check_prerequisites(self) -> None:
         """Raise a PrerequisiteError naming what is missing and how to get it."""
+
+    def check_can_create(self, config_path: str) -> None:
+        """Refuse, with a ConfigError naming the key in `config_path`, what only the platform can
+        tell is wrong before anything is made (e.g. the load balancer's ports already taken)."""
 
     @abc.abstractmethod
     def allocate_subnet(self) -> str:
@@ -154,16 +208,27 @@ class Provider(abc.ABC):
         """The environment's own system users, that its services run as (created if missing)."""
 
     @abc.abstractmethod
-    def ensure_server(self, name: str, role: str, address: str) -> Host:
-        """Create the server if missing (idempotent) and return it."""
+    def ensure_server(self, name: str, role: str) -> Host:
+        """Create the server of the inventory's record `name` if missing (idempotent) and return it;
+        its address is the provider's to give (and record in the inventory)."""
 
     @abc.abstractmethod
-    def host(self, name: str, role: str, address: str) -> Host:
-        """The existing server, without creating anything."""
+    def host(self, name: str) -> Host:
+        """The existing server of the inventory's record `name`, without creating anything."""
 
     @abc.abstractmethod
     def server_exists(self, name: str) -> bool:
         ...
+
+    @abc.abstractmethod
+    def list_servers(self) -> list[str]:
+        """The names of the environment's servers that exist on the platform (in the inventory
+        or not: e.g. one left by a crash)."""
+
+    @abc.abstractmethod
+    def platform_host(self) -> Host:
+        """Where the load balancer's own files and fabula's long-running programs (the autoscaler)
+        live: the machine's own namespace locally; an instance of fabula's elsewhere."""
 
     @abc.abstractmethod
     def apply_firewall(self, host: Host, rules: list[IngressRule | EgressRule]) -> bool:
@@ -179,6 +244,16 @@ class Provider(abc.ABC):
         """Remove everything the environment made, also after a crash; return what was removed."""
 
     load_balancer: LoadBalancer
+
+
+def poll(condition: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:
+    """Call `condition` until it holds (True) or `timeout` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def run_local(argv: list[str], *, input: str | None = None, env: dict[str, str] | None = None,

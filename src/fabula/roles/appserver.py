@@ -2,9 +2,10 @@
 settings), and PgBouncer pooling connections to the databases over TLS."""
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
-from fabula.context import Context
+from fabula.context import Context, Release
 from fabula.errors import FabulaError
 from fabula.providers.base import EgressRule, Host
 from fabula.supervisor import Program, Supervisor
@@ -22,16 +23,28 @@ def python(host: Host) -> str:
     return str(current(host) / "venv" / "bin" / "python")
 
 
+def put_release(host: Host, release: Release) -> PurePosixPath:
+    """The built release on the server, under releases/<id> (copied once, never changed)."""
+    target = host.path("releases", release.id)
+    if host.stat(target) is None:
+        partial = host.path("releases", f"{release.id}.partial")
+        host.make_dirs([host.path("releases")])
+        host.check(["rm", "-rf", str(partial)])  # an interrupted earlier copy
+        host.copy_tree(Path(release.path), partial)
+        host.check(["mv", "-T", str(partial), str(target)])
+    return target
+
+
 def install_release(ctx: Context, host: Host) -> bool:
     """Put the release on the server and point `current` at it; True if `current` moved."""
-    path = host.install_release(ctx.release.path, ctx.release.id)
+    put_release(host, ctx.release)
     target = f"releases/{ctx.release.id}"
     link = current(host)
     if host.run(["readlink", str(link)]).stdout.strip() == target:
         return False
     host.check(["ln", "-sfn", target, f"{link}.new"])
     host.check(["mv", "-T", f"{link}.new", str(link)])  # atomic switch
-    return bool(path)
+    return True
 
 
 def app_environment(ctx: Context, host: Host) -> dict[str, str]:
@@ -53,7 +66,8 @@ def app_variables(ctx: Context, *, server: str, role: str, address: str, static_
         raise FabulaError(f"environment {ctx.env_name} has no servers yet: the app's settings get their "
                           "addresses and passwords from them", f"run `fabula create {ctx.env_name}` first")
     local_db = f"postgres://app:{s.db_app_password}@127.0.0.1:{PGBOUNCER_PORT}"
-    allowed = [str(ctx.env.lb.bind), "localhost", "127.0.0.1", address, *ctx.env.hosts]
+    lb_host = urlsplit(ctx.provider.load_balancer.url()).hostname or "localhost"
+    allowed = [lb_host, "localhost", "127.0.0.1", address, *ctx.env.hosts]
     return {
         "DATABASE_URL": f"{local_db}/{db}",
         # PgBouncer points this at a serving replica, or at the primary while there is none
@@ -75,9 +89,9 @@ def app_variables(ctx: Context, *, server: str, role: str, address: str, static_
 
 def app_egress(ctx: Context) -> list[EgressRule]:
     """What web and worker servers reach: the cache's Redis and RabbitMQ, and the databases."""
-    cache = tuple(ctx.addresses("cache"))
-    return [EgressRule(6379, cache, "redis on the cache"), EgressRule(5672, cache, "rabbitmq on the cache"),
-            EgressRule(5432, tuple(ctx.addresses("db-primary", "db-replica")), "postgresql on the databases")]
+    return [EgressRule(6379, "redis on the cache", to_roles=("cache",)),
+            EgressRule(5672, "rabbitmq on the cache", to_roles=("cache",)),
+            EgressRule(5432, "postgresql on the databases", to_roles=("db-primary", "db-replica"))]
 
 
 def pgbouncer(ctx: Context, host: Host) -> tuple[Program, bool]:

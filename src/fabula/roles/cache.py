@@ -17,9 +17,9 @@ class Cache(Role):
     services = ("redis", "rabbitmq")
 
     def ingress(self, ctx: Context) -> list[IngressRule]:
-        clients = tuple(ctx.addresses("web", "worker"))
-        return [IngressRule(REDIS_PORT, clients, "redis from web and worker"),
-                IngressRule(AMQP_PORT, clients, "rabbitmq from web and worker")]
+        clients = ("web", "worker")
+        return [IngressRule(REDIS_PORT, "redis from web and worker", from_roles=clients),
+                IngressRule(AMQP_PORT, "rabbitmq from web and worker", from_roles=clients)]
 
     def converge(self, ctx: Context, host: Host) -> None:
         redis_changed = self._redis(ctx, host)

@@ -14,8 +14,8 @@ class DatabasePrimary(Role):
     services = ("postgresql",)
 
     def ingress(self, ctx: Context) -> list[IngressRule]:
-        return [IngressRule(5432, tuple(ctx.addresses("web", "worker", "db-replica")),
-                            "postgresql from web, worker and replicas")]
+        return [IngressRule(5432, "postgresql from web, worker and replicas",
+                            from_roles=("web", "worker", "db-replica"))]
 
     def converge(self, ctx: Context, host: Host) -> None:
         if not postgres.is_initialized(host):

@@ -18,10 +18,10 @@ class DatabaseReplica(Role):
     services = ("postgresql",)
 
     def ingress(self, ctx: Context) -> list[IngressRule]:
-        return [IngressRule(5432, tuple(ctx.addresses("web", "worker")), "postgresql reads from web and worker")]
+        return [IngressRule(5432, "postgresql reads from web and worker", from_roles=("web", "worker"))]
 
     def egress(self, ctx: Context) -> list[EgressRule]:
-        return [EgressRule(5432, tuple(ctx.addresses("db-primary")), "replication from the primary")]
+        return [EgressRule(5432, "replication from the primary", to_roles=("db-primary",))]
 
     def conninfo(self, ctx: Context, host: Host) -> str:
         primary = ctx.state.one("db-primary")

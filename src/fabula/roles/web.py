@@ -25,8 +25,7 @@ class Web(Role):
     services = ("nginx", "gunicorn", "pgbouncer")
 
     def ingress(self, ctx: Context) -> list[IngressRule]:
-        return [IngressRule(HTTPS_PORT, ctx.provider.load_balancer.source_addresses(),
-                            "https from the load balancer")]
+        return [IngressRule(HTTPS_PORT, "https from the load balancer", from_load_balancer=True)]
 
     def egress(self, ctx: Context) -> list[EgressRule]:
         return appserver.app_egress(ctx)

@@ -8,13 +8,15 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fabula.accounts import Accounts
+from fabula.addressing import address_index, server_addresses
 from fabula.config import EnvironmentConfig
-from fabula.errors import FabulaError, PermissionError_, PrerequisiteError
+from fabula.errors import ConfigError, FabulaError, PermissionError_, PrerequisiteError
 from fabula.providers.base import EgressRule, Host, IngressRule, Provider, run_local
 from fabula.providers.local import network, users
 from fabula.providers.local.host import LocalHost
@@ -105,9 +107,24 @@ class LocalProvider(Provider):
             raise PrerequisiteError(f"missing Debian package(s): {', '.join(missing)}",
                                     f"run `make setup` or `apt-get install {' '.join(missing)}`")
 
-    def allocate_subnet(self) -> str:
-        from fabula.errors import ConfigError
+    def check_can_create(self, config_path: str) -> None:
+        """HAProxy binds the load balancer's ports on this machine: they must be free (unless
+        it is ours that holds them)."""
+        lb = self.env.lb
+        if self.load_balancer.is_running():
+            return
+        for key, port in (("https_port", lb.https_port), ("http_port", lb.http_port)):
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((str(lb.bind), port))
+                except OSError as exc:
+                    raise ConfigError(f"{config_path}: environments.{self.paths.env}.lb.{key}: "
+                                      f"{lb.bind}:{port} is not available ({exc.strerror})",
+                                      "choose a free port, or stop what uses it "
+                                      f"(`ss -ltnp 'sport = :{port}'` shows it)") from None
 
+    def allocate_subnet(self) -> str:
         lock_path = self.paths.root / ".subnets.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "w") as lock:
@@ -174,13 +191,50 @@ class LocalProvider(Provider):
         self.paths.env_dir.chmod(0o750)
         return accounts
 
-    def host(self, name: str, role: str, address: str) -> Host:
-        return self._host(name, role, address)
+    def host(self, name: str) -> Host:
+        record = self.state.servers[name]
+        return self._host(name, record.role, record.address)
+
+    def assign_address(self, name: str) -> str:
+        """The server's address: given once, recorded in the inventory before anything is made (a
+        crash never gives it out twice), and never one used before while the subnet has another."""
+        record = self.state.servers[name]
+        if not record.address:
+            record.address = self._new_address()
+            self.state.save(self.paths)
+        return record.address
+
+    def _new_address(self) -> str:
+        """The address after the highest one the environment used (wrapping round): a reused
+        address would be reached at its former server's MAC address until the neighbours' ARP
+        entries expire."""
+        network = self.subnet
+        used = {s.address for s in self.state.servers.values() if s.address}
+        used |= {self.state.last_address} if self.state.last_address else set()
+        indexes = [i for i in (address_index(network, a) for a in used) if i is not None]
+        highest = max(indexes, default=-1)
+        address = next((a for a in server_addresses(network, highest + 1) if a not in used), None)
+        if address is None:
+            raise FabulaError(f"no address left in {network} for another server",
+                              "use a larger `subnet` for this environment")
+        self.state.last_address = address
+        return address
+
+    def platform_host(self) -> Host:
+        return self.load_balancer.platform
+
+    def list_servers(self) -> list[str]:
+        prefix = f"fab.{self.paths.project}.{self.paths.env}."
+        names = {ns[len(prefix):] for ns in network.netns_names() if ns.startswith(prefix)}
+        if self.paths.servers_dir.exists():
+            names |= {p.name for p in self.paths.servers_dir.iterdir()}
+        return sorted(names)
 
     def server_exists(self, name: str) -> bool:
         return self.netns(name) in network.netns_names()
 
-    def ensure_server(self, name: str, role: str, address: str) -> Host:
+    def ensure_server(self, name: str, role: str) -> Host:
+        address = self.assign_address(name)
         host = self._host(name, role, address)
         network.ensure_namespace(self.netns(name), network.veth_name(self.paths.tag, name), self.bridge,
                                  address, self.subnet.prefixlen, self.gateway)
@@ -189,9 +243,16 @@ class LocalProvider(Provider):
         return host
 
     def apply_firewall(self, host: Host, rules: list[IngressRule | EgressRule]) -> bool:
+        # the rules name roles and the load balancer; here they are addresses: the servers' of those
+        # roles, and the machine's end of the bridge, where HAProxy's connections come from
+        def addresses(roles: tuple[str, ...]) -> list[str]:
+            return sorted(s.address for s in self.state.servers.values() if s.role in roles and s.address)
+
+        ingress = [(r.port, addresses(r.from_roles) + ([self.gateway] if r.from_load_balancer else []), r.description)
+                   for r in rules if isinstance(r, IngressRule)]
+        egress = [(r.port, addresses(r.to_roles), r.description) for r in rules if isinstance(r, EgressRule)]
         ruleset = render(__file__, "firewall.nft.j2", server=host.name, subnet=str(self.subnet),
-                         ingress=[r for r in rules if isinstance(r, IngressRule)],
-                         egress=[r for r in rules if isinstance(r, EgressRule)])
+                         ingress=ingress, egress=egress)
         changed = host.put_file(host.path("etc", "firewall.nft"), ruleset, mode=0o600)
         if changed or not host.run(["nft", "list", "table", "inet", "fabula"]).ok:
             host.check(["nft", "-f", str(host.path("etc", "firewall.nft"))])
@@ -227,10 +288,7 @@ class LocalProvider(Provider):
         self.load_balancer.stop()
         self.state.reload(self.paths)
         prefix = f"fab.{self.paths.project}.{self.paths.env}."
-        names = {ns[len(prefix):] for ns in network.netns_names() if ns.startswith(prefix)}
-        names |= set(self.state.servers)
-        if self.paths.servers_dir.exists():
-            names |= {p.name for p in self.paths.servers_dir.iterdir()}
+        names = set(self.list_servers()) | set(self.state.servers)
         # the reverse of create's order: clients stop before what they use (Celery before RabbitMQ)
         order = {"web": 0, "worker": 1, "cache": 2, "db-replica": 3, "db-primary": 4}
         roles = {name: record.role for name, record in self.state.servers.items()}

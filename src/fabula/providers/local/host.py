@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path, PurePosixPath
 
 from fabula.accounts import Accounts
-from fabula.providers.base import SYSTEM_PATH, Host, Result, run_local
+from fabula.providers.base import SYSTEM_PATH, FileState, Host, Result, run_local
 from fabula.state import write_atomically
 
 BASE_ENV = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"}
@@ -46,54 +46,43 @@ class LocalHost(Host):
     def interactive(self, argv: list[str], *, user=None, env=None) -> int:
         return subprocess.call(self._argv(argv, user), env=self._env(env, user))
 
-    def put_file(self, path, content, *, mode=0o644, owner="root") -> bool:
-        data = content.encode() if isinstance(content, str) else content
-        uid, gid = _ids(owner)
-        target = Path(path)
-        try:
-            st = target.stat()
-            if (st.st_mode & 0o7777, st.st_uid) == (mode, uid) and target.read_bytes() == data:
-                return False
-        except FileNotFoundError:
-            pass
-        write_atomically(target, data, mode=mode)
-        os.chown(target, uid, gid)
-        return True
-
-    def read_file(self, path) -> bytes | None:
+    # -- the transport: the server's files are this machine's files -----------------------
+    def read(self, path) -> bytes | None:
         try:
             return Path(path).read_bytes()
         except FileNotFoundError:
             return None
 
-    def make_dirs(self, paths, *, mode=0o755, owner="root") -> None:
+    def write(self, path, data: bytes, *, mode: int, owner: str) -> None:
         uid, gid = _ids(owner)
-        for path in paths:
-            Path(path).mkdir(parents=True, exist_ok=True)
-            os.chown(path, uid, gid)
-            os.chmod(path, mode)
+        write_atomically(Path(path), data, mode=mode)
+        os.chown(path, uid, gid)
 
-    def fetch_file(self, path, local: Path) -> None:
+    def stat(self, path) -> FileState | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = str(st.st_uid)
+        return FileState(st.st_mode & 0o7777, owner)
+
+    def copy_tree(self, local: Path, path) -> None:
+        # hard links: a copy that costs no space and takes a fraction of a second
+        subprocess.run(["cp", "-al", str(local), str(path)], check=True)
+
+    def fetch(self, path, local: Path) -> None:
         shutil.copyfile(path, local)
 
-    def push_file(self, local: Path, path, *, mode=0o600, owner="root") -> None:
+    def push(self, local: Path, path, *, mode=0o600, owner="root") -> None:
         uid, gid = _ids(owner)
         partial = Path(f"{path}.partial")
         shutil.copyfile(local, partial)
         os.chown(partial, uid, gid)
         os.chmod(partial, mode)
         partial.rename(path)
-
-    def install_release(self, release_dir: str, release_id: str) -> PurePosixPath:
-        target = self.path("releases", release_id)
-        if not Path(target).exists():
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            partial = Path(f"{target}.partial")
-            subprocess.run(["rm", "-rf", str(partial)], check=True)
-            # hard links: a copy that costs no space and takes a fraction of a second
-            subprocess.run(["cp", "-al", release_dir, str(partial)], check=True)
-            partial.rename(target)
-        return target
 
     def supervisor_pid(self, config: PurePosixPath) -> int | None:
         pidfile = Path(self.root, "run", "supervisord.pid")
@@ -103,7 +92,3 @@ class LocalHost(Host):
         except (FileNotFoundError, ValueError, ProcessLookupError):
             return None
         return pid if str(config).encode() in cmdline else None
-
-    def start_supervisor(self, config: PurePosixPath) -> None:
-        if self.supervisor_pid(config) is None:
-            self.check(["supervisord", "-c", str(config)])

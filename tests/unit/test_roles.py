@@ -1,0 +1,189 @@
+"""Every role against fake hosts (fabula.testing): given an inventory, the files it writes (their
+content, owner and mode), the programs it runs and as whom, and the commands it issues."""
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import pytest
+
+from fabula.config import load_config
+from fabula.context import Context, Release
+from fabula.output import Output
+from fabula.pki import CertificateAuthority
+from fabula.roles import ROLES, firewall_rules
+from fabula.roles.postgres import PG_BIN
+from fabula.providers.base import EgressRule, IngressRule, Result
+from fabula.secrets import Secrets
+from fabula.state import EnvPaths, EnvState
+from fabula.supervisor import Program, render_program
+from fabula.testing import FakeProvider, ini_value
+from fabula.topology import plan_servers
+
+SECRETS = Secrets(django_secret_key="django-key-0123", db_app_password="app-pass-4567",
+                  db_replication_password="repl-pass-89ab", redis_password="redis-pass-cdef",
+                  rabbitmq_password="rabbit-pass-0246")
+
+
+@pytest.fixture
+def ctx(tmp_path) -> Context:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "requirements.txt").write_text("django\n")
+    (app / "manage.py").write_text("")
+    (app / "fabula.yml").write_text("""project: polls
+app: {wsgi: polls.wsgi:application, settings: polls.settings, celery: polls.celery:app}
+environments:
+  testing: {servers: {web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}}
+""")
+    config = load_config(app / "fabula.yml")
+    env = config.environment("testing")
+    paths = EnvPaths(tmp_path / "state", "polls", "testing")
+    state = EnvState(project="polls", env="testing", subnet="10.0.0.0/24")
+    state.servers = plan_servers(env, state)
+    provider = FakeProvider(state=state)
+    for record in state.servers.values():
+        provider.ensure_server(record.name, record.role)
+    release = Release("abcdef012345", "abcdef0123456789", str(tmp_path / "releases" / "abcdef012345"))
+    return Context(config=config, env_name="testing", env=env, paths=paths, state=state, out=Output(quiet=True),
+                   provider=provider, secrets=SECRETS, ca=CertificateAuthority(paths), release=release)
+
+
+def converge(ctx: Context, name: str):
+    host = ctx.host(name)
+    ROLES[host.role].converge(ctx, host)
+    return host
+
+
+def no_secret_in_argv(host) -> None:
+    values = [getattr(SECRETS, n) for n in ("django_secret_key", "db_app_password", "db_replication_password",
+                                            "redis_password", "rabbitmq_password")]
+    for argv in host.commands:
+        assert not any(v in arg for v in values for arg in argv), argv
+
+
+def test_cache_runs_redis_and_rabbitmq_as_the_environments_cache_user_with_passwords_in_0600_files(ctx):
+    host = converge(ctx, "cache1")
+    redis_conf = host.path("etc", "redis", "redis.conf")
+    assert f"requirepass {SECRETS.redis_password}" in host.text(redis_conf)
+    assert f"bind {host.address} 127.0.0.1" in host.text(redis_conf)
+    assert (host.files[redis_conf].mode, host.files[redis_conf].owner) == (0o600, host.accounts.cache)
+    programs = host.programs()
+    assert ini_value(programs["redis"], "user") == ini_value(programs["rabbitmq"], "user") == host.accounts.cache
+    no_secret_in_argv(host)
+
+
+def test_web_runs_nginx_workers_gunicorn_and_pgbouncer_as_users_of_the_environment(ctx):
+    host = converge(ctx, "web1")
+    nginx = host.text(host.path("etc", "nginx", "nginx.conf"))
+    assert f"user {host.accounts.web} {host.accounts.group};" in nginx
+    assert f"listen {host.address}:443 ssl;" in nginx
+    programs = host.programs()
+    assert ini_value(programs["gunicorn"], "user") == host.accounts.app
+    assert ini_value(programs["pgbouncer"], "user") == host.accounts.db
+    environment = ini_value(programs["gunicorn"], "environment")
+    primary = ctx.state.one("db-primary")
+    assert f'DATABASE_URL="postgres://app:{SECRETS.db_app_password}@127.0.0.1:6432/polls"' in environment
+    assert f'FABULA_SERVER="web1"' in environment and 'FABULA_ROLE="web"' in environment
+    bouncer = host.text(host.path("etc", "pgbouncer", "pgbouncer.ini"))
+    assert f"polls = host={primary.address} port=5432 dbname=polls" in bouncer
+    assert host.stat(host.path("run", "pgbouncer")).mode == 0o700  # its socket: no other user's
+    # the program files hold secrets: root's only
+    assert host.files[host.path("supervisor", "programs", "gunicorn.conf")].mode == 0o600
+    # the release is copied once, and `current` points at it
+    assert [str(target) for _, target in host.copied] == [str(host.path("releases", "abcdef012345.partial"))]
+    assert host.ran("ln", "-sfn", "releases/abcdef012345")
+    no_secret_in_argv(host)
+
+
+def test_worker_migrates_as_the_app_user_with_the_apps_variables_then_starts_celery(ctx):
+    host = converge(ctx, "worker1")
+    [migrate] = [c for c in host.calls if c.argv[-2:] == ["migrate", "--noinput"]]
+    assert migrate.user == host.accounts.app != "root"
+    assert migrate.env["DJANGO_SETTINGS_MODULE"] == "polls.settings"
+    assert migrate.env["REDIS_URL"] == f"redis://:{SECRETS.redis_password}@{ctx.state.one('cache').address}:6379/0"
+    assert ctx.state.migrated_release == "abcdef012345"
+    programs = host.programs()
+    assert {"celery", "celerybeat", "pgbouncer"} <= set(programs)
+    assert ini_value(programs["celery"], "user") == host.accounts.app
+    # once per release: a second converge runs no migration
+    host.calls.clear()
+    ROLES["worker"].converge(ctx, host)
+    assert not [c for c in host.calls if "migrate" in c.argv]
+
+
+def test_db_primary_initialises_as_the_db_user_and_sets_passwords_through_stdin(ctx):
+    host = converge(ctx, "db1")
+    [initdb] = host.ran(str(PG_BIN / "initdb"))
+    assert initdb.user == host.accounts.db
+    hba = host.text(host.path("etc", "postgresql", "pg_hba.conf"))
+    assert "local    all          postgres                   peer map=fabula" in hba
+    assert "hostssl  polls app" in " ".join(hba.split()).replace("hostssl polls app", "hostssl  polls app")
+    ident = host.text(host.path("etc", "postgresql", "pg_ident.conf"))
+    assert f"fabula     {host.accounts.db}    postgres" in ident
+    setup = [c for c in host.ran(str(PG_BIN / "psql")) if c.input and "CREATE ROLE app" in c.input]
+    assert setup and SECRETS.db_app_password in setup[0].input and setup[0].user == host.accounts.db
+    assert host.stat(host.path("run", "postgresql")).mode == 0o700
+    no_secret_in_argv(host)
+
+
+def test_db_replica_takes_a_base_backup_from_the_primary_and_waits_for_streaming(ctx):
+    host = ctx.host("db2")
+    host.answer([str(PG_BIN / "psql")], Result(0, "streaming\n", ""))
+    ROLES["db-replica"].converge(ctx, host)
+    [backup] = host.ran(str(PG_BIN / "pg_basebackup"))
+    assert backup.user == host.accounts.db
+    assert f"host={ctx.state.one('db-primary').address}" in backup.argv[2] and "sslmode=verify-full" in backup.argv[2]
+    pgpass = host.files[host.path("etc", "postgresql", "pgpass")]
+    assert (pgpass.mode, pgpass.owner) == (0o600, host.accounts.db)
+    no_secret_in_argv(host)
+
+
+def test_security_groups_name_roles_and_the_load_balancer_not_addresses(ctx):
+    web, cache, replica = (ctx.state.servers[n] for n in ("web1", "cache1", "db2"))
+    assert firewall_rules(ctx, web) == [
+        IngressRule(443, "https from the load balancer", from_load_balancer=True),
+        EgressRule(6379, "redis on the cache", to_roles=("cache",)),
+        EgressRule(5672, "rabbitmq on the cache", to_roles=("cache",)),
+        EgressRule(5432, "postgresql on the databases", to_roles=("db-primary", "db-replica"))]
+    assert {r.from_roles for r in firewall_rules(ctx, cache)} == {("web", "worker")}
+    replica.rebuild = True  # a fenced former primary awaiting its rebuild: admits no one
+    assert firewall_rules(ctx, replica) == [EgressRule(5432, "replication from the primary", to_roles=("db-primary",))]
+
+
+def test_a_supervisor_program_escapes_its_environment_and_command():
+    text = render_program(Program("app", ["python", "-c", "print('100%')"], user="u",
+                                  environment={"A": 'quote " and % and , and \\'}), "/log")
+    # supervisor interpolates %(...)s and splits on commas outside quotes: quoted, % doubled
+    assert ini_value(text, "environment") == 'A="quote \\" and %% and , and \\\\",HOME="/tmp"'
+    assert "%%" in ini_value(text, "command") and "\n[" not in text.split("[program:app]", 1)[1]
+
+
+def test_the_strategy_is_serial_for_additive_migrations_and_full_otherwise():
+    from fabula.deploy.rollout import choose
+
+    additive = [{"migration": "notes.0002", "operations": [{"additive": True, "description": "AddField x"}]}]
+    dropping = [{"migration": "notes.0003", "operations": [
+        {"additive": False, "description": "RemoveField y", "why": "old code reads y"}]}]
+    assert choose([], None) == ("serial", "no migrations")
+    assert choose(additive, None)[0] == "serial"
+    strategy, why = choose(dropping, None)
+    assert strategy == "full" and "notes.0003" in why
+    with pytest.raises(Exception, match="serial deploy would run the old code"):
+        choose(dropping, "serial")
+
+
+def test_lsn_values_order_wal_positions():
+    from fabula.db.failover import lsn_value
+
+    assert lsn_value("0/16B3748") == 0x16B3748
+    assert lsn_value("1/0") == 1 << 32
+    assert lsn_value("1/0") > lsn_value("0/FFFFFFFF")
+
+
+def test_the_fake_host_keeps_paths_it_was_given():
+    from fabula.testing import FakeHost
+
+    host = FakeHost("web1", "web", "10.0.0.14")
+    host.make_dirs([host.path("etc")], mode=0o700, owner="root")
+    assert host.stat(PurePosixPath(host.root, "etc")).mode == 0o700
+    assert host.put_file(host.path("etc", "a"), "x") and not host.put_file(host.path("etc", "a"), "x")
