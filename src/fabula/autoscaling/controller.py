@@ -37,7 +37,7 @@ from fabula.environment.opening import open_environment
 from fabula.errors import FabulaError
 from fabula.output import Output
 from fabula.providers.base import SYSTEM_PATH
-from fabula.supervisor import Program
+from fabula.supervisor import Program, Supervisor
 
 PROGRAM = "autoscaler"
 DEFAULT_INTERVAL = 2.0
@@ -62,7 +62,7 @@ def controller_program(ctx: Context) -> Program:
 
 def start_controller(ctx: Context) -> None:
     """(Re)start the autoscaler under the platform's supervisor, so it runs the current code."""
-    supervisor = ctx.provider.load_balancer.supervisor
+    supervisor = Supervisor(ctx.provider.platform_host())
     supervisor.ensure_running()
     if not supervisor.apply([controller_program(ctx)]):
         supervisor.restart(PROGRAM)
@@ -74,10 +74,10 @@ def start_controller(ctx: Context) -> None:
 
 def controller_state(ctx: Context) -> str:
     """The autoscaler program's state under the platform's supervisor (running, stopped...)."""
-    lb = ctx.provider.load_balancer
-    if not lb.is_running():
+    supervisor = Supervisor(ctx.provider.platform_host())
+    if not supervisor.is_running():
         return "not running"
-    return (lb.supervisor.status().get(PROGRAM) or "not installed").lower()
+    return (supervisor.status().get(PROGRAM) or "not installed").lower()
 
 
 # -- the program -------------------------------------------------------------------------------
