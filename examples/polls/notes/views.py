@@ -6,6 +6,7 @@ from django.http import JsonResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods, require_safe
+from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from .models import Entry, TaskRecord
 from .tasks import record_text
@@ -101,7 +102,16 @@ def tasks(request):
         seconds = float(request.POST.get("seconds") or 0)
     except ValueError:
         return JsonResponse({"error": "seconds must be a number"}, status=400)
-    result = record_text.delay(text, seconds)
+    try:
+        # waits for RabbitMQ's confirm (settings: confirm_publish), so a 202 means the task is
+        # stored in a durable queue; gives up after the short retry policy of settings.py
+        result = record_text.delay(text, seconds)
+    except (BrokerUnavailable, OSError):
+        # RabbitMQ is down or restarting: the task was not enqueued (there is no local
+        # buffer); the client is told so at once and may try again
+        response = _error("the task queue is unavailable: the task was not enqueued, try again", 503)
+        response["Retry-After"] = "5"
+        return response
     return JsonResponse({"task_id": result.id}, status=202)
 
 

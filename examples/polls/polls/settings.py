@@ -129,6 +129,13 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Enqueueing while RabbitMQ is down fails fast with an error the view turns into a 503
+# (notes/views.py: tasks): a connection attempt gives up after 2 s, a publish is tried 3 times
+# in about 1 s, and a publish waits for RabbitMQ's confirm, so an enqueued task is on disk.
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
+                                    "interval_max": 0.5}
+CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 # No result backend: tasks write their outcome to the database themselves.
 CELERY_TASK_IGNORE_RESULT = True
 # For local checks only: run tasks inline in the web process.

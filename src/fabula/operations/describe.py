@@ -7,8 +7,31 @@ from fabula.context import Context
 from fabula.db.status import replication
 from fabula.environment import lock
 from fabula.autoscaling.report import group_report
+from fabula.providers.base import Host
 from fabula.roles import ROLES
-from fabula.supervisor import RUNNING, Supervisor
+from fabula.roles.appserver import APP_PORT, PGBOUNCER_PORT
+from fabula.roles.cache import AMQP_PORT, REDIS_PORT
+from fabula.roles.web import HTTPS_PORT
+from fabula.supervisor import RUNNING, WAKEUP, Supervisor
+
+POSTGRES_PORT = 5432
+
+
+def endpoints(address: str) -> dict[str, tuple[str, int]]:
+    """Service -> where it accepts connections once it serves: a program its supervisor calls
+    RUNNING (it has stayed up `startsecs`) may still be booting (RabbitMQ, PostgreSQL's recovery)."""
+    return {"nginx": (address, HTTPS_PORT), "gunicorn": ("127.0.0.1", APP_PORT),
+            "pgbouncer": ("127.0.0.1", PGBOUNCER_PORT), "redis": (address, REDIS_PORT),
+            "rabbitmq": (address, AMQP_PORT), "postgresql": (address, POSTGRES_PORT)}
+
+
+def accepting(host: Host, targets: dict[str, tuple[str, int]]) -> set[str]:
+    """Those of `targets` that accept a TCP connection, tried from inside the server."""
+    if not targets:
+        return set()
+    script = "; ".join(f"(exec 3<>/dev/tcp/{address}/{port}) 2>/dev/null && echo {name}"
+                       for name, (address, port) in sorted(targets.items()))
+    return set(host.run(["timeout", "3", "bash", "-c", script], timeout=10).stdout.split())
 
 
 def server_report(ctx: Context, name: str, lb_health: dict[str, str]) -> dict:
@@ -23,8 +46,13 @@ def server_report(ctx: Context, name: str, lb_health: dict[str, str]) -> dict:
     if not states:
         report["state"] = "stopped"
         return report
-    report["services"] = {s: ("up" if states.get(s) == RUNNING else (states.get(s) or "missing").lower())
-                          for s in expected}
+    # a program is up once it is RUNNING and, for a server, accepts connections: "down" while a
+    # killed one is being started again, "starting", "backoff" or "fatal" (supervisor's states)
+    ports = endpoints(record.address)
+    listening = accepting(ctx.host(name), {s: ports[s] for s in expected
+                                           if s in ports and states.get(s) == RUNNING})
+    report["services"] = {s: ("up" if s in listening or s not in ports else "down") if states.get(s) == RUNNING
+                          else (states.get(s) or "missing").lower() for s in expected}
     report["state"] = "running" if all(v == "up" for v in report["services"].values()) else "degraded"
     return report
 
@@ -45,12 +73,23 @@ def describe(ctx: Context) -> dict:
     return {
         "project": ctx.project, "environment": ctx.env_name, "provider": ctx.state.provider,
         "url": lb.url(), "release": ctx.state.release, "subnet": ctx.state.subnet,
-        "load_balancer": {"running": lb.is_running(), "url": lb.url(), "backends": health},
+        "load_balancer": {"running": lb.is_running(), "url": lb.url(), "backends": health,
+                          "services": platform_services(ctx, lb)},
         "servers": servers, "exists": ctx.paths.state_file.exists(),
         "lock": lock.report(ctx.paths),  # who is changing the environment right now, if anyone
         # the web group: min/desired/max, target, demand, suspended processes, last decisions
         "autoscaling": group_report(ctx, health) if ctx.paths.state_file.exists() else None,
     }
+
+
+def platform_services(ctx: Context, lb) -> dict[str, str]:
+    """The programs of the load balancer's platform (HAProxy, the autoscaler): up, or their
+    supervisor's state; nothing when its supervisor does not run."""
+    if not lb.is_running():
+        return {}
+    states = Supervisor(ctx.provider.platform_host()).status()
+    return {name: "up" if state == RUNNING else state.lower() for name, state in sorted(states.items())
+            if name != WAKEUP}
 
 
 def _order(ctx: Context):
