@@ -177,7 +177,8 @@ def _unicast(value: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
 
 
 class LoadBalancerConfig(Strict):
-    bind: Annotated[ipaddress.IPv4Address, AfterValidator(_unicast)] = ipaddress.IPv4Address("127.0.0.1")
+    """The load balancer, whatever the provider: its ports and its TLS certificate."""
+
     https_port: Port = 8443
     http_port: Port = 8080
     certificate: SafePath | None = Field(default=None, description=(
@@ -232,14 +233,28 @@ def _subnet_range(value: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
     return value
 
 
+class LocalConfig(Strict):
+    """`provider: local`: every server a network namespace of this machine, HAProxy in the
+    machine's own namespace."""
+
+    subnet: Annotated[ipaddress.IPv4Network, AfterValidator(_subnet_range)] | None = Field(
+        default=None, description="addresses for the servers; a free /24 in 10.213.0.0/16 when absent")
+    bind: Annotated[ipaddress.IPv4Address, AfterValidator(_unicast)] = Field(
+        default=ipaddress.IPv4Address("127.0.0.1"), description="the machine's address the load balancer listens on")
+
+
+# each provider's own section, by the name `provider:` gives (one section per provider; the
+# ssh and aws providers add theirs)
+PROVIDER_SECTIONS = ("local",)
+
+
 class EnvironmentConfig(Strict):
     provider: Literal["local"] = "local"
+    local: LocalConfig = LocalConfig()
     production: bool = Field(default=False, description="refuse destructive copies into it without --force")
     db: DatabaseConfig = DatabaseConfig()
     servers: ServerCounts = ServerCounts()
     lb: LoadBalancerConfig = LoadBalancerConfig()
-    subnet: Annotated[ipaddress.IPv4Network, AfterValidator(_subnet_range)] | None = Field(
-        default=None, description="addresses for the servers; a free /24 in 10.213.0.0/16 when absent")
     hosts: Annotated[list[HostName], Field(max_length=100)] = Field(
         default_factory=list, description="extra host names for DJANGO_ALLOWED_HOSTS")
     gunicorn_workers: Annotated[int, Field(ge=1, le=64)] = 2
@@ -248,6 +263,38 @@ class EnvironmentConfig(Strict):
         "seconds a stopping Celery worker may take to finish the tasks in flight"))] = 600
     autoscaling: AutoscalingConfig | None = Field(default=None, description=(
         "the web group's min/desired/max and target; without it, min = desired = max = servers.web"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_spellings(cls, data: Any):
+        """`subnet` at the environment's level and `lb.bind` were local-only keys before the
+        provider sections: still read, as `local.subnet` and `local.bind`."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        moved = {}
+        if "subnet" in data:
+            moved["subnet"] = data.pop("subnet")
+        lb = data.get("lb")
+        if isinstance(lb, dict) and "bind" in lb:
+            data["lb"] = {k: v for k, v in lb.items() if k != "bind"}
+            moved["bind"] = lb["bind"]
+        if moved:
+            local = data.get("local")
+            if local is None:
+                local = {}
+            if not isinstance(local, dict):
+                return data  # the section's own type error says what is wrong
+            twice = sorted(set(moved) & set(local))
+            if twice:
+                raise ValueError(f"`{twice[0]}` is given twice: write it once, under `local:` "
+                                 f"(local: {{{twice[0]}: ...}})")
+            data["local"] = {**local, **moved}
+        return data
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network | None:
+        return self.local.subnet if self.provider == "local" else None
 
     @model_validator(mode="after")
     def _web_group(self):
@@ -325,7 +372,7 @@ class ProjectConfig(Strict):
         seen: dict[tuple, str] = {}
         for name, env in self.environments.items():
             for key in ("https_port", "http_port"):
-                pair = (env.lb.bind, getattr(env.lb, key))
+                pair = (env.local.bind, getattr(env.lb, key))
                 if pair in seen:
                     raise ValueError(f"environments.{name}.lb.{key}: {pair[0]}:{pair[1]} is already "
                                      f"{seen[pair]}: give each environment its own ports")

@@ -81,7 +81,7 @@ def test_an_address_pool_too_small_is_refused(tmp_path):
     assert "environments.testing" in message and "holds 5 server addresses but 7 are needed" in message
     assert "fix:" in message
     message = error_for(tmp_path, VALID + "    subnet: 10.99.0.0/29\n")
-    assert "environments.testing.subnet" in message and "from /16 to /28" in message
+    assert "environments.testing.local.subnet" in message and "from /16 to /28" in message
 
 
 def test_certificate_without_key_is_refused(tmp_path):

@@ -129,5 +129,5 @@ def test_an_explicit_subnet_that_overlaps_a_route_of_the_machine_is_refused(tmp_
         (ipaddress.ip_network("10.0.0.0/8"), "eth0")])
     with pytest.raises(ConfigError) as refused:
         provider.allocate_subnet()
-    assert "environments.e.subnet: 10.77.0.0/24 overlaps the route to 10.0.0.0/8 (dev eth0)" in str(refused.value)
+    assert "environments.e.local.subnet: 10.77.0.0/24 overlaps the route to 10.0.0.0/8 (dev eth0)" in str(refused.value)
     assert refused.value.hint and provider.state.subnet is None

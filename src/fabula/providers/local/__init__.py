@@ -83,7 +83,8 @@ class LocalProvider(Provider):
         self.paths, self.env, self.state = paths, env, state
         self.bridge = f"fb{paths.tag}"
         self.load_balancer = HAProxyLoadBalancer(env.lb, paths.lb_dir, paths.pki_dir / "ca.pem",
-                                                 lambda: self.gateway, paths.project, paths.env, hosts=env.hosts)
+                                                 lambda: self.gateway, paths.project, paths.env, hosts=env.hosts,
+                                                 bind=str(env.local.bind))
 
     # -- naming ---------------------------------------------------------------------------
     def netns(self, server: str) -> str:
@@ -110,17 +111,17 @@ class LocalProvider(Provider):
     def check_can_create(self, config_path: str) -> None:
         """HAProxy binds the load balancer's ports on this machine: they must be free (unless
         it is ours that holds them)."""
-        lb = self.env.lb
+        lb, bind = self.env.lb, self.env.local.bind
         if self.load_balancer.is_running():
             return
         for key, port in (("https_port", lb.https_port), ("http_port", lb.http_port)):
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
-                    sock.bind((str(lb.bind), port))
+                    sock.bind((str(bind), port))
                 except OSError as exc:
                     raise ConfigError(f"{config_path}: environments.{self.paths.env}.lb.{key}: "
-                                      f"{lb.bind}:{port} is not available ({exc.strerror})",
+                                      f"{bind}:{port} is not available ({exc.strerror})",
                                       "choose a free port, or stop what uses it "
                                       f"(`ss -ltnp 'sport = :{port}'` shows it)") from None
 
@@ -146,7 +147,7 @@ class LocalProvider(Provider):
                 wanted = self.env.subnet
                 clash = next((what for net, what in taken if wanted.overlaps(net)), None)
                 if clash:
-                    raise ConfigError(f"environments.{self.paths.env}.subnet: {wanted} overlaps {clash} on this machine",
+                    raise ConfigError(f"environments.{self.paths.env}.local.subnet: {wanted} overlaps {clash} on this machine",
                                       f"choose another private subnet for {self.paths.env} in fabula.yml, or leave "
                                       "`subnet` out for a free one")
                 self.state.subnet = str(wanted)
