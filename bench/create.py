@@ -11,76 +11,60 @@ Run as root: `make bench` or `.venv/bin/python bench/create.py [--quick]`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import secrets
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rich.console import Console
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from tests.helpers import free_port, make_app_repo, run_fabula  # noqa: E402
+from harness import Environment, environment_processes, remove_unless_left, require_root, save_results, table, temp_base
 
 ENV = "bench"
 
 
-def netns_inodes(prefix: str) -> set[int]:
-    run = Path("/run/netns")
-    return {p.stat().st_ino for p in run.iterdir() if p.name.startswith(prefix)} if run.exists() else set()
-
-
-def environment_pss_kib(prefix: str, env_dir: str) -> int:
-    inodes = netns_inodes(prefix)
+def environment_pss_kib(env: Environment) -> int:
+    """PSS of every process in the environment's namespaces or naming its directory (its load
+    balancer), in KiB."""
     total = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for proc in environment_processes([env.ns_prefix], [str(env.env_dir).encode()]):
         try:
-            mine = os.stat(proc / "ns" / "net").st_ino in inodes or env_dir.encode() in (proc / "cmdline").read_bytes()
-            if mine:
-                for line in (proc / "smaps_rollup").read_text().splitlines():
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
+            for line in (proc / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
         except OSError:
             continue
     return total
 
 
 class PeakSampler(threading.Thread):
-    def __init__(self, prefix: str, env_dir: str):
+    def __init__(self, env: Environment):
         super().__init__(daemon=True)
-        self.prefix, self.env_dir, self.peak, self.stop = prefix, env_dir, 0, threading.Event()
+        self.env, self.peak, self.stop = env, 0, threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.peak = max(self.peak, environment_pss_kib(self.prefix, self.env_dir))
+            self.peak = max(self.peak, environment_pss_kib(self.env))
             self.stop.wait(0.5)
 
 
 def scenario(base: Path, label: str, webs: int, cold: bool) -> dict:
-    project = f"bench-{secrets.token_hex(2)}"
-    app = make_app_repo(base / project, project, ENV, free_port(), free_port(),
-                        servers=f"{{web: {webs}, worker: 1, cache: 1, db-primary: 1, db-replica: 1}}")
-    state = base / "state"
+    env = Environment.new(base, f"bench-{secrets.token_hex(2)}", ENV,
+                          servers=f"{{web: {webs}, worker: 1, cache: 1, db-primary: 1, db-replica: 1}}")
     if cold:
-        shutil.rmtree(state / "cache", ignore_errors=True)
-    sampler = PeakSampler(f"fab.{project}.{ENV}.", str(state / project / ENV))
+        shutil.rmtree(env.state_dir / "cache", ignore_errors=True)
+    sampler = PeakSampler(env)
     sampler.start()
     started = time.monotonic()
-    created = run_fabula("create", ENV, cwd=app, state_dir=state, timeout=1800)
+    created = env.fabula("create", ENV, timeout=1800)
     create_s = time.monotonic() - started
     time.sleep(2)  # two more samples of the settled environment
     sampler.stop.set()
     sampler.join()
     started = time.monotonic()
-    destroyed = run_fabula("destroy", ENV, "--yes", cwd=app, state_dir=state, timeout=600)
+    destroyed = env.fabula("destroy", ENV, "--yes", timeout=600)
     destroy_s = time.monotonic() - started
     if created.returncode or destroyed.returncode:
         raise SystemExit(f"{label}: create rc={created.returncode} destroy rc={destroyed.returncode}\n"
@@ -93,10 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the cold and warm 7-part creates")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("bench/create.py needs root (the local provider makes network namespaces)")
-    base = Path(tempfile.mkdtemp(prefix="fabula-bench-", dir="/var/tmp"))
-    base.chmod(0o755)
+    require_root("create.py")
+    base = temp_base("fabula-bench-")
     plan = [("cold, 2 web", 2, True), ("warm, 2 web", 2, False)]
     if not args.quick:
         plan += [(f"warm, {n} web", n, False) for n in (1, 4, 8)]
@@ -106,20 +88,17 @@ def main() -> None:
             results.append(scenario(base, label, webs, cold))
             print(f"{label}: {results[-1]}", file=sys.stderr)
     finally:
-        shutil.rmtree(base, ignore_errors=True)
-    table = Table(title="fabula create (sample app, local provider)")
-    for column in ("scenario", "servers", "create s", "destroy s", "peak PSS MiB"):
-        table.add_column(column, justify="right" if column != "scenario" else "left")
+        remove_unless_left(base)
+    figures = table("fabula create (sample app, local provider)",
+                    ("scenario", "servers", "create s", "destroy s", "peak PSS MiB"), left=("scenario",))
     for r in results:
-        table.add_row(r["scenario"], str(r["servers"] + 1) + " (incl. LB)", str(r["create_s"]),
-                      str(r["destroy_s"]), str(r["peak_pss_mib"]))
-    Console(width=120).print(table)
+        figures.add_row(r["scenario"], str(r["servers"] + 1) + " (incl. LB)", str(r["create_s"]),
+                        str(r["destroy_s"]), str(r["peak_pss_mib"]))
+    Console(width=120).print(figures)
     warm = next(r for r in results if r["scenario"] == "warm, 2 web")
     cold = results[0]
     print(f"cold/warm create ratio: {cold['create_s'] / warm['create_s']:.2f}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "create.json").write_text(json.dumps(results, indent=2))
+    save_results("create", results)
 
 
 if __name__ == "__main__":

@@ -65,13 +65,11 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import __version__ as CRYPTOGRAPHY_VERSION
@@ -80,71 +78,44 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.console import Console
-from rich.table import Table
 
-PGBIN = Path("/usr/lib/postgresql/15/bin")
+from harness import (
+    NOISY,
+    PGBENCH,
+    PGBIN,
+    PSQL,
+    BenchError,
+    as_postgres,
+    children_of,
+    clean_env,
+    console,
+    cpu_seconds,
+    field_of,
+    free_ports,
+    ignore_interrupts,
+    interrupt_on_signals,
+    load_average,
+    machine_busy_seconds,
+    proc_stat,
+    require_root,
+    table,
+    tail,
+    temp_base,
+    wait_for,
+)
+
 PGBOUNCER = "/usr/sbin/pgbouncer"
 STUNNEL = "/usr/bin/stunnel4"
-PSQL = str(PGBIN / "psql")
-PGBENCH = str(PGBIN / "pgbench")
-AS_POSTGRES = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]  # execs: same pid
 HOST = "127.0.0.1"
 DB = USER = "bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-NOISY = 0.3  # cores of CPU used by other processes during a run above which its tps is suspect
-
-
-class Failure(Exception):
-    """A setup step failed; the message says which and includes the relevant log tail."""
 
 
 # --------------------------------------------------------------------------- processes
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (index 0 = state, 1 = ppid, 11 = utime...)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _children(pid: int) -> list[tuple[int, str]]:
-    """Direct children of PID as (pid, start time), the start time guarding against pid reuse."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            st = _stat(int(entry.name))
-            if st and int(st[1]) == pid:
-                found.append((int(entry.name), st[19]))
-    return found
-
-
 def _same_process(pid: int, start: str) -> bool:
-    st = _stat(pid)
+    st = proc_stat(pid)
     return st is not None and st[19] == start and st[0] != "Z"
-
-
-def cpu_seconds(pid: int, with_children: bool = False) -> float:
-    """CPU time (user + system) of PID, all threads; with its reaped and its live children if asked."""
-    st = _stat(pid)
-    if st is None:
-        return 0.0
-    ticks = int(st[11]) + int(st[12])
-    if with_children:
-        ticks += int(st[13]) + int(st[14])  # children already reaped (e.g. backends of -C runs)
-        for child, _ in _children(pid):
-            cst = _stat(child)
-            if cst:
-                ticks += int(cst[11]) + int(cst[12])
-    return ticks / CLK_TCK
-
-
-def machine_busy_seconds() -> float:
-    """CPU time the whole machine spent not idle, summed over all CPUs (from /proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    total = sum(values[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
-    return (total - values[3] - values[4]) / CLK_TCK
 
 
 @dataclass
@@ -162,7 +133,7 @@ class Children:
 
     def start(self, name: str, argv: list[str], log: Path, stop_signal: int, cwd: Path) -> Child:
         with open(log, "ab") as out:
-            popen = subprocess.Popen(AS_POSTGRES + argv, stdin=subprocess.DEVNULL, stdout=out,
+            popen = subprocess.Popen(as_postgres() + argv, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, cwd=cwd, env=clean_env(),
                                      start_new_session=True)  # Ctrl-C reaches us, not them
         child = Child(name, popen, stop_signal, log)
@@ -175,11 +146,11 @@ class Children:
     def check_alive(self) -> None:
         for c in self.items:
             if c.popen.poll() is not None:
-                raise Failure(f"{c.name} exited with status {c.popen.returncode}:\n{tail(c.log)}")
+                raise BenchError(f"{c.name} exited with status {c.popen.returncode}:\n{tail(c.log)}")
 
     def stop_all(self, timeout: float = 20) -> list[str]:
         """Stop every process (and anything it forked); return what had to be SIGKILLed."""
-        forked = {c.name: _children(c.popen.pid) for c in self.items if c.popen.poll() is None}
+        forked = {c.name: children_of(c.popen.pid) for c in self.items if c.popen.poll() is None}
         for c in reversed(self.items):
             if c.popen.poll() is None:
                 try:
@@ -202,59 +173,20 @@ class Children:
         return killed
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """Our environment without any PG* variable (PGSERVICE, PGSSLMODE... would skew the runs)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(LC_ALL="C.UTF-8", **extra)
-    return env
-
-
-def tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def run(argv: list[str], *, what: str, as_postgres: bool = False, timeout: float = 120,
+def run(argv: list[str], *, what: str, as_postgres_user: bool = False, timeout: float = 120,
         env: dict[str, str] | None = None, stdin: str | None = None, cwd: Path | None = None) -> str:
-    """Run a short command to completion; its output, or Failure with the output."""
-    proc = subprocess.run((AS_POSTGRES if as_postgres else []) + argv, input=stdin, capture_output=True,
+    """Run a short command to completion; its output, or BenchError with the output."""
+    proc = subprocess.run((as_postgres() if as_postgres_user else []) + argv, input=stdin, capture_output=True,
                           text=True, timeout=timeout, env=env or clean_env(), cwd=cwd)
     if proc.returncode:
-        raise Failure(f"{what} failed (status {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        raise BenchError(f"{what} failed (status {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return proc.stdout
 
 
-def wait_until(check, *, what: str, timeout: float, children: Children) -> str:
-    """Poll `check` (returns a truthy value or raises) until it succeeds; Failure after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last = "never tried"
-    while True:
-        children.check_alive()
-        try:
-            result = check()
-            if result:
-                return result
-            last = repr(result)
-        except (Failure, subprocess.TimeoutExpired, OSError) as err:
-            last = str(err)
-        if time.monotonic() > deadline:
-            raise Failure(f"{what} not ready after {timeout:.0f} s; last attempt: {last}")
-        time.sleep(0.1)  # poll interval, not a wait for readiness
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def wait_until(check, *, what: str, timeout: float, children: Children):
+    """Poll `check` (returns a truthy value or raises) until it succeeds, giving up at once if
+    one of our servers exited; BenchError after `timeout`."""
+    return wait_for(check, timeout, interval=0.1, message=what, check=children.check_alive)
 
 
 # --------------------------------------------------------------------------- certificates
@@ -262,7 +194,7 @@ def free_ports(n: int) -> list[int]:
 
 def make_certs(conf: Path, owner: pwd.struct_passwd) -> None:
     """A CA and a server certificate for IP 127.0.0.1 (EC P-256, like fabula's own PKI)."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dblink bench CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
@@ -397,15 +329,6 @@ class Result:
     spread: float | None = None  # half the min-max range of tps over rounds, relative
 
 
-def field_of(pattern: str, text: str, cast=float, default=None):
-    m = re.search(pattern, text)
-    if not m:
-        if default is not None:
-            return default
-        raise Failure(f"pgbench output has no {pattern!r}:\n{text}")
-    return cast(m.group(1))
-
-
 def bench(link: Link, new_conn: bool, args, password: str, conf: Path, children: Children,
           postmaster: int) -> Result:
     argv = [PGBENCH, "-n", "-S", "-T", str(args.duration), "-c", str(args.clients), "-j", str(args.jobs)]
@@ -423,12 +346,12 @@ def bench(link: Link, new_conn: bool, args, password: str, conf: Path, children:
 
     def settled() -> bool:
         """The run's backends have exited and been reaped (a direct link's), or are idle in the pool."""
-        new = [pid for pid, _ in _children(postmaster) if pid not in existing]
+        new = [pid for pid, _ in children_of(postmaster) if pid not in existing]
         if link.pgbouncer is None:
             return not new
-        return all((_stat(pid) or ["X"])[0] not in "ZX" for pid in new)
+        return all((proc_stat(pid) or ["X"])[0] not in "ZX" for pid in new)
 
-    existing = {pid for pid, _ in _children(postmaster)}
+    existing = {pid for pid, _ in children_of(postmaster)}
     before = sample()
     out = run(argv, what=f"pgbench on {link.label}", env=libpq_env(link, password, conf),
               timeout=args.duration + 120)
@@ -438,7 +361,7 @@ def bench(link: Link, new_conn: bool, args, password: str, conf: Path, children:
     after = sample()
     n = field_of(r"number of transactions actually processed: (\d+)", out, int)
     if n == 0:
-        raise Failure(f"pgbench on {link.label} processed no transaction:\n{out}")
+        raise BenchError(f"pgbench on {link.label} processed no transaction:\n{out}")
     used = {k: after[k] - before[k] for k in ("pgbench", "pgbouncer", "stunnel", "postgres")}
     other = (after["machine"] - before["machine"] - sum(used.values())) / (after["wall"] - before["wall"])
     return Result(link, new_conn, tps=field_of(r"tps = ([\d.]+)", out), transactions=n,
@@ -483,47 +406,43 @@ def versions() -> list[tuple[str, str]]:
     ]
 
 
-def report(console: Console, results: list[Result], args, links: list[Link], load: tuple[str, str]) -> None:
-    info = Table(title="Links (TLS as seen by the PostgreSQL backend serving the connection, or by stunnel)",
-                 title_justify="left")
-    for col in ("link", "path", "encryption on the PgBouncer/client -> PostgreSQL link"):
-        info.add_column(col)
+def report(out: Console, results: list[Result], args, links: list[Link], load: tuple[str, str]) -> None:
+    columns = ("link", "path", "encryption on the PgBouncer/client -> PostgreSQL link")
+    info = table("Links (TLS as seen by the PostgreSQL backend serving the connection, or by stunnel)",
+                 columns, left=columns, title_justify="left")
     for link in links:
         info.add_row(link.label, link.path, link.tls)
-    console.print(info)
+    out.print(info)
     for new_conn, title in ((False, "persistent connections: pgbench -S"),
                             (True, "new connection per transaction: pgbench -S -C")):
         rows = [r for r in results if r.new_conn == new_conn]
         base = next(r for r in rows if r.link.key == "direct").tps
         rounds = f", mean of {args.rounds} rounds" if args.rounds > 1 else ""
-        table = Table(title=f"{title} -T {args.duration} -c {args.clients} -j {args.jobs}{rounds}  "
-                            "(CPU in µs per transaction)",
-                      title_justify="left")
-        for col in ("link", "tps", "vs direct", "lat ms", "conn ms", "CPU pgbench", "CPU pgbouncer",
-                    "CPU stunnel", "CPU postgres", "CPU total", "other CPU"):
-            table.add_column(col, justify="left" if col == "link" else "right")
+        figures = table(f"{title} -T {args.duration} -c {args.clients} -j {args.jobs}{rounds}  "
+                        "(CPU in µs per transaction)",
+                        ("link", "tps", "vs direct", "lat ms", "conn ms", "CPU pgbench", "CPU pgbouncer",
+                         "CPU stunnel", "CPU postgres", "CPU total", "other CPU"), left=("link",),
+                        title_justify="left")
         for r in rows:
             c = r.cpu_us
-            table.add_row(r.link.label + (f" ({r.failed} failed)" if r.failed else ""),
+            figures.add_row(r.link.label + (f" ({r.failed} failed)" if r.failed else ""),
                           f"{r.tps:,.0f}" + ("" if r.spread is None else f" ±{r.spread:.0%}"),
                           f"{r.tps / base:.2f}x", f"{r.latency_ms:.3f}",
                           "-" if r.conn_ms is None else f"{r.conn_ms:.3f}",
                           f"{c['pgbench']:.0f}", f"{c['pgbouncer']:.0f}" if r.link.pgbouncer else "-",
                           f"{c['stunnel']:.0f}" if r.link.stunnels else "-", f"{c['postgres']:.0f}",
                           f"{sum(c.values()):.0f}", f"{r.other_cores:.2f}" + (" !" if r.other_cores > NOISY else ""))
-        console.print(table)
+        out.print(figures)
     if any(r.other_cores > NOISY for r in results):
-        console.print(f"! = other processes used more than {NOISY} cores during that run: its tps is depressed. "
+        out.print(f"! = other processes used more than {NOISY} cores during that run: its tps is depressed. "
                       "The CPU µs/tx columns are the more robust figures; re-run on a quiet machine, "
                       "or with --rounds 2.")
-    ver = Table(title="Versions", title_justify="left", show_header=False)
-    ver.add_column("what")
-    ver.add_column("version")
+    ver = table("Versions", ("what", "version"), left=("what", "version"), title_justify="left", show_header=False)
     for name, value in versions():
         ver.add_row(name, value)
     ver.add_row("load average", f"before {load[0]}, after {load[1]}")
-    console.print(ver)
-    console.print("Reading: tps of each TLS-through-PgBouncer variant relative to fabula's native TLS "
+    out.print(ver)
+    out.print("Reading: tps of each TLS-through-PgBouncer variant relative to fabula's native TLS "
                   "(above 1.00 = that variant is faster):")
     for new_conn, mode in ((False, "persistent"), (True, "new conn  ")):
         by = {r.link.key: r for r in results if r.new_conn == new_conn}
@@ -531,7 +450,7 @@ def report(console: Console, results: list[Result], args, links: list[Link], loa
         parts = [f"{by[k].link.label} {by[k].tps / native.tps:.2f}x "
                  f"(link CPU {sum(by[k].cpu_us[p] for p in ('pgbouncer', 'stunnel')):.0f} vs "
                  f"{native.cpu_us['pgbouncer']:.0f} µs/tx)" for k in ("stunnel_pgsql", "stunnel_pair")]
-        console.print(f"  {mode}: " + "; ".join(parts) +
+        out.print(f"  {mode}: " + "; ".join(parts) +
                       f"; pgbouncer TLS / pgbouncer plain {native.tps / by['pgb_plain'].tps:.2f}x")
 
 
@@ -546,19 +465,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the series, every other round in reverse order; report means (default 1)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench/dblink.py needs root (it runs the servers as the postgres user)", file=sys.stderr)
-        return 2
+    require_root("dblink.py", "it runs the servers as the postgres user")
     postgres_user = pwd.getpwnam("postgres")
-    console = Console() if sys.stdout.isatty() else Console(width=170)
-
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-
-    root = Path(tempfile.mkdtemp(prefix="dblink-bench-", dir="/var/tmp"))
-    root.chmod(0o755)
+    out = console(170)
+    interrupt_on_signals()
+    root = temp_base("dblink-bench-")
     children = Children()
     status = 0
     started = time.monotonic()
@@ -580,9 +491,9 @@ def main() -> int:
 
         # PostgreSQL
         data = pgdir / "data"
-        console.print(f"[dim]setting up in {root} ...[/dim]")
+        out.print(f"[dim]setting up in {root} ...[/dim]")
         run([str(PGBIN / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8",
-             "--auth-local=peer", "--auth-host=scram-sha-256", "-N"], what="initdb", as_postgres=True, cwd=root)
+             "--auth-local=peer", "--auth-host=scram-sha-256", "-N"], what="initdb", as_postgres_user=True, cwd=root)
         with open(data / "postgresql.conf", "a") as f:
             f.write(f"""
 # dblink benchmark
@@ -608,7 +519,7 @@ logging_collector = off
                                           timeout=10).returncode == 0,
                    what="PostgreSQL", timeout=60, children=children)
         run([PSQL, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(sock), "-p", str(pg_port), "-d", "postgres",
-             "-f", "-"], what="creating the role and database", as_postgres=True, cwd=root,
+             "-f", "-"], what="creating the role and database", as_postgres_user=True, cwd=root,
             stdin=f"CREATE ROLE {USER} LOGIN PASSWORD '{password}';\nCREATE DATABASE {DB} OWNER {USER};\n")
 
         links = [
@@ -632,8 +543,10 @@ logging_collector = off
                            ("stunnel_client", stunnel_client_conf(conf, st_client, st_server, pgsql=False))):
             (conf / f"{name}.conf").write_text(text)
             children.start(name, [STUNNEL, str(conf / f"{name}.conf")], logs / f"{name}.log", signal.SIGTERM, root)
-        for name, listen, target, tls in (("pgb_plain", pgb_plain, pg_port, False), ("pgb_tls", pgb_tls, pg_port, True),
-                                          ("pgb_sp", pgb_sp, st_pgsql, False), ("pgb_pair", pgb_pair, st_client, False)):
+        for name, listen, target, tls in (("pgb_plain", pgb_plain, pg_port, False),
+                                          ("pgb_tls", pgb_tls, pg_port, True),
+                                          ("pgb_sp", pgb_sp, st_pgsql, False),
+                                          ("pgb_pair", pgb_pair, st_client, False)):
             (conf / f"{name}.ini").write_text(pgbouncer_ini(conf, listen, target, tls))
             # SIGTERM = immediate shutdown (SIGINT would wait for clients)
             children.start(name, [PGBOUNCER, str(conf / f"{name}.ini")], logs / f"{name}.log", signal.SIGTERM, root)
@@ -641,42 +554,43 @@ logging_collector = off
         # every link answers, and is (not) encrypted where PostgreSQL sees it as expected
         query = "select ssl, coalesce(version, ''), coalesce(cipher, '') from pg_stat_ssl where pid = pg_backend_pid()"
         for link in links:
-            out = wait_until(lambda: run([PSQL, "-X", "-A", "-t", "-c", query], what=f"psql via {link.label}",
-                                         env=libpq_env(link, password, conf), timeout=15).strip(),
-                             what=link.label, timeout=30, children=children)
-            ssl, version, cipher = out.split("|")
+            probe = wait_until(lambda link=link: run([PSQL, "-X", "-A", "-t", "-c", query],
+                                                     what=f"psql via {link.label}",
+                                                     env=libpq_env(link, password, conf), timeout=15).strip(),
+                               what=link.label, timeout=30, children=children)
+            ssl, version, cipher = probe.split("|")
             if (ssl == "t") != link.expect_pg_ssl:
-                raise Failure(f"{link.label}: PostgreSQL reports ssl={ssl}, expected {link.expect_pg_ssl}")
+                raise BenchError(f"{link.label}: PostgreSQL reports ssl={ssl}, expected {link.expect_pg_ssl}")
             link.tls = f"{version} {cipher} (PostgreSQL)" if ssl == "t" else "none at PostgreSQL"
             if link.key == "stunnel_pair":
                 suites = re.findall(r"(TLSv[\d.]+ ciphersuite: \S+)", (logs / "stunnel_client.log").read_text())
                 if not suites:
-                    raise Failure(f"stunnel pair: no TLS session in the client's log:\n{tail(logs / 'stunnel_client.log')}")
+                    raise BenchError("stunnel pair: no TLS session in the client's log:\n"
+                                     + tail(logs / "stunnel_client.log"))
                 link.tls = f"{suites[-1].replace(' ciphersuite:', '')} (stunnel client<->server); plain at PostgreSQL"
-        console.print(f"[dim]setup done in {time.monotonic() - started:.0f} s; "
+        out.print(f"[dim]setup done in {time.monotonic() - started:.0f} s; "
                       f"{2 * len(links) * args.rounds} runs of {args.duration} s follow[/dim]")
 
-        load_before = Path("/proc/loadavg").read_text().split()[0]
+        load_before = load_average()
         runs = []
         for rnd in range(args.rounds):
             for new_conn in (False, True):
                 for link in (links if rnd % 2 == 0 else links[::-1]):
                     r = bench(link, new_conn, args, password, conf, children, pg.popen.pid)
                     runs.append(r)
-                    console.print(f"[dim]  {link.label:16} {'-C' if new_conn else '  '} {r.tps:10,.0f} tps[/dim]")
+                    out.print(f"[dim]  {link.label:16} {'-C' if new_conn else '  '} {r.tps:10,.0f} tps[/dim]")
         results = [merge([r for r in runs if r.link is link and r.new_conn == new_conn])
                    for new_conn in (False, True) for link in links]
-        load_after = Path("/proc/loadavg").read_text().split()[0]
-        report(console, results, args, links, (load_before, load_after))
+        load_after = load_average()
+        report(out, results, args, links, (load_before, load_after))
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         status = 130
-    except (Failure, subprocess.TimeoutExpired, OSError) as err:
+    except (BenchError, subprocess.TimeoutExpired, OSError) as err:
         print(f"\nbench/dblink.py failed: {err}", file=sys.stderr)
         status = 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+        ignore_interrupts()  # a second Ctrl-C must not interrupt the cleanup
         killed = children.stop_all()
         if killed:
             print(f"had to SIGKILL: {', '.join(killed)}", file=sys.stderr)

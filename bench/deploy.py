@@ -10,25 +10,27 @@ Run as root: `.venv/bin/python bench/deploy.py [--webs 2 4]`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import secrets
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import httpx
+from rich.console import Console
 
-import httpx  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from tests.helpers import free_port, make_app_repo, run_fabula  # noqa: E402
+from harness import (
+    BenchError,
+    Environment,
+    git,
+    kill_namespace,
+    remove_unless_left,
+    require_root,
+    save_results,
+    table,
+    temp_base,
+    timed_wait,
+)
 
 ENV = "bench"
 CLIENTS = 4  # two keep-alive, two opening a connection per request
@@ -75,7 +77,9 @@ class Load:
 
     def figures(self, seconds: float) -> dict:
         ordered = sorted(self.samples)
-        pct = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0
+
+        def pct(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0
         return {"requests": len(ordered), "failed": self.failures, "rps": round(len(ordered) / seconds, 1),
                 "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
                 "mean_ms": round(statistics.fmean(ordered) * 1000, 1) if ordered else 0}
@@ -84,106 +88,87 @@ class Load:
 def commit_change(app: Path, marker: str) -> None:
     page = app / "notes" / "templates" / "notes" / "index.html"
     page.write_text(page.read_text().replace("<h1>Polls on fabula", f"<h1>Polls on fabula {marker}", 1))
-    git = ["git", "-C", str(app), "-c", "user.email=b@fabula.invalid", "-c", "user.name=b"]
-    subprocess.run(git + ["commit", "-qam", marker], check=True)
+    git(app, "commit", "-qam", marker)
+
+
+def created(env: Environment) -> None:
+    result = env.fabula("create", ENV, timeout=1200)
+    if result.returncode:
+        raise BenchError(f"create {env.project} failed (rc {result.returncode}):\n{result.stderr[-3000:]}")
 
 
 def scenario(base: Path, webs: int) -> dict:
-    project = f"bdeploy-{secrets.token_hex(2)}"
-    https = free_port()
-    app = make_app_repo(base / project, project, ENV, https, free_port(),
-                        servers=f"{{web: {webs}, worker: 1, cache: 1, db-primary: 1, db-replica: 0}}")
-    state, url = base / "state", f"https://127.0.0.1:{https}"
+    env = Environment.new(base, f"bdeploy-{secrets.token_hex(2)}", ENV,
+                          servers=f"{{web: {webs}, worker: 1, cache: 1, db-primary: 1, db-replica: 0}}")
     try:
-        created = run_fabula("create", ENV, cwd=app, state_dir=state, timeout=1200)
-        assert created.returncode == 0, created.stderr
-        commit_change(app, "v2")
-        run_fabula("release", "build", ENV, cwd=app, state_dir=state)  # the build is not the deploy
-        with Load(url) as baseline:
+        created(env)
+        commit_change(env.app_dir, "v2")
+        env.fabula("release", "build", ENV)  # the build is not the deploy
+        with Load(env.url) as baseline:
             started = time.monotonic()
             time.sleep(15)
         base_figures = baseline.figures(time.monotonic() - started)
-        with Load(url) as during:
+        with Load(env.url) as during:
             started = time.monotonic()
-            deployed = run_fabula("deploy", ENV, "--serial", cwd=app, state_dir=state, timeout=1200)
+            deployed = env.fabula("deploy", ENV, "--serial", timeout=1200)
             seconds = time.monotonic() - started
-        assert deployed.returncode == 0, deployed.stderr
+        if deployed.returncode:
+            raise BenchError(f"deploy failed (rc {deployed.returncode}):\n{deployed.stderr[-3000:]}")
         return {"webs": webs, "deploy_s": round(seconds, 1), "baseline": base_figures,
                 "during": during.figures(seconds)}
     finally:
-        run_fabula("destroy", ENV, "--yes", cwd=app, state_dir=state, timeout=600)
+        env.destroy()
 
 
 AUTOSCALING = ("    autoscaling: {min: 1, desired: 1, max: 2, metric: requests, target: 4, scale_out_cooldown: 0, "
                "scale_in_cooldown: 600, health_grace: 3, interval: 1, window: 3}\n")
 
 
-def web_health(state: Path, app: Path) -> dict[str, str]:
-    report = json.loads(run_fabula("describe", ENV, "--json", cwd=app, state_dir=state).stdout)
-    return {s["name"]: s["lb"] for s in report["servers"] if s["role"] == "web"}
-
-
-def wait_until(condition, timeout: float) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise SystemExit(f"condition not met within {timeout}s")
-        time.sleep(0.2)
-    return time.monotonic() - started
-
-
 def autoscaling_scenario(base: Path) -> dict:
-    project = f"bscale-{secrets.token_hex(2)}"
-    https = free_port()
-    app = make_app_repo(base / project, project, ENV, https, free_port(),
-                        servers="{web: 1, worker: 1, cache: 1, db-primary: 1, db-replica: 0}", extra=AUTOSCALING)
-    state, url = base / "state", f"https://127.0.0.1:{https}"
+    env = Environment.new(base, f"bscale-{secrets.token_hex(2)}", ENV,
+                          servers="{web: 1, worker: 1, cache: 1, db-primary: 1, db-replica: 0}", extra=AUTOSCALING)
     try:
-        assert run_fabula("create", ENV, cwd=app, state_dir=state, timeout=1200).returncode == 0
-        first = set(web_health(state, app))
-        with Load(url):  # 4 clients: far above 4 requests/s for one server
-            step = wait_until(lambda: sum(v == "UP" for v in web_health(state, app).values()) == 2, 120)
-        new = sorted(set(web_health(state, app)) - first)
-        victim = sorted(web_health(state, app))[0]
-        pids = subprocess.run(["ip", "netns", "pids", f"fab.{project}.{ENV}.{victim}"], capture_output=True,
-                              text=True).stdout.split()
-        subprocess.run(["kill", "-9", *pids], check=True)
-        healed = wait_until(lambda: victim not in (h := web_health(state, app)) and
-                            sum(v == "UP" for v in h.values()) == 2, 180)
+        created(env)
+        first = set(env.web_health())
+        with Load(env.url):  # 4 clients: far above 4 requests/s for one server
+            step = timed_wait(lambda: sum(v == "UP" for v in env.web_health().values()) == 2, 120,
+                              message="a second web server taking traffic")
+        new = sorted(set(env.web_health()) - first)
+        victim = sorted(env.web_health())[0]
+        kill_namespace(env.netns(victim))
+        healed = timed_wait(lambda: victim not in (h := env.web_health()) and
+                            sum(v == "UP" for v in h.values()) == 2, 180, message=f"{victim} replaced")
         return {"load_step_to_new_server_s": round(step, 1), "new_server": new,
                 "death_to_replacement_s": round(healed, 1), "killed": victim}
     finally:
-        run_fabula("destroy", ENV, "--yes", cwd=app, state_dir=state, timeout=600)
+        env.destroy()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--webs", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("bench/deploy.py needs root (the local provider makes network namespaces)")
-    base = Path(tempfile.mkdtemp(prefix="fabula-bench-", dir="/var/tmp"))
-    base.chmod(0o755)
+    require_root("deploy.py")
+    base = temp_base("fabula-bench-")
     try:
         results = [scenario(base, n) for n in args.webs]
         scaling = autoscaling_scenario(base)
+    except BenchError as exc:
+        raise SystemExit(f"bench/deploy.py failed: {exc}") from None
     finally:
-        shutil.rmtree(base, ignore_errors=True)
-    table = Table(title=f"serial deploy under load ({CLIENTS} clients, GET /api/info through the load balancer)")
-    for column in ("web servers", "deploy s", "requests", "failed", "p50 ms (no deploy)", "p50 ms (deploy)",
-                   "p99 ms (no deploy)", "p99 ms (deploy)", "p99 ratio"):
-        table.add_column(column, justify="right")
+        remove_unless_left(base)
+    figures = table(f"serial deploy under load ({CLIENTS} clients, GET /api/info through the load balancer)",
+                    ("web servers", "deploy s", "requests", "failed", "p50 ms (no deploy)", "p50 ms (deploy)",
+                     "p99 ms (no deploy)", "p99 ms (deploy)", "p99 ratio"))
     for r in results:
         b, d = r["baseline"], r["during"]
-        table.add_row(str(r["webs"]), str(r["deploy_s"]), str(d["requests"]), str(d["failed"]), str(b["p50_ms"]),
-                      str(d["p50_ms"]), str(b["p99_ms"]), str(d["p99_ms"]),
-                      f"{d['p99_ms'] / b['p99_ms']:.2f}" if b["p99_ms"] else "-")
-    Console(width=160).print(table)
+        figures.add_row(str(r["webs"]), str(r["deploy_s"]), str(d["requests"]), str(d["failed"]), str(b["p50_ms"]),
+                        str(d["p50_ms"]), str(b["p99_ms"]), str(d["p99_ms"]),
+                        f"{d['p99_ms'] / b['p99_ms']:.2f}" if b["p99_ms"] else "-")
+    Console(width=160).print(figures)
     print(f"autoscaling: load step -> new server taking traffic {scaling['load_step_to_new_server_s']} s; "
           f"web server killed -> replacement taking traffic {scaling['death_to_replacement_s']} s")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "deploy.json").write_text(json.dumps({"deploys": results, "autoscaling": scaling}, indent=2))
+    save_results("deploy", {"deploys": results, "autoscaling": scaling})
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ the web server's database link (PgBouncer over TLS vs a direct TLS connection), 
 environments of the sample app.
 
 What it does, in one run (about 4 minutes on 2 cores). Two environments of the sample app are
-created with the real CLI (`tests.helpers.make_app_repo` and `run_fabula`, in a throw-away state
+created with the real CLI (`harness.make_app_repo` and `run_fabula`, in a throw-away state
 directory under /var/tmp), in parallel, each `{web: 1, worker: 1, cache: 1, db-primary: 1,
 db-replica: 1}`: "async" with the default asynchronous streaming replication, and "sync" with
 `db: {synchronous: true}` (commits wait until the replica has flushed their WAL). Both are
@@ -29,7 +29,7 @@ namespaces is left (`ip netns list`).
    synchronous replication, `1 - ratio` its cost.
 
 2. Failover, in the sync environment: a write loop through the load balancer
-   (`tests.e2e.load.WriteLoad`: POST /api/entries about every 10 ms plus the request's time)
+   (`harness.WriteLoad`: POST /api/entries about every 10 ms plus the request's time)
    runs around `fabula db promote`, first planned (the primary is healthy), then after
    `fabula db reset-replicas` rebuilt the old primary as a replica, an emergency one (every
    process of the primary's namespace from `ip netns pids` is killed with SIGKILL, then promote).
@@ -69,118 +69,81 @@ bench/results/replication.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import pwd
 import re
 import resource
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rich.console import Console
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from tests.e2e.load import WriteLoad  # noqa: E402
-from tests.helpers import free_port, make_app_repo, run_fabula, wait_for  # noqa: E402
+import harness
+from harness import (
+    CLK_TCK,
+    NOISY,
+    PGBENCH,
+    PGBIN,
+    PSQL,
+    REPO,
+    RESULTS_DIR,
+    BenchError,
+    WriteLoad,
+    as_postgres,
+    console,
+    environment_processes,
+    field_of,
+    free_port,
+    ignore_interrupts,
+    interrupt_on_signals,
+    kill_namespace,
+    load_average,
+    log,
+    machine_busy_seconds,
+    make_app_repo,
+    proc_stat,
+    remove_unless_left,
+    require_root,
+    save_results,
+    table,
+    temp_base,
+    terminate_my_children,
+    wait_for,
+)
 
 ENV = "repl"
 SERVERS = "{web: 1, worker: 1, cache: 1, db-primary: 1, db-replica: 1}"
-PGBIN = Path("/usr/lib/postgresql/15/bin")
-PGBENCH, PSQL = str(PGBIN / "pgbench"), str(PGBIN / "psql")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-NOISY = 0.3  # cores used by other processes during a run above which its figures are suspect
-RESULTS = Path(__file__).resolve().parent / "results" / "replication.json"
+RESULTS = RESULTS_DIR / "replication.json"
 # lag samples of a round's first half second are left out: pgbench is still connecting, and
 # pg_stat_replication still shows the lag last measured before the round (stale until replaced)
 WARMUP = 0.5
 
 
-class BenchError(Exception):
-    """A step failed; the message says which, with the command's output."""
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def clean_env(**extra: str) -> dict[str, str]:
-    """Our environment without PG* variables (PGSSLMODE etc. would skew the runs)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(LC_ALL="C.UTF-8", PGGSSENCMODE="disable", PGCONNECT_TIMEOUT="10", **extra)
-    return env
-
-
-def as_postgres() -> list[str]:
-    gid = pwd.getpwnam("postgres").pw_gid
-    return ["setpriv", "--reuid=postgres", f"--regid={gid}", "--init-groups"]
+    """Our environment without PG* variables (PGSSLMODE etc. would skew the runs), no GSS
+    encryption attempt, and a connect timeout."""
+    return harness.clean_env(PGGSSENCMODE="disable", PGCONNECT_TIMEOUT="10", **extra)
 
 
 # --------------------------------------------------------------------------- environments
 
 
 @dataclass
-class Env:
+class Env(harness.Environment):
+    """One of the two environments (async, sync) and what the run learnt about it."""
+
     label: str
-    project: str
-    app_dir: Path
-    state_dir: Path
-    https_port: int
-    http_port: int
     synchronous: bool
     create_attempted: bool = False
     create_s: float | None = None
     destroyed: bool = False
-
-    @property
-    def env_dir(self) -> Path:
-        return self.state_dir / self.project / ENV
-
-    @property
-    def db(self) -> str:
-        return self.project.replace("-", "_")
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.https_port}"
-
-    @property
-    def ns_prefix(self) -> str:
-        return f"fab.{self.project}.{ENV}."
-
-    def netns(self, server: str) -> str:
-        return self.ns_prefix + server
-
-    def socket_dir(self, server: str) -> Path:
-        return self.env_dir / "servers" / server / "run" / "postgresql"
-
-    def state(self) -> dict:
-        return json.loads((self.env_dir / "state.json").read_text())
-
-    def address(self, server: str) -> str:
-        return self.state()["servers"][server]["address"]
-
-    def primary(self) -> str:
-        return next(n for n, s in self.state()["servers"].items() if s["role"] == "db-primary")
-
-    def app_password(self) -> str:
-        return json.loads((self.env_dir / "secrets" / "secrets.json").read_text())["db_app_password"]
-
-    def fabula(self, *args: str, timeout: float = 600):
-        return run_fabula(*args, cwd=self.app_dir, state_dir=self.state_dir, timeout=timeout)
 
     def psql_rows(self, server: str, sql: str, database: str | None = None) -> list[str]:
         """Run SQL as postgres over a database server's unix socket, inside its namespace."""
@@ -222,18 +185,6 @@ def tls_seen_by_postgres(env: Env, link: str) -> str:
 # --------------------------------------------------------------------------- CPU accounting
 
 
-def _stat(pid: str) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def machine_busy_seconds() -> float:
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / CLK_TCK
-
-
 class CpuMeter:
     """CPU seconds used by this benchmark (its environments' processes, this script and its
     children) and by the whole machine, to tell how busy everything else was during a run."""
@@ -242,23 +193,11 @@ class CpuMeter:
         self.envs = envs
 
     def snapshot(self) -> dict[str, float]:
-        prefixes = tuple(e.ns_prefix for e in self.envs)
-        run = Path("/run/netns")
-        inodes = {p.stat().st_ino for p in run.iterdir() if p.name.startswith(prefixes)} if run.exists() else set()
-        needles = [str(e.env_dir).encode() + b"/" for e in self.envs]
         me = str(os.getpid())
         ticks = 0
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or proc.name == me:
-                continue
-            try:
-                ours = os.stat(proc / "ns" / "net").st_ino in inodes
-                if not ours:
-                    cmdline = (proc / "cmdline").read_bytes()
-                    ours = any(n in cmdline for n in needles)
-            except OSError:
-                continue
-            st = _stat(proc.name) if ours else None
+        for proc in environment_processes([e.ns_prefix for e in self.envs],
+                                          [str(e.env_dir).encode() + b"/" for e in self.envs]):
+            st = proc_stat(proc.name) if proc.name != me else None
             if st:
                 ticks += sum(int(v) for v in st[11:15])  # utime stime cutime cstime
         own = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
@@ -272,15 +211,6 @@ class CpuMeter:
 
 
 # --------------------------------------------------------------------------- pgbench
-
-
-def field_of(pattern: str, text: str, cast=float, default=None):
-    m = re.search(pattern, text)
-    if not m:
-        if default is not None:
-            return default
-        raise BenchError(f"pgbench output has no {pattern!r}:\n{text}")
-    return cast(m.group(1))
 
 
 def pgbench(env: Env, link: str, options: list[str], meter: CpuMeter, timeout: float) -> dict:
@@ -351,7 +281,7 @@ class LagSampler(threading.Thread):
     def cpu_seconds(self) -> float:
         """CPU time of the sampler's psql and of the backend serving it, so far."""
         return sum(sum(int(v) for v in st[11:13]) for pid in (self.proc.pid, self.backend)
-                   if pid and (st := _stat(str(pid)))) / CLK_TCK
+                   if pid and (st := proc_stat(pid))) / CLK_TCK
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -471,13 +401,13 @@ def pgbouncer_retry(env: Env, since: float, old_address: str, new_address: str) 
     """From web1's PgBouncer log: its last failed server login/connect to the old primary, and how
     long after it PgBouncer first connected to the new one (PgBouncer waits server_login_retry,
     15 s by default, after a failed login before it tries the database again, repointed or not)."""
-    log_file = env.env_dir / "servers" / "web1" / "log" / "pgbouncer.log"
+    log_file = env.log_file("web1", "pgbouncer.log")
     failed = None
     for line in log_file.read_text(errors="replace").splitlines():
         m = PGB_EVENT.match(line)
         if not m:
             continue
-        at = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
+        at = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
         if at < since:
             continue
         if "failed" in m[3] and m[2] == old_address:
@@ -502,14 +432,7 @@ def failover(env: Env, kind: str) -> tuple[dict, WriteLoad]:
                  message=f"writes acknowledged before the {kind} promote")
         event, event_wall = time.monotonic(), time.time()  # the primary is stopped (by promote) or killed
         if kind == "emergency":
-            pids = subprocess.run(["ip", "netns", "pids", env.netns(old)], capture_output=True, text=True,
-                                  check=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            killed_pids = len(pids)
+            killed_pids = kill_namespace(env.netns(old))
         promote_started = time.monotonic()
         promoted = env.fabula("db", "promote", ENV, timeout=300)
         promote_done = time.monotonic()
@@ -523,7 +446,7 @@ def failover(env: Env, kind: str) -> tuple[dict, WriteLoad]:
     if not reported or reported.group(1) != kind:
         raise BenchError(f"promote did not report a {kind} failover:\n{promoted.stderr[-2000:]}")
     times = [at for at, _ in load.acknowledged]
-    gaps = [(b - a, a) for a, b in zip(times, times[1:])]
+    gaps = [(b - a, a) for a, b in zip(times, times[1:], strict=False)]
     gap, gap_start = max(gaps)
     new = env.primary()
     acked, present = acknowledged_present(env, new, [load])
@@ -590,43 +513,16 @@ def create_all(envs: list[Env]) -> None:
         raise BenchError("; ".join(f"create {label}: {e}" for label, e in errors.items()))
 
 
-def my_children() -> list[int]:
-    me = str(os.getpid())
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_stat(p.name) or ["", ""])[1] == me]
-
-
 def destroy(env: Env) -> str | None:
-    """Destroy one environment; an error message, or None."""
+    """Destroy one environment (a second attempt if the first fails); an error message, or None."""
     if env.destroyed or not env.create_attempted:
         return None
     started = time.monotonic()
-    problem = None
-    for _ in range(2):
-        try:
-            result = env.fabula("destroy", ENV, "--yes", timeout=600)
-            problem = None if result.returncode == 0 else f"rc {result.returncode}: {result.stderr[-1500:]}"
-        except subprocess.TimeoutExpired:
-            problem = "timed out"
-        if problem is None:
-            break
+    problem = env.destroy(attempts=2)
     env.destroyed = problem is None
     log(f"destroyed {env.label} ({env.project}) in {time.monotonic() - started:.1f} s" +
         (f" -- PROBLEM: {problem}" if problem else ""))
     return problem
-
-
-def leftovers(envs: list[Env]) -> list[str]:
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    found = [f"namespace {n}" for n in names if n.startswith(tuple(e.ns_prefix for e in envs))]
-    needles = [str(e.env_dir).encode() for e in envs]
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if any(n in (proc / "cmdline").read_bytes() for n in needles):
-                    found.append(f"process {proc.name}")
-            except OSError:
-                pass
-    return found
 
 
 # --------------------------------------------------------------------------- report
@@ -642,15 +538,15 @@ def retry_cell(pgb: dict) -> str:
     return f"{pgb['failed_to_new_connection_s']:.2f} ({pgb['failed']})"
 
 
-def report(console: Console, results: dict, args) -> None:
+def report(out: Console, results: dict, args) -> None:
     wl = results.get("write_load")
     if wl:
-        t = Table(title=f"1. Replication under pgbench TPC-B-like writes through PgBouncer (scale {args.scale}, "
-                        f"-c {args.clients} -j {args.jobs}, {args.rounds} x {args.duration} s per mode, "
-                        f"lag sampled every {args.interval * 1000:.0f} ms on the primary)", title_justify="left")
-        for col in ("replication", "tps", "tps per round", "lat ms", "replay lag ms p50/p99/max",
-                    "lag KiB p50/p99/max", "flush lag ms p50/p99", "samples (null)", "other CPU max"):
-            t.add_column(col, justify="left" if col == "replication" else "right")
+        t = table(f"1. Replication under pgbench TPC-B-like writes through PgBouncer (scale {args.scale}, "
+                  f"-c {args.clients} -j {args.jobs}, {args.rounds} x {args.duration} s per mode, "
+                  f"lag sampled every {args.interval * 1000:.0f} ms on the primary)",
+                  ("replication", "tps", "tps per round", "lat ms", "replay lag ms p50/p99/max",
+                   "lag KiB p50/p99/max", "flush lag ms p50/p99", "samples (null)", "other CPU max"),
+                  left=("replication",), title_justify="left")
         for label in ("async", "sync"):
             r, lag = wl[label], wl[label]["lag"]
             t.add_row(label, f"{r['tps']:,.1f}", " / ".join(f"{v:,.0f}" for v in r["tps_rounds"]),
@@ -658,9 +554,9 @@ def report(console: Console, results: dict, args) -> None:
                       " / ".join(fmt3(lag["flush_ms"]).split(" / ")[:2]),
                       f"{lag['samples']} ({lag['replay_null']})",
                       f"{r['other_cores']:.2f}" + (" !" if r["other_cores"] > NOISY else ""))
-        console.print(t)
+        out.print(t)
         ratio = wl["sync_over_async_tps"]
-        console.print(f"sync/async tps: {ratio:.2f}x -> synchronous replication costs {1 - ratio:.0%} of the "
+        out.print(f"sync/async tps: {ratio:.2f}x -> synchronous replication costs {1 - ratio:.0%} of the "
                       f"write throughput here (latency {wl['sync']['latency_ms']:.2f} vs "
                       f"{wl['async']['latency_ms']:.2f} ms per transaction); per pair of consecutive rounds: "
                       + ", ".join(f"{r:.2f}" for r in wl["sync_over_async_per_pair"])
@@ -668,12 +564,10 @@ def report(console: Console, results: dict, args) -> None:
                         "of a core at most")
     fo = results.get("failover")
     if fo:
-        t = Table(title="2. Failover under a write loop through the load balancer (sync environment)",
-                  title_justify="left")
-        for col in ("promote", "servers", "longest write gap s", "gap starts at s", "promote wall s",
-                    "promote (own) s", "PgBouncer retry wait s", "acked writes", "on new primary",
-                    "failed requests"):
-            t.add_column(col, justify="left" if col in ("promote", "servers") else "right")
+        t = table("2. Failover under a write loop through the load balancer (sync environment)",
+                  ("promote", "servers", "longest write gap s", "gap starts at s", "promote wall s",
+                   "promote (own) s", "PgBouncer retry wait s", "acked writes", "on new primary",
+                   "failed requests"), left=("promote", "servers"), title_justify="left")
         for kind in ("planned", "emergency"):
             r = fo.get(kind)
             if not r:
@@ -685,27 +579,27 @@ def report(console: Console, results: dict, args) -> None:
                       str(r["acknowledged"]), str(r["present_on_new_primary"]),
                       f"{r['failed_requests']} ("
                       + ", ".join(f"{k.replace('HTTP ', '')}: {v}" for k, v in r["failure_kinds"].items()) + ")")
-        console.print(t)
-        console.print("gap starts at: seconds after the promote command started (planned) or after the kill -9 "
+        out.print(t)
+        out.print("gap starts at: seconds after the promote command started (planned) or after the kill -9 "
                       "(emergency); negative = the last write before the gap was acknowledged earlier. PgBouncer "
                       "retry wait: in web1's PgBouncer log, from its last failed server login/connect to the old "
                       "primary to its first connection to the new one (server_login_retry, 15 s by default; "
                       "clients wait meanwhile, so gunicorn's workers, which also answer the load balancer's "
                       "health check, block: HAProxy takes web1 out and answers 503)")
         if "reset_replicas_s" in fo:
-            console.print(f"reset-replicas between the two: {fo['reset_replicas_s']:.1f} s "
+            out.print(f"reset-replicas between the two: {fo['reset_replicas_s']:.1f} s "
                           f"(then {', '.join(fo['replication_after_reset'])})")
         if "both_loads_present_on_final_primary" in fo:
-            console.print(f"acknowledged writes of both loops on the final primary {fo['final_primary']}: "
+            out.print(f"acknowledged writes of both loops on the final primary {fo['final_primary']}: "
                           f"{fo['both_loads_present_on_final_primary']}/{fo['both_loads_acknowledged']}")
     lk = results.get("link")
     if lk:
-        t = Table(title=f"3. Select-only pgbench from web1 (-S -c {args.link_clients} -j {args.jobs} "
-                        f"-T {args.link_duration}, async environment): PgBouncer (TLS to db1) vs direct "
-                        f"(sslmode=require)", title_justify="left")
-        for col in ("connections", "pgbouncer tps", "direct tps", "pgbouncer/direct", "lat ms pgb / direct",
-                    "conn ms pgb / direct", "CPU µs/tx pgb / direct", "other CPU pgb / direct"):
-            t.add_column(col, justify="left" if col == "connections" else "right")
+        t = table(f"3. Select-only pgbench from web1 (-S -c {args.link_clients} -j {args.jobs} "
+                  f"-T {args.link_duration}, async environment): PgBouncer (TLS to db1) vs direct "
+                  f"(sslmode=require)",
+                  ("connections", "pgbouncer tps", "direct tps", "pgbouncer/direct", "lat ms pgb / direct",
+                   "conn ms pgb / direct", "CPU µs/tx pgb / direct", "other CPU pgb / direct"),
+                  left=("connections",), title_justify="left")
         for mode, label in (("persistent", "persistent (-S)"), ("new_conn", "new per tx (-S -C)")):
             p, d = lk[mode]["pgbouncer"], lk[mode]["direct"]
             conn = "-" if mode == "persistent" else f"{p['conn_ms']:.2f} / {d['conn_ms']:.2f}"
@@ -714,16 +608,16 @@ def report(console: Console, results: dict, args) -> None:
                       f"{p['latency_ms']:.3f} / {d['latency_ms']:.3f}", conn,
                       f"{p['cpu_us_per_tx']:,.0f} / {d['cpu_us_per_tx']:,.0f}",
                       f"{flag(p['other_cores'])} / {flag(d['other_cores'])}")
-        console.print(t)
-        console.print(f"TLS as PostgreSQL sees it: via PgBouncer {lk['tls_at_postgres']['pgbouncer']}; "
+        out.print(t)
+        out.print(f"TLS as PostgreSQL sees it: via PgBouncer {lk['tls_at_postgres']['pgbouncer']}; "
                       f"direct {lk['tls_at_postgres']['direct']}. Loopback-only PgBouncer vs stunnel vs direct, "
                       "with CPU per transaction: bench/dblink.py")
     meta = results["meta"]
     if wl or lk:
-        console.print(f"lag samples: every {args.interval * 1000:.0f} ms while pgbench ran, less its first "
+        out.print(f"lag samples: every {args.interval * 1000:.0f} ms while pgbench ran, less its first "
                       f"{WARMUP} s; NULL replay_lag (replica fully caught up) counted as 0. Figures marked ! ran "
                       f"while other processes used more than {NOISY} cores of the machine.")
-    console.print(f"creates (parallel): {meta.get('create_s')}; load average before {meta['load_before']}, "
+    out.print(f"creates (parallel): {meta.get('create_s')}; load average before {meta['load_before']}, "
                   f"after {meta.get('load_after')}; {meta['machine']}; total {meta.get('total_s')} s")
 
 
@@ -741,26 +635,18 @@ def main() -> int:
     parser.add_argument("--link-duration", type=int, default=8, help="seconds per select-only run (default 8)")
     parser.add_argument("--link-clients", type=int, default=8, help="pgbench -c for select-only (default 8)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench/replication.py needs root (the local provider makes network namespaces)", file=sys.stderr)
-        return 2
-    console = Console() if sys.stdout.isatty() else Console(width=170)
-
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-
+    require_root("replication.py")
+    out = console(170)
+    interrupt_on_signals()
     started = time.monotonic()
-    base = Path(tempfile.mkdtemp(prefix="fabula-repl-bench-", dir="/var/tmp"))
-    base.chmod(0o755)  # service users (postgres, www-data) must traverse it
-    state = base / "state"
+    base = temp_base("fabula-repl-bench-")
     tag = secrets.token_hex(2)
-    envs = {label: Env(label, f"repl{label[0]}-{tag}", base / f"app-{label}", state, free_port(), free_port(),
-                       label == "sync") for label in ("async", "sync")}
+    envs = {label: Env(project=f"repl{label[0]}-{tag}", name=ENV, app_dir=base / f"app-{label}",
+                       state_dir=base / "state", https_port=free_port(), http_port=free_port(), label=label,
+                       synchronous=label == "sync") for label in ("async", "sync")}
     meter = CpuMeter(list(envs.values()))
     results: dict = {"config": {k: getattr(args, k) for k in vars(args)} | {"servers": SERVERS},
-                     "meta": {"load_before": Path("/proc/loadavg").read_text().split()[0],
+                     "meta": {"load_before": load_average(),
                               "machine": f"Linux {platform.release()}, {os.cpu_count()} CPUs, "
                                          + subprocess.run([str(PGBIN / "postgres"), "--version"], capture_output=True,
                                                           text=True).stdout.strip()}}
@@ -799,32 +685,24 @@ def main() -> int:
         print(f"\nbench/replication.py failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         status = 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
-        for pid in my_children():  # e.g. a create or pgbench still running after an interrupt
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        ignore_interrupts()  # a second Ctrl-C must not interrupt the cleanup
+        terminate_my_children()  # e.g. a create or pgbench still running after an interrupt
         time.sleep(0.5 if status else 0)
         problems = [f"{e.label}: {p}" for e in envs.values() if (p := destroy(e))]
-        shutil.rmtree(base, ignore_errors=True)
-        left = leftovers(list(envs.values()))
+        left = remove_unless_left(base, envs.values())
         results["meta"]["cleanup"] = {"destroy_problems": problems, "leftovers": left,
                                       "temp_dir_removed": not base.exists()}
         log(f"cleanup: {'LEFT: ' + ', '.join(left) if left else 'no namespace or process of ours left'} "
             f"(ip netns list, /proc); {base} {'NOT removed' if base.exists() else 'removed'}")
         if problems or left:
             status = status or 1
-    results["meta"]["load_after"] = Path("/proc/loadavg").read_text().split()[0]
+    results["meta"]["load_after"] = load_average()
     results["meta"]["total_s"] = round(time.monotonic() - started)
-    report(console, results, args)
+    report(out, results, args)
     if status == 0:
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2))
-        console.print(f"results: {RESULTS.relative_to(Path(__file__).resolve().parent.parent)}")
+        out.print(f"results: {save_results('replication', results).relative_to(REPO)}")
     else:  # an incomplete run does not replace the last complete one
-        console.print(f"INCOMPLETE (exit status {status}): {RESULTS.name} not written")
+        out.print(f"INCOMPLETE (exit status {status}): {RESULTS.name} not written")
     return status
 
 

@@ -10,9 +10,9 @@ from fabula.config import load_config
 from fabula.context import Context, Release
 from fabula.output import Output
 from fabula.pki import CertificateAuthority
+from fabula.providers.base import EgressRule, IngressRule, Result
 from fabula.roles import ROLES, firewall_rules
 from fabula.roles.postgres import PG_BIN
-from fabula.providers.base import EgressRule, IngressRule, Result
 from fabula.secrets import Secrets
 from fabula.state import EnvPaths, EnvState
 from fabula.supervisor import Program, render_program
@@ -83,7 +83,7 @@ def test_web_runs_nginx_workers_gunicorn_and_pgbouncer_as_users_of_the_environme
     environment = ini_value(programs["gunicorn"], "environment")
     primary = ctx.state.one("db-primary")
     assert f'DATABASE_URL="postgres://app:{SECRETS.db_app_password}@127.0.0.1:6432/polls"' in environment
-    assert f'FABULA_SERVER="web1"' in environment and 'FABULA_ROLE="web"' in environment
+    assert 'FABULA_SERVER="web1"' in environment and 'FABULA_ROLE="web"' in environment
     bouncer = host.text(host.path("etc", "pgbouncer", "pgbouncer.ini"))
     assert f"polls = host={primary.address} port=5432 dbname=polls" in bouncer
     assert host.stat(host.path("run", "pgbouncer")).mode == 0o700  # its socket: no other user's
