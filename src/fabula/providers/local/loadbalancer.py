@@ -34,21 +34,18 @@ _HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a
 
 class HAProxyLoadBalancer(LoadBalancer):
     def __init__(self, lb: LoadBalancerConfig, lb_dir: Path, ca_file: Path, gateway: Callable[[], str | None],
-                 project: str, env: str, hosts: Sequence[str] = ()):
+                 project: str, env: str, hosts: Sequence[str] = (), bind: str = "127.0.0.1"):
         self.lb, self.dir, self.ca_file, self.gateway = lb, lb_dir, ca_file, gateway
+        self.bind = bind  # local.bind: the machine's address HAProxy listens on
         self.project, self.env = project, env
         self.hosts = tuple(hosts)   # the environment's `hosts`: names the HTTP port may redirect to
         # the load balancer's own supervisor runs in the machine's namespace
-        self.platform = LocalHost("lb", "lb", str(lb.bind), lb_dir, netns=None)
+        self.platform = LocalHost("lb", "lb", str(bind), lb_dir, netns=None)
         self.supervisor = Supervisor(self.platform)
 
     def url(self) -> str:
         port = "" if self.lb.https_port == 443 else f":{self.lb.https_port}"
-        return f"https://{self.lb.bind}{port}/"
-
-    def source_addresses(self) -> tuple[str, ...]:
-        gateway = self.gateway()
-        return (gateway,) if gateway else ()
+        return f"https://{self.bind}{port}/"
 
     def is_running(self) -> bool:
         return self.platform.supervisor_pid(self.supervisor.conf) is not None
@@ -60,7 +57,7 @@ class HAProxyLoadBalancer(LoadBalancer):
             except OSError as exc:
                 raise FabulaError(f"lb.certificate/lb.key: cannot read {exc.filename}: {exc.strerror}",
                                   "point lb.certificate and lb.key at readable PEM files") from None
-        names = [str(self.lb.bind), "localhost"]
+        names = [str(self.bind), "localhost"]
         existing = self.platform.read_file(self.dir / "lb.pem")
         # made again within 30 days of its expiry, like the internal certificates
         if existing and not needs_renewal(existing, names, max_lifetime=LB_VALIDITY):
@@ -70,7 +67,7 @@ class HAProxyLoadBalancer(LoadBalancer):
 
     def known_hosts(self) -> list[str]:
         """The names the HTTP port redirects to as asked; any other Host goes to the bind address."""
-        names = [str(self.lb.bind)] + [h.lower() for h in self.hosts if _HOST_NAME.match(h.lower())]
+        names = [str(self.bind)] + [h.lower() for h in self.hosts if _HOST_NAME.match(h.lower())]
         return list(dict.fromkeys(names))
 
     def ensure(self, backends: list[Backend]) -> None:
@@ -78,7 +75,7 @@ class HAProxyLoadBalancer(LoadBalancer):
         certificate_changed = self.platform.put_file(self.dir / "lb.pem", self._certificate(), mode=0o600)
         https_suffix = "" if self.lb.https_port == 443 else f":{self.lb.https_port}"
         config = render(__file__, "haproxy.cfg.j2", project=self.project, env=self.env, lb_dir=self.dir,
-                        bind=self.lb.bind, http_port=self.lb.http_port, https_port=self.lb.https_port,
+                        bind=self.bind, http_port=self.lb.http_port, https_port=self.lb.https_port,
                         https_suffix=https_suffix, ca_file=self.ca_file, check_interval=CHECK_INTERVAL,
                         fast_interval=FAST_INTERVAL, error_limit=ERROR_LIMIT,
                         servers=[(b, internal_name(b.name, self.env, self.project)) for b in backends],
