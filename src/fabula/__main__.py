@@ -1,3 +1,5 @@
+import sys
+
 from fabula.cli import main
 
-main()
+sys.exit(main())

@@ -1,6 +1,7 @@
 """What fabula shows the user: progress on stderr, results (tables, JSON) on stdout."""
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -25,6 +26,11 @@ class Output:
             elapsed = time.monotonic() - self._started
             self.err.print(f"[dim]{elapsed:6.1f}s[/dim] [bold]{where:<12}[/bold] {message}", highlight=False,
                            soft_wrap=True)
+
+    def json(self, data: object) -> None:
+        """Machine-readable output: the JSON document alone on stdout."""
+        self.console.file.write(json.dumps(data, indent=2) + "\n")
+        self.console.file.flush()
 
     def warn(self, message: str) -> None:
         self.err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)

@@ -1,13 +1,15 @@
 """Bad input through the real CLI: one clear message, a non-zero exit, nothing created."""
 from __future__ import annotations
 
+import io
+import json
 import os
 import socket
-import sys
 
 import pytest
 
 from fabula.cli import main
+from fabula.cli.runtime import CliEnvironment
 from tests.helpers import run_fabula
 from tests.unit.test_config import VALID
 
@@ -49,18 +51,31 @@ def test_a_port_already_taken_is_named_and_nothing_is_created(project, tmp_path)
     assert not state.exists()
 
 
-def test_without_root_the_local_provider_says_so(project, tmp_path, monkeypatch, capsys):
+def in_process(*argv: str, state_root, euid: int = 0, tty: bool = False) -> tuple[int, str, str]:
+    """`fabula ARGV` run in this process with an environment of the test's: (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    status = main(list(argv), CliEnvironment(stdout=out, stderr=err, stdin_isatty=tty, euid=euid,
+                                             state_root=state_root))
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_without_root_the_local_provider_says_so(project, tmp_path, monkeypatch):
     # in-process, as an unprivileged user would see it
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.chdir(project)
-    monkeypatch.setenv("FABULA_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(sys, "argv", ["fabula", "create", "testing"])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    assert exited.value.code == 3
-    err = capsys.readouterr().err
+    status, _, err = in_process("create", "testing", state_root=tmp_path / "state", euid=1000)
+    assert status == 3
     assert "needs root" in err and "sudo" in err
     assert not (tmp_path / "state").exists()
+
+
+def test_in_process_json_goes_to_the_given_stdout_and_usage_errors_exit_2(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(project)
+    status, out, err = in_process("describe", "testing", "--json", state_root=tmp_path / "state")
+    assert status == 0 and json.loads(out)["exists"] is False and json.loads(out)["environment"] == "testing"
+    status, out, err = in_process("describe", state_root=tmp_path / "state")
+    assert status == 2 and "Missing argument" in err and out == ""
+    status, _, err = in_process("destroy", "testing", state_root=tmp_path / "state", tty=False)
+    assert status == 1 and "--yes" in err
 
 
 def test_destroy_without_a_terminal_asks_for_yes(project, tmp_path):

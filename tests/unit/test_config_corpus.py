@@ -8,9 +8,9 @@ it loads, or it is refused with a ConfigError of bounded length, and nothing els
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fabula.cli import main
+from fabula.cli.runtime import CliEnvironment
 from fabula.config import load_config
 from fabula.errors import ConfigError
 from tests.helpers import fabula_argv
@@ -264,17 +265,16 @@ def cli(monkeypatch, capsys, tmp_path):
 
 
 def run_in_process(config: Path, capsys, monkeypatch) -> tuple[int | None, str, str]:
-    monkeypatch.setattr(sys, "argv", ["fabula", "describe", "testing", "-c", str(config)])
     code, problem = None, ""
+    err = io.StringIO()
     try:
-        main()
-        code = 0
-    except SystemExit as exited:
-        code = exited.code
+        code = main(["describe", "testing", "-c", str(config)],
+                    CliEnvironment(stdout=io.StringIO(), stderr=err, stdin_isatty=False, euid=0,
+                                   state_root=Path(os.environ["FABULA_STATE_DIR"])))
     except BaseException as exc:  # noqa: BLE001 - what the corpus is looking for
         import traceback
         problem = "".join(traceback.format_exception(exc))
-    return code, capsys.readouterr().err, problem
+    return code, err.getvalue() + capsys.readouterr().err, problem
 
 
 def check_refusal(code, err: str, problem: str, named: str, expect: str) -> list[str]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 
 import typer
+# typer 0.29 (pinned) carries its own copy of click, whose usage errors it raises
+from typer._click.exceptions import ClickException as TyperUsageError
 
 from fabula.cli import db as db_commands, deploy as deploy_commands, environment as environment_commands
 from fabula.cli import scaling as scaling_commands
-from fabula.errors import FabulaError
-from fabula.output import Output
+from fabula.cli.runtime import CliEnvironment
+from fabula.errors import ExitStatus, FabulaError
+
 
 app = typer.Typer(help="Create, deploy and operate a Django production architecture.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -17,9 +20,23 @@ for module in (environment_commands, deploy_commands, db_commands, scaling_comma
     module.register(app)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, env: CliEnvironment | None = None) -> int:
+    """Run `fabula ARGV` (default: the process's arguments) in `env` (default: the process's
+    streams, user and state root); its exit status: 0, 1 for a failed action, 2 for bad input or
+    usage, 3 without root (errors.ExitStatus)."""
+    env = env or CliEnvironment()
     try:
-        app()  # standalone: usage errors are printed by typer and exit with status 2
+        result = app(args=sys.argv[1:] if argv is None else argv, prog_name="fabula", standalone_mode=False,
+                     obj=env)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        env.stderr.write("Aborted.\n")
+        return int(ExitStatus.ERROR)
+    except TyperUsageError as exc:  # a usage error: typer's own message, the status it gives (2)
+        exc.show(file=env.stderr)
+        return exc.exit_code
     except FabulaError as exc:
-        Output().error(str(exc))
-        sys.exit(exc.exit_status)
+        env.output().error(str(exc))
+        return int(exc.exit_status)
+    return result if isinstance(result, int) else int(ExitStatus.OK)

@@ -1,7 +1,6 @@
 """`fabula db ...`: replication status, failover, replicas, backups."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -9,11 +8,11 @@ import typer
 from rich.table import Table
 
 from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
+from fabula.cli.runtime import open_env
 from fabula.db.backup import backup, list_backups, restore
 from fabula.db.copy import copy_database, load_runtime
 from fabula.db.failover import promote, reset_replicas
 from fabula.db.status import db_status
-from fabula.environment.opening import open_environment
 from fabula.output import Output
 
 
@@ -45,19 +44,19 @@ def register(app: typer.Typer) -> None:
     app.add_typer(db_app, name="db")
 
     @db_app.command("status")
-    def status(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+    def status(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
                as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         """Each database server's role, timeline, WAL position; each replica's state and lag."""
-        out = Output()
-        report = db_status(open_environment(config, env, out))
-        print(json.dumps(report, indent=2)) if as_json else print_status(out, report)
+        ctx = open_env(cli, config, env)
+        out, report = ctx.out, db_status(ctx)
+        out.json(report) if as_json else print_status(out, report)
 
     @db_app.command("promote")
-    def promote_(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+    def promote_(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
                  replica: Annotated[str | None, typer.Option("--replica", help="which replica")] = None) -> None:
         """Make a replica the primary: fence the old primary, promote, repoint every PgBouncer."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         ctx.provider.check_prerequisites()
         load_runtime(ctx)
         result = promote(ctx, replica)
@@ -65,32 +64,32 @@ def register(app: typer.Typer) -> None:
                           f"until `fabula db reset-replicas {env}`")
 
     @db_app.command("reset-replicas")
-    def reset(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    def reset(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
         """Rebuild the replicas from the current primary."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         ctx.provider.check_prerequisites()
         load_runtime(ctx)
         reset_replicas(ctx)
         print_status(out, db_status(ctx))
 
     @db_app.command("backup")
-    def backup_(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+    def backup_(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
                 to: Annotated[Path | None, typer.Option("--to", help="file or folder")] = None) -> None:
         """Back up the app's database (pg_dump custom format, from the primary)."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         ctx.provider.check_prerequisites()
         out.console.print(str(backup(ctx, to)))
 
     @db_app.command("backups")
-    def backups(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+    def backups(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         """List the environment's backups."""
-        out = Output()
-        found = list_backups(open_environment(config, env, out))
+        ctx = open_env(cli, config, env)
+        out, found = ctx.out, list_backups(ctx)
         if as_json:
-            print(json.dumps(found, indent=2))
+            out.json(found)
             return
         table = Table(title=f"backups of {env}")
         for column in ("file", "created", "size", "release"):
@@ -100,25 +99,26 @@ def register(app: typer.Typer) -> None:
         out.console.print(table)
 
     @db_app.command("restore")
-    def restore_(env: EnvArgument, backup_file: Annotated[Path, typer.Argument(help="a backup file")],
+    def restore_(cli: typer.Context,
+                 env: EnvArgument, backup_file: Annotated[Path, typer.Argument(help="a backup file")],
                  config: ConfigOption = DEFAULT_CONFIG,
                  force: Annotated[bool, typer.Option("--force",
                                                      help="restore another database's backup")] = False) -> None:
         """Restore a backup as the app's database, under maintenance mode."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         ctx.provider.check_prerequisites()
         kept = restore(ctx, backup_file, force=force)
         out.console.print(f"restored {backup_file}; the previous database is kept as {kept}")
 
     @db_app.command("copy")
-    def copy(source: Annotated[str, typer.Argument(help="environment to copy from")],
+    def copy(cli: typer.Context, source: Annotated[str, typer.Argument(help="environment to copy from")],
              target: Annotated[str, typer.Argument(help="environment to copy into")],
              config: ConfigOption = DEFAULT_CONFIG,
              force: Annotated[bool, typer.Option("--force", help="allow a production target")] = False) -> None:
         """Copy SOURCE's database into TARGET, then run TARGET's migrations."""
-        out = Output()
-        source_ctx, target_ctx = open_environment(config, source, out), open_environment(config, target, out)
+        source_ctx, target_ctx = open_env(cli, config, source), open_env(cli, config, target)
+        out = target_ctx.out
         source_ctx.provider.check_prerequisites()
         kept = copy_database(source_ctx, target_ctx, force=force)
         out.console.print(f"{target} now has {source}'s data; its previous database is kept as {kept}")

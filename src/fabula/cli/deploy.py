@@ -2,7 +2,6 @@
 record of operations."""
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -10,12 +9,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument, JsonOption
+from fabula.cli.runtime import open_env
 from fabula.db.copy import load_runtime
 from fabula.deploy import releases, rollout
 from fabula.deploy.rollout import plan_report
 from fabula.environment import audit
 from fabula.environment import history as history_file
-from fabula.environment.opening import open_environment
 from fabula.errors import ConfigError as BadInput
 from fabula.output import Output
 from fabula.roles import appserver
@@ -91,7 +90,7 @@ def print_plan(out: Output, plan: dict) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def deploy(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+    def deploy(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
                rev: Annotated[str | None, typer.Option("--rev", help="git revision (default HEAD)")] = None,
                serial: Annotated[bool, typer.Option("--serial", help="replace web servers one at a time")] = False,
                full: Annotated[bool, typer.Option("--full", help="upgrade page, then swap all servers")] = False,
@@ -100,31 +99,31 @@ def register(app: typer.Typer) -> None:
         """Deploy a revision: serial or full, chosen from its migrations unless given."""
         if serial and full:
             raise BadInput("choose one of --serial and --full")
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         ctx.provider.check_prerequisites()
         load_runtime(ctx)
         result = plan_report(rollout.deploy(ctx, rev, "serial" if serial else "full" if full else None,
                                             plan_only=plan))
         if as_json:
-            print(json.dumps(result, indent=2))
+            out.json(result)
         elif plan:
             print_plan(out, result)
 
     @app.command()
-    def rollback(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    def rollback(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
         """Serial deploy of the previous release."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
         ctx.provider.check_prerequisites()
         load_runtime(ctx)
         rollout.rollback(ctx)
 
     @app.command(context_settings={"allow_interspersed_args": False})
-    def manage(env: EnvArgument, args: Annotated[list[str], typer.Argument(help="manage.py arguments, after --")],
+    def manage(cli: typer.Context,
+               env: EnvArgument, args: Annotated[list[str], typer.Argument(help="manage.py arguments, after --")],
                config: ConfigOption = DEFAULT_CONFIG) -> None:
         """Run manage.py on the worker (or a web server), with the app's settings; output streamed."""
-        ctx = open_environment(config, env, Output())
+        ctx = open_env(cli, config, env)
         load_runtime(ctx)
         args = args[1:] if args and args[0] == "--" else args
         # manage.py changes the environment (migrations, data): under the lock, recorded
@@ -143,51 +142,54 @@ def register(app: typer.Typer) -> None:
     app.add_typer(release_app, name="release")
 
     @release_app.command("build")
-    def release_build(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+    def release_build(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
                       rev: Annotated[str, typer.Option("--rev", help="git revision of app.source")] = "HEAD",
                       ) -> None:
         """Build the release of a git revision (or reuse it if built before); no server changes."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         built, reused = releases.build_release(ctx, rev)
         state = "already built" if reused else "built"
         out.console.print(f"release {built.id} (commit {built.commit}) {state}: {built.path}", highlight=False)
 
     @release_app.command("list")
-    def release_list(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
+    def release_list(cli: typer.Context,
+                     env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
         """Every built release of ENV, the one its web group uses and which servers run which."""
-        out = Output()
-        report = releases.releases_report(open_environment(config, env, out))
+        ctx = open_env(cli, config, env)
+        out = ctx.out
+        report = releases.releases_report(ctx)
         if as_json:
-            print(json.dumps(report, indent=2))
+            out.json(report)
         elif not report["releases"]:
             out.console.print(f"no releases built for {env}: `fabula release build {env}` builds one")
         else:
             out.console.print(releases_table(report))
 
     @app.command()
-    def history(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False,
+    def history(cli: typer.Context,
+                env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False,
                 last: Annotated[int, typer.Option("-n", "--last", min=1, help="show the last N operations")] = 20,
                 ) -> None:
         """The operations run on ENV (who, when, phases, outcome), newest last."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         records, unreadable = history_file.read(ctx.paths)
         if unreadable:
             out.warn(f"{unreadable} unreadable line(s) in {history_file.history_path(ctx.paths)} skipped")
         records = records[-last:]
         if as_json:
-            print(json.dumps(records, indent=2))
+            out.json(records)
         elif not records:
             out.console.print(f"no operations recorded for {env}")
         else:
             out.console.print(history_table(f"{ctx.project} / {env} history", records))
 
     @app.command()
-    def unlock(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    def unlock(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
         """Break ENV's lock, e.g. after a command was killed on another host."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         holder, existed = audit.unlock(ctx)
         if not existed:
             out.console.print(f"environment {env} is not locked")

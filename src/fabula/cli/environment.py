@@ -1,8 +1,6 @@
 """`fabula create`, `describe`, `destroy`, `maintenance`, `exec`, `logs`: the environment as a whole."""
 from __future__ import annotations
 
-import json
-import sys
 from typing import Annotated, Optional
 
 import typer
@@ -11,7 +9,7 @@ from rich.table import Table
 from fabula.cli.deploy import lock_line
 from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
 from fabula.cli.scaling import describe_lines
-from fabula.environment.opening import open_environment
+from fabula.cli.runtime import cli_environment, open_env
 from fabula.errors import FabulaError
 from fabula.operations.maintenance import switch as switch_maintenance
 from fabula.operations.create import create as create_environment
@@ -60,23 +58,23 @@ def require_server(ctx, server: str) -> str:
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def create(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    def create(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
         """Create ENV (or converge it to fabula.yml): servers, services, release, load balancer."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         create_environment(ctx)
         print_table(out, describe_environment(ctx))
 
 
     @app.command()
-    def describe(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+    def describe(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
                  as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
         """Show ENV's servers, their services, release and load-balancer health."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         report = describe_environment(ctx)
         if as_json:
-            print(json.dumps(report, indent=2))
+            out.json(report)
         elif not report["exists"]:
             out.console.print(f"environment {env} does not exist: `fabula create {env}` creates it")
         else:
@@ -84,15 +82,15 @@ def register(app: typer.Typer) -> None:
 
 
     @app.command()
-    def destroy(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+    def destroy(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
                 yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
                 force: Annotated[bool, typer.Option(
                     "--force", help="break the lock of another command still running on ENV")] = False) -> None:
         """Remove everything ENV made: processes, namespaces, links, firewall, data, secrets."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         if not yes:
-            if not sys.stdin.isatty():
+            if not cli_environment(cli).stdin_isatty:
                 raise FabulaError(f"destroy removes {env}'s data and cannot be undone", "pass --yes to confirm")
             typer.confirm(f"Destroy {ctx.project}/{env} and all its data?", abort=True)
         destroy_environment(ctx, force=force)
@@ -100,21 +98,22 @@ def register(app: typer.Typer) -> None:
 
 
     @app.command()
-    def maintenance(env: EnvArgument, state: Annotated[str, typer.Argument(help="on or off")],
+    def maintenance(cli: typer.Context, env: EnvArgument, state: Annotated[str, typer.Argument(help="on or off")],
                     config: ConfigOption = DEFAULT_CONFIG) -> None:
         """Turn maintenance mode on (every web server answers 503 with the maintenance page) or off."""
         if state not in ("on", "off"):
             raise FabulaError(f"maintenance takes `on` or `off`, not {state!r}")
-        ctx = open_environment(config, env, Output())
+        ctx = open_env(cli, config, env)
         switch_maintenance(ctx, state == "on")
 
 
     @app.command(name="exec", context_settings={"allow_interspersed_args": False})
-    def exec_(env: EnvArgument, server: Annotated[str, typer.Argument(help="server name, e.g. web1")],
+    def exec_(cli: typer.Context,
+              env: EnvArgument, server: Annotated[str, typer.Argument(help="server name, e.g. web1")],
               command: Annotated[list[str], typer.Argument(help="command to run, after --")],
               config: ConfigOption = DEFAULT_CONFIG) -> None:
         """Run a command on one server of ENV (as root), e.g. `fabula exec testing db1 -- ps aux`."""
-        ctx = open_environment(config, env, Output())
+        ctx = open_env(cli, config, env)
         require_server(ctx, server)
         if command and command[0] == "--":
             command = command[1:]
@@ -122,11 +121,12 @@ def register(app: typer.Typer) -> None:
 
 
     @app.command()
-    def logs(env: EnvArgument, server: Annotated[Optional[str], typer.Argument(help="server name")] = None,
+    def logs(cli: typer.Context,
+             env: EnvArgument, server: Annotated[Optional[str], typer.Argument(help="server name")] = None,
              service: Annotated[Optional[str], typer.Argument(help="service, e.g. gunicorn")] = None,
              config: ConfigOption = DEFAULT_CONFIG,
              follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
              lines: Annotated[int, typer.Option("-n", "--lines")] = 50) -> None:
         """Show the logs of ENV's services (all servers, one server, or one service)."""
-        ctx = open_environment(config, env, Output())
+        ctx = open_env(cli, config, env)
         raise typer.Exit(show_logs(log_sources(ctx, server, service), lines, follow))

@@ -3,7 +3,6 @@ group's desired count, suspending and resuming the autoscaler, and its decisions
 as text (under `fabula describe`'s table, and the decisions)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,8 +14,7 @@ from fabula.autoscaling.log import decisions_path, read_decisions
 from fabula.autoscaling.policy import check_desired, fmt, unit
 from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
 from fabula.errors import ConfigError
-from fabula.environment.opening import open_environment
-from fabula.output import Output
+from fabula.cli.runtime import open_env
 
 
 def describe_lines(report: dict) -> list[str]:
@@ -56,18 +54,18 @@ def decision_line(entry: dict) -> str:
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def scale(env: EnvArgument,
+    def scale(cli: typer.Context, env: EnvArgument,
               desired: Annotated[int, typer.Option("--desired", help="web servers the group should have")],
               config: ConfigOption = DEFAULT_CONFIG,
               as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
         """Set the web group's desired count (within min..max) and launch or retire web servers now."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         check_desired(ctx, desired)  # bad input: nothing is touched, not even the lock
         ctx.provider.check_prerequisites()
         result = scale_group(ctx, desired)
         if as_json:
-            print(json.dumps(result, indent=2))
+            out.json(result)
             return
         changes = "".join(f"; {label} {', '.join(result[key])}" for key, label in
                           (("launched", "launched"), ("retired", "retired")) if result.get(key))
@@ -75,7 +73,7 @@ def register(app: typer.Typer) -> None:
                           highlight=False)
 
     @app.command(name="autoscaling")
-    def autoscaling_command(
+    def autoscaling_command(cli: typer.Context,
             env: EnvArgument,
             action: Annotated[str, typer.Argument(help="suspend, resume, or decisions (the autoscaler's log)")],
             config: ConfigOption = DEFAULT_CONFIG,
@@ -85,21 +83,21 @@ def register(app: typer.Typer) -> None:
             last: Annotated[int, typer.Option("-n", "--last", min=1, help="decisions: how many")] = 20,
             as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
         """Suspend or resume the autoscaler's processes, or show its decisions."""
-        out = Output()
-        ctx = open_environment(config, env, out)
+        ctx = open_env(cli, config, env)
+        out = ctx.out
         if action in ("suspend", "resume"):
             if not ctx.paths.state_file.exists():
                 raise ConfigError(f"environment {env} does not exist", f"`fabula create {env}` creates it")
             suspended = set_suspended(ctx, action == "suspend", process)
             if as_json:
-                print(json.dumps({"suspended": suspended}))
+                out.json({"suspended": suspended})
             else:
                 out.console.print(f"autoscaling of {env}: suspended processes: {', '.join(suspended) or 'none'}",
                                   highlight=False)
         elif action == "decisions":
             entries = read_decisions(decisions_path(ctx.paths), last=last)
             if as_json:
-                print(json.dumps(entries, indent=2))
+                out.json(entries)
             elif not entries:
                 out.console.print(f"no autoscaling decisions recorded for {env}")
             else:
@@ -109,7 +107,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"autoscaling takes suspend, resume or decisions, not {action!r}")
 
     @app.command(hidden=True)
-    def autoscaler(env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
+    def autoscaler(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
                    decisions: Annotated[Optional[Path], typer.Option(help="the decisions log")] = None) -> None:
         """The autoscaler itself: runs until stopped (`create` starts it under the platform's supervisor)."""
         from fabula.autoscaling.controller import Controller

@@ -1,20 +1,32 @@
-"""The user's actions (create, describe, destroy...), each a function of a Context."""
+"""Opening an environment: its configuration, its inventory, and the provider `provider:` names,
+made from the registry (the one place that knows the providers' own packages)."""
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
-from fabula.config import load_config
+from fabula.config import EnvironmentConfig, load_config
 from fabula.context import Context
 from fabula.output import Output
+from fabula.providers.base import Provider
 from fabula.providers.local import LocalProvider
 from fabula.state import EnvPaths, EnvState, state_root
 
+ProviderFactory = Callable[[EnvPaths, EnvironmentConfig, EnvState, int], Provider]
 
-def open_environment(config_path: Path, env_name: str, out: Output) -> Context:
+# provider: -> how to make it (fabula.yml's section of the same name configures it)
+PROVIDERS: dict[str, ProviderFactory] = {
+    "local": lambda paths, env, state, euid: LocalProvider(paths, env, state, euid=euid),
+}
+
+
+def open_environment(config_path: Path, env_name: str, out: Output, *, root: Path | None = None,
+                     euid: int | None = None) -> Context:
     config = load_config(config_path)
     env = config.environment(env_name)
-    paths = EnvPaths(state_root(), config.project.project, env_name)
+    paths = EnvPaths(root or state_root(), config.project.project, env_name)
     state = EnvState.load(paths) or EnvState(project=paths.project, env=env_name, provider=env.provider)
-    provider = LocalProvider(paths, env, state)  # the only provider so far; `aws` will be chosen here
+    provider = PROVIDERS[env.provider](paths, env, state, os.geteuid() if euid is None else euid)
     return Context(config=config, env_name=env_name, env=env, paths=paths, state=state, out=out,
                    provider=provider)

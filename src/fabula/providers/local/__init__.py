@@ -79,8 +79,9 @@ def processes_mentioning(text: str) -> list[int]:
 class LocalProvider(Provider):
     name = "local"
 
-    def __init__(self, paths: EnvPaths, env: EnvironmentConfig, state: EnvState):
+    def __init__(self, paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int = 0):
         self.paths, self.env, self.state = paths, env, state
+        self.euid = euid  # who runs fabula: the local provider needs root
         self.bridge = f"fb{paths.tag}"
         self.load_balancer = HAProxyLoadBalancer(env.lb, paths.lb_dir, paths.pki_dir / "ca.pem",
                                                  lambda: self.gateway, paths.project, paths.env, hosts=env.hosts,
@@ -100,7 +101,7 @@ class LocalProvider(Provider):
 
     # -- checks ---------------------------------------------------------------------------
     def check_prerequisites(self) -> None:
-        if os.geteuid() != 0:
+        if self.euid != 0:
             raise PermissionError_("the local provider needs root: it makes network namespaces, "
                                    "a bridge and firewall tables", "run fabula with sudo (or as root)")
         missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
