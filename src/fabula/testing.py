@@ -193,6 +193,7 @@ class FakeProvider(Provider):
     firewalls: dict[str, list[IngressRule | EgressRule]] = field(default_factory=dict)
     accounts: Accounts = field(default_factory=lambda: Accounts("t3st"))
     platform: FakeHost | None = None
+    prepared: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def check_prerequisites(self) -> None:
         return None
@@ -225,6 +226,9 @@ class FakeProvider(Provider):
 
     def list_servers(self) -> list[str]:
         return sorted(self.hosts)
+
+    def prepare_host(self, host: Host, packages: tuple[str, ...]) -> None:
+        self.prepared[host.name] = packages
 
     def platform_host(self) -> Host:
         if self.platform is None:

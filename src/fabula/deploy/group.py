@@ -48,6 +48,7 @@ def launch_web_server(ctx: Context, release: Release, in_service: bool = True) -
     ctx.state.servers[record.name] = record
     ctx.state.save(ctx.paths)  # recorded before it exists, so destroy finds it after a crash
     host = ctx.provider.ensure_server(record.name, record.role)
+    ctx.provider.prepare_host(host, ROLES["web"].packages)
     ctx.out.step(record.name, f"launching from release {release.id} at {host.address}")
     ctx.hosts[record.name] = host
     apply_firewalls(ctx)  # the cache and databases admit the new address

@@ -75,7 +75,9 @@ def create(ctx: Context) -> None:
             ctx.provider.ensure_network()
             servers = list(ctx.state.servers.values())
             for record in servers:
-                ctx.hosts[record.name] = ctx.provider.ensure_server(record.name, record.role)
+                host = ctx.provider.ensure_server(record.name, record.role)
+                ctx.provider.prepare_host(host, ROLES[record.role].packages)
+                ctx.hosts[record.name] = host
             apply_firewalls(ctx)
             in_parallel(ctx, list(ctx.hosts.values()), lambda h: Supervisor(h).ensure_running())
             ctx.out.step("servers", f"{len(servers)} up: "

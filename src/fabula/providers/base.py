@@ -226,6 +226,11 @@ class Provider(abc.ABC):
         or not: e.g. one left by a crash)."""
 
     @abc.abstractmethod
+    def prepare_host(self, host: Host, packages: tuple[str, ...]) -> None:
+        """Make the server ready for its role: the role's Debian packages installed, and the
+        distribution's own services of those packages kept from holding fabula's ports."""
+
+    @abc.abstractmethod
     def platform_host(self) -> Host:
         """Where the load balancer's own files and fabula's long-running programs (the autoscaler)
         live: the machine's own namespace locally; an instance of fabula's elsewhere."""

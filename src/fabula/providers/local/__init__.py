@@ -222,6 +222,15 @@ class LocalProvider(Provider):
         self.state.last_address = address
         return address
 
+    def prepare_host(self, host: Host, packages: tuple[str, ...]) -> None:
+        """Every server shares this machine's packages (`make setup` installs them, with the
+        distribution's services kept from starting): only check that they are there."""
+        missing = [p for p in packages
+                   if "install ok installed" not in run_local(["dpkg-query", "-W", "-f=${Status}", p]).stdout]
+        if missing:
+            raise PrerequisiteError(f"{host.name} ({host.role}) needs the Debian package(s) {', '.join(missing)}",
+                                    f"run `make setup` or `apt-get install {' '.join(missing)}`")
+
     def platform_host(self) -> Host:
         return self.load_balancer.platform
 
