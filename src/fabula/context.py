@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fabula.config import EnvironmentConfig, LoadedConfig
+from fabula.errors import FabulaError
 from fabula.output import Output
 from fabula.pki import CertificateAuthority
 from fabula.providers.base import Host, Provider
@@ -39,6 +40,25 @@ class Context:
     @property
     def database_name(self) -> str:
         return self.project.replace("-", "_")
+
+    def require_release(self) -> Release:
+        """The release being installed; an error if the operation has not chosen one."""
+        if self.release is None:
+            raise FabulaError(f"{self.env_name}: no release chosen for this operation (internal error)")
+        return self.release
+
+    def require_secrets(self) -> Secrets:
+        """The environment's secrets; an error if the operation has not loaded them."""
+        if self.secrets is None:
+            raise FabulaError(f"{self.env_name}: the environment's secrets are not loaded (internal error)")
+        return self.secrets
+
+    def require_ca(self) -> CertificateAuthority:
+        """The environment's certificate authority; an error if the operation has not loaded it."""
+        if self.ca is None:
+            raise FabulaError(f"{self.env_name}: the environment's certificate authority is not loaded "
+                              "(internal error)")
+        return self.ca
 
     def host(self, name: str) -> Host:
         if name not in self.hosts:

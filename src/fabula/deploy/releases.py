@@ -74,7 +74,7 @@ def releases_report(ctx: Context) -> dict:
     rows = [{"id": r["id"], "commit": r.get("commit"), "built_at": _iso(r.get("built_at")),
              "build_seconds": r.get("build_seconds"), "built": True} for r in built_releases(ctx)]
     # a release in use but no longer on disk is shown too: its servers still run it
-    in_use = ({ctx.state.release} | set(running)) - {None} - {r["id"] for r in rows}
+    in_use = {rid for rid in (ctx.state.release, *running) if rid is not None} - {r["id"] for r in rows}
     rows += [{"id": rid, "commit": None, "built_at": None, "build_seconds": None, "built": False}
              for rid in sorted(in_use)]
     for row in rows:

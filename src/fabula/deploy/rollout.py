@@ -18,9 +18,16 @@ from pathlib import Path
 
 from fabula import release as releases
 from fabula.context import Context, Release
-from fabula.environment.audit import operation
+from fabula.deploy.group import (
+    bring_into_service,
+    launch_web_server,
+    retire_web_server,
+    set_backends,
+    wait_healthy,
+    web_names,
+)
 from fabula.deploy.releases import build_release, resolve_revision
-from fabula.deploy.group import bring_into_service, launch_web_server, retire_web_server, set_backends, wait_healthy, web_names
+from fabula.environment.audit import operation
 from fabula.errors import FabulaError
 from fabula.maintenance import set_host, set_maintenance
 from fabula.roles import ROLES, appserver
@@ -118,7 +125,7 @@ def launch_or_clean_up(ctx: Context, new: Release, then=None):
             retire_web_server(ctx, name)
         raise FabulaError(f"deploy of release {new.id} stopped: {exc}\n"
                           f"the new server was removed; the site still serves release {ctx.state.release}",
-                          f"fix the release and deploy again; `fabula history {ctx.env_name}` shows what ran")
+                          f"fix the release and deploy again; `fabula history {ctx.env_name}` shows what ran") from exc
 
 
 def serial(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
@@ -134,7 +141,7 @@ def serial(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
             retire_web_server(ctx, retiring)
 
 
-def migrate_and_update_workers(ctx: Context, new: Release, old: Release, record) -> None:
+def migrate_and_update_workers(ctx: Context, new: Release, old: Release | None, record) -> None:
     try:
         if ctx.state.by_role("worker"):
             update_workers(ctx, new)
@@ -144,7 +151,8 @@ def migrate_and_update_workers(ctx: Context, new: Release, old: Release, record)
     except Exception:
         # the web group stays on the old release, and so does the worker (the migrations that
         # ran, if any, were backwards-compatible ones)
-        update_workers(ctx, old)
+        if old is not None:  # None: the old release is no longer on disk, nothing to go back to
+            update_workers(ctx, old)
         raise
 
 
@@ -171,9 +179,19 @@ def full(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
         set_maintenance(ctx, False)
 
 
-def require_created(ctx: Context) -> None:
+def require_created(ctx: Context) -> str:
+    """The group's release; an error if the environment has not been created."""
     if not ctx.state.release:
         raise FabulaError(f"{ctx.env_name} has not been created", f"run `fabula create {ctx.env_name}` first")
+    return ctx.state.release
+
+
+def require_built(ctx: Context, release_id: str) -> Release:
+    """A release built before; an error naming it if it is not (or no longer) on disk."""
+    found = releases.load(ctx, release_id)
+    if found is None:
+        raise FabulaError(f"release {release_id} is not built (or no longer on disk)", "see `fabula release list`")
+    return found
 
 
 def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, plan_only: bool = False,
@@ -185,9 +203,8 @@ def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, p
         # it builds the release if need be and installs it on the worker to read its migrations:
         # changes of the environment's files, so under the lock too (and recorded)
         with operation(ctx, f"{action} plan") as op:
-            require_created(ctx)
-            ctx.release = releases.load(ctx, ctx.state.release)
-            new = releases.load(ctx, release_id) if release_id else build_release(ctx, rev or "HEAD")[0]
+            ctx.release = releases.load(ctx, require_created(ctx))
+            new = require_built(ctx, release_id) if release_id else build_release(ctx, rev or "HEAD")[0]
             plan = plan_deploy(ctx, new, requested)
             op.details.update(from_release=plan.from_release, to_release=new.id, strategy=plan.strategy,
                               reason=plan.reason)
@@ -195,9 +212,8 @@ def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, p
     with operation(ctx, action) as op:
         # built (a nested operation: its own record) and planned under the lock, from the state
         # as it is now (the autoscaler may have changed it)
-        require_created(ctx)
-        ctx.release = releases.load(ctx, ctx.state.release)
-        new = releases.load(ctx, release_id) if release_id else build_release(ctx, rev or "HEAD")[0]
+        ctx.release = releases.load(ctx, require_created(ctx))
+        new = require_built(ctx, release_id) if release_id else build_release(ctx, rev or "HEAD")[0]
         plan = plan_deploy(ctx, new, requested)
         op.details.update(from_release=plan.from_release, to_release=new.id, strategy=plan.strategy,
                           reason=plan.reason)

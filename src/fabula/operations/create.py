@@ -11,15 +11,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from fabula import pki, release, secrets
-from fabula.context import Context
-from fabula.environment.audit import operation
 from fabula.autoscaling.controller import start_controller
 from fabula.autoscaling.policy import desired_for_create
+from fabula.context import Context
+from fabula.db.topology import apply_synchronous
+from fabula.deploy.group import wait_healthy
+from fabula.environment.audit import operation
+from fabula.environment.firewall import apply_firewalls
 from fabula.errors import ConfigError, FabulaError
 from fabula.providers.base import Backend, Host
-from fabula.db.topology import apply_synchronous
-from fabula.environment.firewall import apply_firewalls
-from fabula.deploy.group import wait_healthy
 from fabula.roles import ROLES
 from fabula.roles.web import HTTPS_PORT
 from fabula.roles.worker import migrate
@@ -41,7 +41,7 @@ def in_parallel(ctx: Context, items: list, action: Callable) -> list:
         return []
     with ThreadPoolExecutor(max_workers=len(items)) as pool:
         futures = [pool.submit(action, item) for item in items]
-    errors = [f.exception() for f in futures if f.exception()]
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
     if errors:
         if len(errors) == 1:
             raise errors[0]
@@ -84,13 +84,13 @@ def create(ctx: Context) -> None:
                          + ", ".join(f"{s.name} {s.address}" for s in servers))
 
         def databases() -> None:
-            converge(ctx, ctx.host(ctx.state.one("db-primary").name))
+            converge(ctx, ctx.host(ctx.state.require("db-primary").name))
             in_parallel(ctx, [ctx.host(r.name) for r in ctx.state.by_role("db-replica")],
                         lambda h: converge(ctx, h))
             apply_synchronous(ctx)
 
         def cache() -> None:
-            converge(ctx, ctx.host(ctx.state.one("cache").name))
+            converge(ctx, ctx.host(ctx.state.require("cache").name))
 
         def build() -> None:
             # the group keeps the release it was deployed with; the first create builds HEAD
@@ -115,10 +115,11 @@ def create(ctx: Context) -> None:
         with op.phase("load balancer"):
             ctx.provider.load_balancer.ensure([Backend(h.name, h.address, HTTPS_PORT) for h in webs])
             wait_in_service(ctx, [h.name for h in webs])
+        built = ctx.require_release()
         for record in servers:
             if record.role in ("web", "worker"):
-                record.release = ctx.release.id
-        ctx.state.release = ctx.release.id
+                record.release = built.id
+        ctx.state.release = built.id
         ctx.state.save(ctx.paths)
         remove_surplus(ctx)
         with op.phase("autoscaler"):  # keeps the web group at its size and healthy from now on

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from fabula.autoscaling.report import group_report
 from fabula.context import Context
 from fabula.db.status import replication
 from fabula.environment import lock
-from fabula.autoscaling.report import group_report
 from fabula.providers.base import Host
 from fabula.roles import ROLES
 from fabula.roles.appserver import APP_PORT, PGBOUNCER_PORT
@@ -51,9 +51,10 @@ def server_report(ctx: Context, name: str, lb_health: dict[str, str]) -> dict:
     ports = endpoints(record.address)
     listening = accepting(ctx.host(name), {s: ports[s] for s in expected
                                            if s in ports and states.get(s) == RUNNING})
-    report["services"] = {s: ("up" if s in listening or s not in ports else "down") if states.get(s) == RUNNING
-                          else (states.get(s) or "missing").lower() for s in expected}
-    report["state"] = "running" if all(v == "up" for v in report["services"].values()) else "degraded"
+    services = {s: ("up" if s in listening or s not in ports else "down") if states.get(s) == RUNNING
+                else (states.get(s) or "missing").lower() for s in expected}
+    report["services"] = services
+    report["state"] = "running" if all(v == "up" for v in services.values()) else "degraded"
     return report
 
 

@@ -37,8 +37,9 @@ def put_release(host: Host, release: Release) -> PurePosixPath:
 
 def install_release(ctx: Context, host: Host) -> bool:
     """Put the release on the server and point `current` at it; True if `current` moved."""
-    put_release(host, ctx.release)
-    target = f"releases/{ctx.release.id}"
+    release = ctx.require_release()
+    put_release(host, release)
+    target = f"releases/{release.id}"
     link = current(host)
     if host.run(["readlink", str(link)]).stdout.strip() == target:
         return False
@@ -50,7 +51,7 @@ def install_release(ctx: Context, host: Host) -> bool:
 def app_environment(ctx: Context, host: Host) -> dict[str, str]:
     """What the app's processes on this server receive (README: "What the app receives")."""
     return app_variables(ctx, server=host.name, role=host.role, address=host.address,
-                         static_root=str(current(host) / "static"), release_id=ctx.release.id,
+                         static_root=str(current(host) / "static"), release_id=ctx.require_release().id,
                          # a home of the server's own: tools that keep files in ~ (gunicorn's
                          # control socket) don't collide
                          home=str(host.path("data", "home")))
@@ -100,10 +101,10 @@ def pgbouncer(ctx: Context, host: Host) -> tuple[Program, bool]:
     db_user = host.accounts.db
     host.make_dirs([conf_dir], mode=0o700, owner=db_user)
     host.make_dirs([run_dir], mode=0o700, owner=db_user)  # its Unix socket: for no other user
-    primary, replicas = ctx.state.one("db-primary"), ctx.state.serving_replicas()
+    primary, replicas = ctx.state.require("db-primary"), ctx.state.serving_replicas()
     replica = replicas[0] if replicas else primary
-    changed = host.put_file(conf_dir / "root.crt", ctx.ca.cert_pem, owner=db_user)
-    changed |= host.put_file(conf_dir / "userlist.txt", f'"app" "{ctx.secrets.db_app_password}"\n',
+    changed = host.put_file(conf_dir / "root.crt", ctx.require_ca().cert_pem, owner=db_user)
+    changed |= host.put_file(conf_dir / "userlist.txt", f'"app" "{ctx.require_secrets().db_app_password}"\n',
                              mode=0o600, owner=db_user)
     changed |= host.put_file(conf_dir / "pgbouncer.ini", render(
         __file__, "pgbouncer.ini.j2", name=host.name, database=ctx.database_name, primary=primary.address,

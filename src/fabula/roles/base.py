@@ -34,13 +34,14 @@ def ensure_certificate(ctx: Context, host: Host, cert: PurePosixPath, key: PureP
     """The server's certificate from the environment's CA, for its address and its internal DNS
     name (the name HAProxy verifies), issued again when its names differ, when it expires within
     30 days, or when it is not this CA's or not for the key beside it."""
-    names = [host.address, ctx.ca.server_name(host.name)]
+    ca = ctx.require_ca()
+    names = [host.address, ca.server_name(host.name)]
     current, current_key = host.read_file(cert), host.read_file(key)
     if (current and current_key and sorted(certificate_names(current)) == sorted(names)
-            and ctx.ca.is_current(current, current_key)):
+            and ca.is_current(current, current_key)):
         changed = host.put_file(cert, current, mode=0o644, owner=owner)
         return host.put_file(key, current_key, mode=0o600, owner=owner) or changed
-    pair = ctx.ca.issue(names[1], names)
+    pair = ca.issue(names[1], names)
     host.put_file(cert, pair.cert_pem, mode=0o644, owner=owner)
     host.put_file(key, pair.key_pem, mode=0o600, owner=owner)
     return True

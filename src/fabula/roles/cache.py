@@ -43,7 +43,7 @@ class Cache(Role):
         host.make_dirs([conf_dir, data_dir], mode=0o700, owner=host.accounts.cache)
         return host.put_file(conf_dir / "redis.conf", render(
             __file__, "redis.conf.j2", name=host.name, address=host.address,
-            password=ctx.secrets.redis_password, data_dir=data_dir), mode=0o600, owner=host.accounts.cache)
+            password=ctx.require_secrets().redis_password, data_dir=data_dir), mode=0o600, owner=host.accounts.cache)
 
     def _rabbitmq(self, ctx: Context, host: Host) -> tuple[dict[str, str], bool]:
         conf_dir, data_dir = host.path("etc", "rabbitmq"), host.path("data", "rabbitmq")
@@ -51,7 +51,7 @@ class Cache(Role):
         host.make_dirs([conf_dir, data_dir, log_dir], mode=0o700, owner=host.accounts.cache)
         changed = host.put_file(conf_dir / "rabbitmq.conf", render(
             __file__, "rabbitmq.conf.j2", name=host.name, address=host.address,
-            password=ctx.secrets.rabbitmq_password), mode=0o600, owner=host.accounts.cache)
+            password=ctx.require_secrets().rabbitmq_password), mode=0o600, owner=host.accounts.cache)
         changed |= host.put_file(conf_dir / "enabled_plugins", "[].\n", owner=host.accounts.cache)
         changed |= host.put_file(conf_dir / "rabbitmq-env.conf", "# written by fabula\n", owner=host.accounts.cache)
         environment = {

@@ -2,6 +2,8 @@
 (and the replicas, for replication)."""
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from fabula.context import Context
 from fabula.providers.base import Host, IngressRule
 from fabula.roles import postgres
@@ -30,14 +32,14 @@ class DatabasePrimary(Role):
         partial = f"{data}.partial"
         ctx.out.step(host.name, "initdb")
         host.check(["rm", "-rf", partial])  # an interrupted earlier attempt
-        host.make_dirs([partial], mode=0o700, owner=host.accounts.db)
+        host.make_dirs([PurePosixPath(partial)], mode=0o700, owner=host.accounts.db)
         host.check([str(postgres.PG_BIN / "initdb"), "-D", partial, "-U", "postgres", "-E", "UTF8",
                     "--locale=C.UTF-8", "--auth-local=peer", "--auth-host=scram-sha-256"],
                    user=host.accounts.db, timeout=300)
         host.check(["mv", partial, str(data)])
 
     def _setup_sql(self, ctx: Context) -> str:
-        db, s = ctx.database_name, ctx.secrets
+        db, s = ctx.database_name, ctx.require_secrets()
         slots = "\n".join(
             f"SELECT pg_create_physical_replication_slot('{postgres.slot_name(r.name)}') WHERE NOT EXISTS "
             f"(SELECT FROM pg_replication_slots WHERE slot_name = '{postgres.slot_name(r.name)}');"

@@ -3,6 +3,7 @@ a replication slot so the primary keeps the WAL the replica has not yet received
 from __future__ import annotations
 
 import time
+from pathlib import PurePosixPath
 
 from fabula.context import Context
 from fabula.errors import FabulaError
@@ -24,16 +25,16 @@ class DatabaseReplica(Role):
         return [EgressRule(5432, "replication from the primary", to_roles=("db-primary",))]
 
     def conninfo(self, ctx: Context, host: Host) -> str:
-        primary = ctx.state.one("db-primary")
+        primary = ctx.state.require("db-primary")
         conf = postgres.conf_dir(host)
         return (f"host={primary.address} port=5432 user=replicator passfile={conf / 'pgpass'} "
                 f"sslmode=verify-full sslrootcert={conf / 'root.crt'} application_name={host.name}")
 
     def converge(self, ctx: Context, host: Host) -> None:
-        primary = ctx.state.one("db-primary")
+        primary = ctx.state.require("db-primary")
         host.make_dirs([postgres.conf_dir(host)], mode=0o700, owner=host.accounts.db)
         host.put_file(postgres.conf_dir(host) / "pgpass",
-                      f"{primary.address}:5432:*:replicator:{ctx.secrets.db_replication_password}\n",
+                      f"{primary.address}:5432:*:replicator:{ctx.require_secrets().db_replication_password}\n",
                       mode=0o600, owner=host.accounts.db)
         changed = postgres.install_config(ctx, host, primary_conninfo=self.conninfo(ctx, host))
         record = ctx.state.servers[host.name]
@@ -55,9 +56,10 @@ class DatabaseReplica(Role):
         partial = f"{data}.partial"
         ctx.out.step(host.name, "pg_basebackup from the primary")
         host.check(["rm", "-rf", partial])
-        host.make_dirs([partial], mode=0o700, owner=host.accounts.db)
-        host.check([str(postgres.PG_BIN / "pg_basebackup"), "-d", self.conninfo(ctx, host), "-D", partial, "-X", "stream",
-                    "-S", postgres.slot_name(host.name), "-c", "fast"], user=host.accounts.db, timeout=1800)
+        host.make_dirs([PurePosixPath(partial)], mode=0o700, owner=host.accounts.db)
+        host.check([str(postgres.PG_BIN / "pg_basebackup"), "-d", self.conninfo(ctx, host), "-D", partial,
+                    "-X", "stream", "-S", postgres.slot_name(host.name), "-c", "fast"],
+                   user=host.accounts.db, timeout=1800)
         host.check(["touch", f"{partial}/standby.signal"], user=host.accounts.db)
         host.check(["mv", partial, str(data)])
 

@@ -38,7 +38,7 @@ def install_config(ctx: Context, host: Host, primary_conninfo: str | None = None
     host.make_dirs([socket_dir(host)], mode=0o700, owner=host.accounts.db)
     changed = ensure_certificate(ctx, host, conf_dir(host) / "server.crt", conf_dir(host) / "server.key",
                                  owner=host.accounts.db)
-    changed |= host.put_file(conf_dir(host) / "root.crt", ctx.ca.cert_pem, owner=host.accounts.db)
+    changed |= host.put_file(conf_dir(host) / "root.crt", ctx.require_ca().cert_pem, owner=host.accounts.db)
     changed |= host.put_file(conf_dir(host) / "postgresql.conf", render(
         __file__, "postgresql.conf.j2", name=host.name, role=host.role, address=host.address,
         socket_dir=socket_dir(host), conf_dir=conf_dir(host), primary_conninfo=primary_conninfo,
@@ -100,5 +100,6 @@ def wait_ready(host: Host, timeout: float = 90) -> None:
 def psql(host: Host, sql: str, database: str = "postgres") -> Result:
     """Run SQL as the postgres superuser over the server's Unix socket (given on stdin, so that
     passwords in it never appear in a process list)."""
-    return host.check([str(PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(socket_dir(host)),
-                       "-U", "postgres", "-d", database], user=host.accounts.db, input=sql)
+    return host.check([str(PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                       "-h", str(socket_dir(host)), "-U", "postgres", "-d", database],
+                      user=host.accounts.db, input=sql)

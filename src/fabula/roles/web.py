@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 import time
 
+from fabula import maintenance
 from fabula.context import Context
 from fabula.errors import FabulaError
 from fabula.providers.base import EgressRule, Host, IngressRule
-from fabula import maintenance
 from fabula.roles import appserver
 from fabula.roles.base import Role, ensure_certificate, wait_port
 from fabula.supervisor import Program, Supervisor
@@ -74,7 +74,7 @@ class Web(Role):
         wait_port(host, "127.0.0.1", appserver.APP_PORT, what="gunicorn")
         wait_port(host, host.address, HTTPS_PORT, what="nginx")
         wait_healthy_here(ctx, host)
-        ctx.out.step(host.name, f"nginx and gunicorn serving release {ctx.release.id}")
+        ctx.out.step(host.name, f"nginx and gunicorn serving release {ctx.require_release().id}")
 
 
 def wait_healthy_here(ctx: Context, host: Host, timeout: float = 45) -> None:
@@ -92,7 +92,8 @@ def wait_healthy_here(ctx: Context, host: Host, timeout: float = 45) -> None:
         if time.monotonic() > deadline or state in ("FATAL", "BACKOFF", "EXITED") or BOOT_FAILURE in log:
             # the exceptions' own lines say what is wrong; a traceback's frames rarely do
             errors = list(dict.fromkeys(line for line in log.splitlines() if EXCEPTION_LINE.match(line)))
-            raise FabulaError(f"{host.name}: release {ctx.release.id} does not serve /healthcheck.html "
-                              f"(gunicorn {(state or 'missing').lower()}): " + "; ".join(errors[-3:] or ["no error logged"]),
+            raise FabulaError(f"{host.name}: release {ctx.require_release().id} does not serve /healthcheck.html "
+                              f"(gunicorn {(state or 'missing').lower()}): "
+                              + "; ".join(errors[-3:] or ["no error logged"]),
                               f"`fabula logs {ctx.env_name} {host.name} gunicorn`")
         time.sleep(0.3)

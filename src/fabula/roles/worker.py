@@ -10,7 +10,6 @@ from fabula.roles.base import Role
 from fabula.supervisor import Program, Supervisor
 
 
-
 class Worker(Role):
     name = "worker"
     packages = ("pgbouncer",)
@@ -59,9 +58,10 @@ class Worker(Role):
 
 
 def migrate(ctx: Context, host: Host) -> None:
-    if ctx.state.migrated_release == ctx.release.id:
+    release = ctx.require_release()
+    if ctx.state.migrated_release == release.id:
         return
     ctx.out.step(host.name, "running migrations")
     appserver.run_manage(ctx, host, "migrate", "--noinput")
-    ctx.state.migrated_release = ctx.release.id
+    ctx.state.migrated_release = release.id
     ctx.state.save(ctx.paths)
