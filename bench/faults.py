@@ -189,12 +189,16 @@ def started_at(pid: int) -> float:
     return int(fields[19]) / CLK_TCK
 
 
-def fault(env: Environment, load: Load, server: str, program: str, deadline: float = 120) -> dict:
-    """kill -9 of the program's process group; the time until it serves again; failed requests."""
+def fault(env: Environment, load: Load, server: str, program: str, deadline: float = 120,
+          meanwhile=None) -> dict:
+    """kill -9 of the program's process group; the time until it serves again; failed requests.
+    `meanwhile` runs in a thread right after the kill."""
     old = env.pid(server, program)
     offset = env.log_size(server, program) if server != "lb" else 0
     killed_boot, killed = boottime(), time.monotonic()
     os.killpg(old, signal.SIGKILL)
+    if meanwhile:
+        threading.Thread(target=meanwhile, daemon=True).start()
     new, delay = 0, None
     while True:
         if time.monotonic() - killed > deadline:
@@ -251,10 +255,10 @@ def run(base: Path, keep: bool) -> tuple[list[dict], list[str]]:
                                     (env.name("db-primary"), "postgresql"), (worker, "pgbouncer"),
                                     (worker, "celerybeat"), ("lb", "haproxy"), ("lb", "autoscaler")):
                 wait_until(lambda: web_up(env), 60)
-                if program == "rabbitmq":
-                    # a task enqueued while RabbitMQ is down: refused at once with a 503
-                    threading.Timer(0.3, lambda: notes.append(enqueue(env.url, "while RabbitMQ is down"))).start()
-                rows.append(fault(env, load, server, program))
+                # a task enqueued while RabbitMQ is down: refused at once with a 503
+                meanwhile = (lambda: notes.append(enqueue(env.url, "while RabbitMQ is down"))) \
+                    if program == "rabbitmq" else None
+                rows.append(fault(env, load, server, program, meanwhile=meanwhile))
             # a task in flight when Celery is killed runs again
             task = http.post(env.url + "/api/tasks", data={"text": "in flight", "seconds": "3"}).json()["task_id"]
             time.sleep(1.5)
@@ -317,7 +321,7 @@ def main() -> None:
     for r in rows:
         table.add_row(r["killed"], seconds(r["back_s"]), seconds(r["restart_delay_s"]), seconds(r["start_s"]),
                       f"{r['failed']} of {r['requests']}")
-    console = Console()
+    console = Console(width=120)
     console.print(table)
     for note in notes:
         console.print(note, highlight=False)
