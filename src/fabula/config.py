@@ -15,11 +15,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
-from fabula.errors import ConfigError
 from fabula.addressing import LARGEST_PREFIX, SMALLEST_PREFIX, server_capacity
+from fabula.errors import ConfigError
 
 ROLES = ("web", "worker", "cache", "db-primary", "db-replica")
 # patterns are matched whole (re.fullmatch, ASCII only): "testing\n" is not a name
@@ -130,7 +139,8 @@ def _host_name(value: str) -> str:
 SafeText = Annotated[str, Field(max_length=1024), AfterValidator(_safe_text)]
 SafePath = Annotated[Path, BeforeValidator(_safe_path_text)]
 Slug = Annotated[str, _pattern(SLUG, "a name of lower-case letters, digits and '-' (at most 20)")]
-DottedCallable = Annotated[str, Field(max_length=255), _pattern(DOTTED_CALLABLE, "a Python path like `pkg.module:name`")]
+DottedCallable = Annotated[str, Field(max_length=255),
+                           _pattern(DOTTED_CALLABLE, "a Python path like `pkg.module:name`")]
 DottedName = Annotated[str, Field(max_length=255), _pattern(DOTTED_NAME, "a Python module path like `pkg.settings`")]
 HostName = Annotated[str, Field(max_length=253), AfterValidator(_host_name)]
 
@@ -322,7 +332,9 @@ class EnvironmentConfig(Strict):
     def addresses_needed(self) -> int:
         """Server addresses the environment can use at once: the other servers, the web group's
         max, and one web server more while one is replaced (a serial deploy, self-healing)."""
-        return self.servers.total() - self.servers.web + self.web_group().max + 1
+        group_max = self.web_group().max
+        assert group_max is not None
+        return self.servers.total() - self.servers.web + group_max + 1
 
     @model_validator(mode="after")
     def _pool_fits(self):
@@ -365,7 +377,7 @@ class ProjectConfig(Strict):
         """No two environments of the file share an address: subnets, and the load balancer's
         bind:port pairs."""
         subnets = sorted((env.subnet, name) for name, env in self.environments.items() if env.subnet)
-        for (a, a_name), (b, b_name) in zip(subnets, subnets[1:]):
+        for (a, a_name), (b, b_name) in zip(subnets, subnets[1:], strict=False):
             if a.overlaps(b):
                 raise ValueError(f"environments {a_name} and {b_name}: subnets {a} and {b} overlap: give each "
                                  "environment a subnet of its own (or leave `subnet` out for a free one)")
@@ -431,7 +443,7 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         if not isinstance(node, yaml.MappingNode):
             return super().construct_mapping(node, deep=deep)
-        seen = {}
+        seen: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 raise _Refused("while reading a mapping", node.start_mark,
@@ -542,7 +554,7 @@ def _key_path(loc: tuple) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _explain(error: dict) -> str:
+def _explain(error: ErrorDetails) -> str:
     kind, msg = error["type"], error["msg"]
     loc = list(error["loc"])
     if kind == "extra_forbidden":
@@ -557,7 +569,7 @@ def _explain(error: dict) -> str:
     return f"{msg} (got {excerpt(error.get('input'))})" if kind not in ("value_error", "model_type") else msg
 
 
-def _hint(error: dict, key: str, shown: str) -> str:
+def _hint(error: ErrorDetails, key: str, shown: str) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         return f"remove `{key}` from {shown}, or correct its spelling"
@@ -674,6 +686,7 @@ def _check_tls_pair(env: EnvironmentConfig, base: Path, shown: str, name: str) -
     from cryptography.hazmat.primitives import serialization
 
     lb = env.lb
+    assert lb.certificate is not None and lb.key is not None
     cert_path, key_path = _resolve(base / lb.certificate), _resolve(base / lb.key)
     where = f"environments.{name}.lb"
     hint = f"in {shown}, point {where}.certificate and {where}.key at a PEM certificate and its unencrypted key"
@@ -710,7 +723,8 @@ def _check_machine(loaded: LoadedConfig, shown: str) -> None:
     source = loaded.source_dir
     if not source.is_dir():
         raise ConfigError(f"{shown}: app.source: folder {shown_path(source)} does not exist",
-                          f"in {shown}, point app.source at the Django project's folder (relative to {shown_path(base)})")
+                          f"in {shown}, point app.source at the Django project's folder "
+                          f"(relative to {shown_path(base)})")
     problems = []
     for key, folder, relative_only in (("requirements", source, True), ("manage", source, True),
                                        ("maintenance_page", base, False)):

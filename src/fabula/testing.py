@@ -19,8 +19,16 @@ from pathlib import Path, PurePosixPath
 
 from fabula.accounts import Accounts
 from fabula.providers.base import (
-    Backend, EgressRule, FileState, Host, IngressRule, LoadBalancer, Provider, Result,
+    Backend,
+    EgressRule,
+    FileState,
+    Host,
+    IngressRule,
+    LoadBalancer,
+    Provider,
+    Result,
 )
+from fabula.state import EnvState
 
 Answer = Result | Callable[[list[str]], Result]
 
@@ -186,7 +194,7 @@ class FakeLoadBalancer(LoadBalancer):
 class FakeProvider(Provider):
     """Servers are FakeHosts with addresses 10.0.0.10 and up; firewalls are recorded per server."""
 
-    state: object = None
+    state: EnvState = field(default_factory=lambda: EnvState("fake", "fake"))
     name: str = "fake"
     load_balancer: LoadBalancer = field(default_factory=FakeLoadBalancer)
     hosts: dict[str, FakeHost] = field(default_factory=dict)

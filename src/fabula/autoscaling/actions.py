@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from fabula import pki, release as releases, secrets
+from fabula import pki, secrets
+from fabula import release as releases
 from fabula.autoscaling.log import decisions_path, log_decision
 from fabula.autoscaling.policy import PROCESSES, check_desired, current_desired, failing
 from fabula.context import Context, Release

@@ -27,8 +27,19 @@ from pathlib import Path
 from fabula.autoscaling.actions import Locked, converge, group_operation, lock_holder, replace, set_desired
 from fabula.autoscaling.log import decisions_path, log_decision, read_decisions, status_path, write_status
 from fabula.autoscaling.policy import (
-    HOLD, SCALE_IN, SCALE_OUT, DemandMeter, HealthTracker, current_desired, decide, failing, fmt, group_config,
-    in_service, unit,
+    HOLD,
+    SCALE_IN,
+    SCALE_OUT,
+    DemandMeter,
+    HealthTracker,
+    bounds,
+    current_desired,
+    decide,
+    failing,
+    fmt,
+    group_config,
+    in_service,
+    unit,
 )
 from fabula.context import Context
 from fabula.environment.audit import AUTOSCALER_ACTION
@@ -68,8 +79,9 @@ def start_controller(ctx: Context) -> None:
         supervisor.restart(PROGRAM)
     supervisor.wait_running([PROGRAM], timeout=30)
     group = group_config(ctx)
-    ctx.out.step(PROGRAM, f"running (web group: desired {current_desired(ctx)}, min {group.min}, max {group.max}, "
-                          f"target {fmt(group.target)} {unit(group.metric)} per server)")
+    limits = bounds(group)
+    ctx.out.step(PROGRAM, f"running (web group: desired {current_desired(ctx)}, min {group.min}, max {limits.max}, "
+                          f"target {fmt(limits.target)} {unit(group.metric)} per server)")
 
 
 def controller_state(ctx: Context) -> str:
@@ -256,7 +268,8 @@ class Controller:
         except Locked as exc:
             holder = exc.holder
             self.notice(ctx, "skip", f"{action} wanted ({reason}), but the environment is locked by "
-                                     f"`{holder.command if holder else '?'}`", key=f"locked {holder.id if holder else '?'}")
+                                     f"`{holder.command if holder else '?'}`",
+                        key=f"locked {holder.id if holder else '?'}")
             return
         except Exception as exc:  # noqa: BLE001 - logged; the next attempt waits (backoff)
             self.failures += 1

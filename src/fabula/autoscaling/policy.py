@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from fabula.config import AutoscalingConfig, EnvironmentConfig
 from fabula.context import Context
-from fabula.errors import ConfigError
+from fabula.errors import ConfigError, FabulaError
 from fabula.state import EnvState
 
 PROCESSES = ("scaling", "healing")  # what `fabula autoscaling suspend|resume` suspends
@@ -37,8 +37,25 @@ def group_config(ctx: Context) -> AutoscalingConfig:
     return ctx.env.web_group()
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The group's settings that fabula.yml may leave out: the configuration's validation fills
+    them (EnvironmentConfig._web_group; web_group() without an `autoscaling` section)."""
+    desired: int
+    max: int
+    target: float
+
+
+def bounds(group: AutoscalingConfig) -> Bounds:
+    if group.desired is None or group.max is None or group.target is None:
+        raise FabulaError(f"the web group's desired, max or target is unset (desired={group.desired}, "
+                          f"max={group.max}, target={group.target}): internal error, the configuration's "
+                          "validation fills them")
+    return Bounds(group.desired, group.max, group.target)
+
+
 def clamp(value: int, group: AutoscalingConfig) -> int:
-    return max(group.min, min(group.max, value))
+    return max(group.min, min(bounds(group).max, value))
 
 
 def desired_for_create(env: EnvironmentConfig, state: EnvState) -> int:
@@ -46,28 +63,30 @@ def desired_for_create(env: EnvironmentConfig, state: EnvState) -> int:
     `fabula scale` or the autoscaler), unless `autoscaling.desired` (or servers.web) changed in
     fabula.yml since create last applied it; always within min..max."""
     group = env.web_group()
-    if state.web_desired is None or state.web_desired_config != group.desired:
-        return group.desired
+    configured = bounds(group).desired
+    if state.web_desired is None or state.web_desired_config != configured:
+        return configured
     return clamp(state.web_desired, group)
 
 
 def current_desired(ctx: Context) -> int:
     group = group_config(ctx)
     if ctx.state.web_desired is None:
-        return clamp(len(ctx.state.by_role("web")) or group.desired, group)
+        return clamp(len(ctx.state.by_role("web")) or bounds(group).desired, group)
     return ctx.state.web_desired
 
 
 def check_desired(ctx: Context, desired: int) -> None:
     group = group_config(ctx)
-    if not group.min <= desired <= group.max:
+    top = bounds(group).max
+    if not group.min <= desired <= top:
         if ctx.env.autoscaling is None:
             raise ConfigError(f"the web group of {ctx.env_name} is fixed at {group.min} (servers.web, and no "
                               f"`autoscaling` section), so desired {desired} is outside its min..max",
                               f"give environments.{ctx.env_name} an `autoscaling: {{min: .., max: ..}}` in "
                               f"{ctx.config.path} and run `fabula create {ctx.env_name}`")
-        raise ConfigError(f"desired {desired} is outside the web group's min..max ({group.min}..{group.max})",
-                          f"choose {group.min}..{group.max}, or change environments.{ctx.env_name}.autoscaling "
+        raise ConfigError(f"desired {desired} is outside the web group's min..max ({group.min}..{top})",
+                          f"choose {group.min}..{top}, or change environments.{ctx.env_name}.autoscaling "
                           f"in {ctx.config.path}")
 
 
@@ -92,10 +111,12 @@ def decide(group: AutoscalingConfig, desired: int, in_service: int, demand: floa
     the group changed (in either direction, or by `fabula scale`) less than scale_in_cooldown
     ago. Times are seconds on one clock; None means never."""
     per = unit(group.metric)
+    limits = bounds(group)
+    top, target = limits.max, limits.target
     if desired < group.min:
         return Decision(SCALE_OUT, group.min, f"desired {desired} is below min {group.min}")
-    if desired > group.max:
-        return Decision(SCALE_IN, group.max, f"desired {desired} is above max {group.max}")
+    if desired > top:
+        return Decision(SCALE_IN, top, f"desired {desired} is above max {top}")
     if demand is None:
         return Decision(HOLD, desired, "no demand measured yet")
     if in_service < desired:
@@ -103,28 +124,28 @@ def decide(group: AutoscalingConfig, desired: int, in_service: int, demand: floa
                                        "others before judging the demand", blocked="pending")
     per_server = demand / in_service
     measured = f"{fmt(round(per_server, 1))} {per} per server ({fmt(round(demand, 1))} on {in_service})"
-    if per_server > group.target:
-        if desired >= group.max:
-            return Decision(HOLD, desired, f"{measured} is above the target {fmt(group.target)}, but the "
-                                           f"group is at max {group.max}", blocked="max")
-        wanted = min(group.max, max(desired + 1, math.ceil(demand / group.target)))
+    if per_server > target:
+        if desired >= top:
+            return Decision(HOLD, desired, f"{measured} is above the target {fmt(target)}, but the "
+                                           f"group is at max {top}", blocked="max")
+        wanted = min(top, max(desired + 1, math.ceil(demand / target)))
         if last_scale_out is not None and now - last_scale_out < group.scale_out_cooldown:
             left = group.scale_out_cooldown - (now - last_scale_out)
-            return Decision(HOLD, desired, f"{measured} is above the target {fmt(group.target)}: scale-out "
+            return Decision(HOLD, desired, f"{measured} is above the target {fmt(target)}: scale-out "
                                            f"to {wanted} waits for its cooldown ({left:.0f}s left)",
                             blocked="scale-out cooldown")
-        return Decision(SCALE_OUT, wanted, f"{measured} is above the target {fmt(group.target)}: "
+        return Decision(SCALE_OUT, wanted, f"{measured} is above the target {fmt(target)}: "
                                            f"{wanted} servers keep it within target")
-    if desired > group.min and in_service > 1 and demand / (in_service - 1) < group.target:
+    if desired > group.min and in_service > 1 and demand / (in_service - 1) < target:
         fewer = demand / (in_service - 1)
         reason = (f"{measured}: {in_service - 1} server(s) would have {fmt(round(fewer, 1))} each, "
-                  f"below the target {fmt(group.target)}")
+                  f"below the target {fmt(target)}")
         if last_change is not None and now - last_change < group.scale_in_cooldown:
             left = group.scale_in_cooldown - (now - last_change)
             return Decision(HOLD, desired, f"{reason}: scale-in waits for its cooldown ({left:.0f}s left)",
                             blocked="scale-in cooldown")
         return Decision(SCALE_IN, desired - 1, reason)
-    return Decision(HOLD, desired, f"{measured}: within the target {fmt(group.target)}")
+    return Decision(HOLD, desired, f"{measured}: within the target {fmt(target)}")
 
 
 # -- measuring the demand ----------------------------------------------------------------------
@@ -193,7 +214,7 @@ def live_demand(metric: str, stats: dict[str, dict[str, str]]) -> float:
 
 def in_service(status: str | None) -> bool:
     """Taking traffic: UP, or UP and failing checks but not yet out ("UP 1/2")."""
-    return bool(status) and status.startswith("UP")
+    return status is not None and status.startswith("UP")
 
 
 def failing(status: str | None) -> bool:

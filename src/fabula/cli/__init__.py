@@ -5,14 +5,16 @@ from __future__ import annotations
 import sys
 
 import typer
+
 # typer 0.29 (pinned) carries its own copy of click, whose usage errors it raises
 from typer._click.exceptions import ClickException as TyperUsageError
 
-from fabula.cli import db as db_commands, deploy as deploy_commands, environment as environment_commands
+from fabula.cli import db as db_commands
+from fabula.cli import deploy as deploy_commands
+from fabula.cli import environment as environment_commands
 from fabula.cli import scaling as scaling_commands
 from fabula.cli.runtime import CliEnvironment
 from fabula.errors import ExitStatus, FabulaError
-
 
 app = typer.Typer(help="Create, deploy and operate a Django production architecture.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

@@ -1,21 +1,21 @@
 """`fabula create`, `describe`, `destroy`, `maintenance`, `exec`, `logs`: the environment as a whole."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from fabula.cli.deploy import lock_line
 from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
-from fabula.cli.scaling import describe_lines
 from fabula.cli.runtime import cli_environment, open_env
+from fabula.cli.scaling import describe_lines
 from fabula.errors import FabulaError
-from fabula.operations.maintenance import switch as switch_maintenance
 from fabula.operations.create import create as create_environment
 from fabula.operations.describe import describe as describe_environment
 from fabula.operations.destroy import destroy as destroy_environment
 from fabula.operations.logs import log_sources, show_logs
+from fabula.operations.maintenance import switch as switch_maintenance
 from fabula.output import Output
 
 
@@ -122,8 +122,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def logs(cli: typer.Context,
-             env: EnvArgument, server: Annotated[Optional[str], typer.Argument(help="server name")] = None,
-             service: Annotated[Optional[str], typer.Argument(help="service, e.g. gunicorn")] = None,
+             env: EnvArgument, server: Annotated[str | None, typer.Argument(help="server name")] = None,
+             service: Annotated[str | None, typer.Argument(help="service, e.g. gunicorn")] = None,
              config: ConfigOption = DEFAULT_CONFIG,
              follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
              lines: Annotated[int, typer.Option("-n", "--lines")] = 50) -> None:

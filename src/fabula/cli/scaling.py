@@ -4,17 +4,18 @@ as text (under `fabula describe`'s table, and the decisions)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from fabula.autoscaling.actions import scale as scale_group, set_suspended
+from fabula.autoscaling.actions import scale as scale_group
+from fabula.autoscaling.actions import set_suspended
 from fabula.autoscaling.log import decisions_path, read_decisions
 from fabula.autoscaling.policy import check_desired, fmt, unit
 from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
-from fabula.errors import ConfigError
 from fabula.cli.runtime import open_env
+from fabula.errors import ConfigError
 
 
 def describe_lines(report: dict) -> list[str]:
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
             env: EnvArgument,
             action: Annotated[str, typer.Argument(help="suspend, resume, or decisions (the autoscaler's log)")],
             config: ConfigOption = DEFAULT_CONFIG,
-            process: Annotated[Optional[list[str]], typer.Option(
+            process: Annotated[list[str] | None, typer.Option(
                 "--process", "-p", help="only this process: scaling (demand) or healing (replacing "
                                         "failed servers, keeping the desired count); default both")] = None,
             last: Annotated[int, typer.Option("-n", "--last", min=1, help="decisions: how many")] = 20,
@@ -108,7 +109,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command(hidden=True)
     def autoscaler(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
-                   decisions: Annotated[Optional[Path], typer.Option(help="the decisions log")] = None) -> None:
+                   decisions: Annotated[Path | None, typer.Option(help="the decisions log")] = None) -> None:
         """The autoscaler itself: runs until stopped (`create` starts it under the platform's supervisor)."""
         from fabula.autoscaling.controller import Controller
 

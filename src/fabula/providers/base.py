@@ -191,7 +191,7 @@ class Provider(abc.ABC):
     def check_prerequisites(self) -> None:
         """Raise a PrerequisiteError naming what is missing and how to get it."""
 
-    def check_can_create(self, config_path: str) -> None:
+    def check_can_create(self, config_path: str) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Refuse, with a ConfigError naming the key in `config_path`, what only the platform can
         tell is wrong before anything is made (e.g. the load balancer's ports already taken)."""
 

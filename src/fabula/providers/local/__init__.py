@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from fabula.accounts import Accounts
 from fabula.addressing import address_index, server_addresses
@@ -78,6 +78,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 class LocalProvider(Provider):
     name = "local"
+    load_balancer: HAProxyLoadBalancer  # its own: the platform's host, and `stop` on destroy
 
     def __init__(self, paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int = 0):
         self.paths, self.env, self.state = paths, env, state
@@ -93,11 +94,23 @@ class LocalProvider(Provider):
 
     @property
     def subnet(self) -> ipaddress.IPv4Network | None:
-        return ipaddress.ip_network(self.state.subnet) if self.state.subnet else None
+        return ipaddress.IPv4Network(self.state.subnet) if self.state.subnet else None
 
     @property
     def gateway(self) -> str | None:
         return str(next(self.subnet.hosts())) if self.subnet else None
+
+    def require_subnet(self) -> ipaddress.IPv4Network:
+        """The environment's subnet; an error if none is allocated yet."""
+        subnet = self.subnet
+        if subnet is None:
+            raise FabulaError(f"environment {self.paths.env} has no subnet yet",
+                              f"run `fabula create {self.paths.env}`")
+        return subnet
+
+    def require_gateway(self) -> str:
+        """The machine's address on the environment's bridge; an error if there is no subnet yet."""
+        return str(next(self.require_subnet().hosts()))
 
     # -- checks ---------------------------------------------------------------------------
     def check_prerequisites(self) -> None:
@@ -148,7 +161,8 @@ class LocalProvider(Provider):
                 wanted = self.env.subnet
                 clash = next((what for net, what in taken if wanted.overlaps(net)), None)
                 if clash:
-                    raise ConfigError(f"environments.{self.paths.env}.local.subnet: {wanted} overlaps {clash} on this machine",
+                    raise ConfigError(f"environments.{self.paths.env}.local.subnet: {wanted} overlaps {clash} "
+                                      "on this machine",
                                       f"choose another private subnet for {self.paths.env} in fabula.yml, or leave "
                                       "`subnet` out for a free one")
                 self.state.subnet = str(wanted)
@@ -167,7 +181,7 @@ class LocalProvider(Provider):
         return f"fabula-{self.paths.tag}"
 
     def ensure_network(self) -> None:
-        network.ensure_bridge(self.bridge, self.gateway, self.subnet.prefixlen)
+        network.ensure_bridge(self.bridge, self.require_gateway(), self.require_subnet().prefixlen)
         # the machine's own side: its namespace is the load balancer's, and every process of the
         # machine shares it; only root's (HAProxy, fabula) may open connections to the servers,
         # and nothing is routed into or out of the environment's network
@@ -210,7 +224,7 @@ class LocalProvider(Provider):
         """The address after the highest one the environment used (wrapping round): a reused
         address would be reached at its former server's MAC address until the neighbours' ARP
         entries expire."""
-        network = self.subnet
+        network = self.require_subnet()
         used = {s.address for s in self.state.servers.values() if s.address}
         used |= {self.state.last_address} if self.state.last_address else set()
         indexes = [i for i in (address_index(network, a) for a in used) if i is not None]
@@ -248,8 +262,8 @@ class LocalProvider(Provider):
         address = self.assign_address(name)
         host = self._host(name, role, address)
         network.ensure_namespace(self.netns(name), network.veth_name(self.paths.tag, name), self.bridge,
-                                 address, self.subnet.prefixlen, self.gateway)
-        host.make_dirs([self.paths.servers_dir, Path(host.root)])
+                                 address, self.require_subnet().prefixlen, self.require_gateway())
+        host.make_dirs([PurePosixPath(self.paths.servers_dir), host.root])
         host.make_dirs([host.path(d) for d in ("etc", "run", "log", "data", "releases", "tmp")])
         return host
 
@@ -259,8 +273,8 @@ class LocalProvider(Provider):
         def addresses(roles: tuple[str, ...]) -> list[str]:
             return sorted(s.address for s in self.state.servers.values() if s.role in roles and s.address)
 
-        ingress = [(r.port, addresses(r.from_roles) + ([self.gateway] if r.from_load_balancer else []), r.description)
-                   for r in rules if isinstance(r, IngressRule)]
+        ingress = [(r.port, addresses(r.from_roles) + ([self.require_gateway()] if r.from_load_balancer else []),
+                    r.description) for r in rules if isinstance(r, IngressRule)]
         egress = [(r.port, addresses(r.to_roles), r.description) for r in rules if isinstance(r, EgressRule)]
         ruleset = render(__file__, "firewall.nft.j2", server=host.name, subnet=str(self.subnet),
                          ingress=ingress, egress=egress)

@@ -5,7 +5,7 @@ import os
 import pwd
 import shutil
 import subprocess
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 
 from fabula.accounts import Accounts
 from fabula.providers.base import SYSTEM_PATH, FileState, Host, Result, run_local
@@ -84,7 +84,7 @@ class LocalHost(Host):
         os.chmod(partial, mode)
         partial.rename(path)
 
-    def supervisor_pid(self, config: PurePosixPath) -> int | None:
+    def supervisor_pid(self, config: PurePath) -> int | None:
         pidfile = Path(self.root, "run", "supervisord.pid")
         try:
             pid = int(pidfile.read_text().strip())

@@ -7,7 +7,7 @@ import io
 import re
 import socket
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from fabula.config import LoadBalancerConfig
 from fabula.errors import FabulaError
@@ -51,14 +51,15 @@ class HAProxyLoadBalancer(LoadBalancer):
         return self.platform.supervisor_pid(self.supervisor.conf) is not None
 
     def _certificate(self) -> bytes:
-        if self.lb.certificate:
+        certificate, key = self.lb.certificate, self.lb.key  # both or neither (LoadBalancerConfig)
+        if certificate is not None and key is not None:
             try:
-                return self.lb.certificate.read_bytes().rstrip() + b"\n" + self.lb.key.read_bytes()
+                return certificate.read_bytes().rstrip() + b"\n" + key.read_bytes()
             except OSError as exc:
                 raise FabulaError(f"lb.certificate/lb.key: cannot read {exc.filename}: {exc.strerror}",
                                   "point lb.certificate and lb.key at readable PEM files") from None
         names = [str(self.bind), "localhost"]
-        existing = self.platform.read_file(self.dir / "lb.pem")
+        existing = self.platform.read_file(PurePosixPath(self.dir / "lb.pem"))
         # made again within 30 days of its expiry, like the internal certificates
         if existing and not needs_renewal(existing, names, max_lifetime=LB_VALIDITY):
             return existing
@@ -71,8 +72,9 @@ class HAProxyLoadBalancer(LoadBalancer):
         return list(dict.fromkeys(names))
 
     def ensure(self, backends: list[Backend]) -> None:
-        self.platform.make_dirs([self.dir])
-        certificate_changed = self.platform.put_file(self.dir / "lb.pem", self._certificate(), mode=0o600)
+        self.platform.make_dirs([PurePosixPath(self.dir)])
+        certificate_changed = self.platform.put_file(PurePosixPath(self.dir / "lb.pem"), self._certificate(),
+                                                     mode=0o600)
         https_suffix = "" if self.lb.https_port == 443 else f":{self.lb.https_port}"
         config = render(__file__, "haproxy.cfg.j2", project=self.project, env=self.env, lb_dir=self.dir,
                         bind=self.bind, http_port=self.lb.http_port, https_port=self.lb.https_port,
@@ -88,7 +90,7 @@ class HAProxyLoadBalancer(LoadBalancer):
             raise FabulaError(f"load balancer: HAProxy rejects the generated configuration "
                               f"{candidate}:\n{checked.stdout}{checked.stderr}")
         candidate.unlink()
-        changed = self.platform.put_file(self.dir / "haproxy.cfg", config)
+        changed = self.platform.put_file(PurePosixPath(self.dir / "haproxy.cfg"), config)
         self.supervisor.ensure_running()
         started = self.supervisor.apply([Program(
             name="haproxy", command=["haproxy", "-W", "-db", "-f", str(self.dir / "haproxy.cfg")],
