@@ -44,7 +44,8 @@ def wait_for(condition, timeout: float, interval: float = 0.2, message: str = "c
         except Exception as exc:  # the condition's own failures are retried until the deadline
             last_error = exc
         time.sleep(interval)
-    raise AssertionError(f"{message} not met within {timeout}s" + (f" (last error: {last_error})" if last_error else ""))
+    raise AssertionError(f"{message} not met within {timeout}s"
+                         + (f" (last error: {last_error})" if last_error else ""))
 
 
 def free_port() -> int:

@@ -65,8 +65,8 @@ class Environment:
     def psql(self, server: str, sql: str) -> str:
         socket_dir = self.env_dir / "servers" / server / "run" / "postgresql"
         db = self.project.replace("-", "_")
-        result = self.exec(server, "runuser", "-u", self.accounts.db, "--", "psql", "-X", "-A", "-t", "-U", "postgres", "-h",
-                           str(socket_dir), "-d", db, "-c", sql)
+        result = self.exec(server, "runuser", "-u", self.accounts.db, "--", "psql", "-X", "-A", "-t",
+                           "-U", "postgres", "-h", str(socket_dir), "-d", db, "-c", sql)
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
 

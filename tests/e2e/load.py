@@ -46,7 +46,7 @@ class WriteLoad(threading.Thread):
 
     def longest_gap(self) -> float:
         times = [at for at, _ in self.acknowledged]
-        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
 
 class RequestLoad:
@@ -87,7 +87,7 @@ class RequestLoad:
             if client:
                 client.close()
 
-    def __enter__(self) -> "RequestLoad":
+    def __enter__(self) -> RequestLoad:
         for t in self.threads:
             t.start()
         return self

@@ -128,7 +128,7 @@ class RateLoad:
                 next_at += pace
                 self.stop_event.wait(max(0.0, next_at - time.monotonic()))
 
-    def __enter__(self) -> "RateLoad":
+    def __enter__(self) -> RateLoad:
         self.started = time.monotonic()
         for t in self.threads:
             t.start()

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import destroy_checked, Environment
-from tests.helpers import commit_files, git, SAMPLE_APP, free_port, run_fabula
+from tests.e2e.conftest import Environment, destroy_checked
+from tests.helpers import SAMPLE_APP, commit_files, free_port, git, run_fabula
 
 pytestmark = pytest.mark.e2e
 

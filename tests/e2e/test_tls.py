@@ -21,7 +21,6 @@ import re
 import shutil
 import socket
 import subprocess
-from pathlib import Path
 
 import httpx
 import pytest

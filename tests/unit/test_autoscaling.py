@@ -6,11 +6,17 @@ import textwrap
 
 import pytest
 
-from fabula.config import AutoscalingConfig, EnvironmentConfig, load_config
 from fabula.autoscaling.policy import (
-    HOLD, SCALE_IN, SCALE_OUT, DemandMeter, HealthTracker, decide, desired_for_create,
+    HOLD,
+    SCALE_IN,
+    SCALE_OUT,
+    DemandMeter,
+    HealthTracker,
+    decide,
+    desired_for_create,
 )
 from fabula.cli.scaling import decision_line, describe_lines
+from fabula.config import AutoscalingConfig, EnvironmentConfig, load_config
 from fabula.errors import ConfigError
 from fabula.state import EnvState
 

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from fabula.config import EnvironmentConfig
 from fabula.autoscaling import controller as controller_module
-from fabula.environment import history, lock
 from fabula.autoscaling.controller import Controller
+from fabula.config import EnvironmentConfig
+from fabula.environment import history, lock
 from fabula.output import Output
 from fabula.state import EnvPaths, EnvState, ServerRecord
 
