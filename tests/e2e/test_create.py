@@ -79,7 +79,8 @@ def link_exists(name: str) -> bool:
 
 def test_destroy_leaves_nothing_behind(environment):
     report = environment.describe()
-    web1 = next(s["address"] for s in report["servers"] if s["name"] == "web1")
+    # a web server of this environment (web1 may have been replaced by self-healing meanwhile)
+    web1 = next(s["address"] for s in report["servers"] if s["role"] == "web")
     # this environment's bridge (its name as the provider and force_cleanup derive it), the one
     # its servers are reached through: not just any environment's bridge on the machine
     bridge = "fb" + EnvPaths(environment.state_dir, environment.project, environment.name).tag

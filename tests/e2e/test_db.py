@@ -178,7 +178,7 @@ def test_restoring_another_databases_backup_is_refused(env):
     primary = primary_name(env)
     dump = env.env_dir / "servers" / primary / "tmp" / "foreign.dump"
     socket_dir = env.env_dir / "servers" / primary / "run" / "postgresql"
-    made = env.exec(primary, "sh", "-c", f"runuser -u {env.accounts.db} -- pg_dump -Fc -h {socket_dir} "
+    made = env.exec(primary, "sh", "-c", f"runuser -u {env.accounts.db} -- pg_dump -Fc -U postgres -h {socket_dir} "
                     f"-d postgres > {dump}")
     assert made.returncode == 0, made.stderr
     before = dump_of_entries(env, primary)
