@@ -95,7 +95,9 @@ def test_only_the_registry_imports_the_local_provider():
 
 
 @pytest.mark.parametrize("low, high", [("fabula.roles", "fabula.environment"), ("fabula.providers", "fabula.roles"),
-                                       ("fabula.environment", "fabula.deploy"), ("fabula.deploy", "fabula.cli")])
+                                       ("fabula.environment", "fabula.deploy"), ("fabula.deploy", "fabula.cli"),
+                                       ("fabula.deploy", "fabula.autoscaling"), ("fabula.autoscaling", "fabula.cli"),
+                                       ("fabula.autoscaling", "fabula.operations"), ("fabula.roles", "fabula.cli")])
 def test_lower_layers_do_not_import_higher_ones(low, high):
     edges = graph()
     assert high not in edges.get(low, set())
