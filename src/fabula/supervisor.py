@@ -115,15 +115,6 @@ class Supervisor:
                 states[parts[0]] = parts[1]
         return states
 
-    def pids(self) -> dict[str, int]:
-        result = self.ctl("status", timeout=15)
-        pids = {}
-        for line in result.stdout.splitlines():
-            parts = line.replace(",", " ").split()
-            if "pid" in parts:
-                pids[parts[0]] = int(parts[parts.index("pid") + 1])
-        return pids
-
     def restart(self, name: str) -> None:
         self.host.check(["supervisorctl", "-c", str(self.conf), "restart", name], timeout=300)
 

@@ -112,3 +112,10 @@ def test_only_the_load_balancer_reaches_a_web_server(pair):
     other = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *probe],
                            capture_output=True, text=True)
     assert other.stdout != "200"
+
+
+def test_no_folder_of_an_environment_is_writable_by_everyone(pair):
+    for env in pair:
+        found = subprocess.run(["find", str(env.env_dir), "-xdev", "-type", "d", "-perm", "-o+w"],
+                               capture_output=True, text=True)
+        assert found.returncode == 0 and found.stdout == "", found.stdout

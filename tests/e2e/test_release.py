@@ -94,6 +94,9 @@ def test_the_build_runs_the_apps_code_as_the_environments_user_with_its_real_set
     cache = next(s for s in environment.describe()["servers"] if s["role"] == "cache")
     assert f"@{cache['address']}:6379/" in seen["REDIS_URL"]  # the environment's real values
     assert not {"SUDO_USER", "GITHUB_TOKEN"} & set(seen) and "/opt/operator" not in seen["PATH"]
+    # its build log is root's alone (it may show the settings' errors)
+    log = environment.env_dir / "releases" / f"{commit[:12]}.build.log"
+    assert (log.stat().st_mode & 0o777, log.stat().st_uid) == (0o600, 0)
     # the finished release is root's: the app cannot change its own code
     assert (release_dir / "code" / "manage.py").stat().st_uid == 0
     changed = environment.exec("web1", "runuser", "-u", environment.accounts.app, "--", "touch",

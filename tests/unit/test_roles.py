@@ -187,3 +187,15 @@ def test_the_fake_host_keeps_paths_it_was_given():
     host.make_dirs([host.path("etc")], mode=0o700, owner="root")
     assert host.stat(PurePosixPath(host.root, "etc")).mode == 0o700
     assert host.put_file(host.path("etc", "a"), "x") and not host.put_file(host.path("etc", "a"), "x")
+
+
+def test_the_autoscaler_runs_fabulas_own_code_only(ctx):
+    """It runs as root: never a module of the app's folder (a `yaml.py` committed to the app)."""
+    from fabula.autoscaling.controller import controller_program
+    from fabula.providers.base import SYSTEM_PATH
+
+    program = controller_program(ctx)
+    isolated, module, name = program.command[1:4]
+    assert (isolated, module, name) == ("-I", "-m", "fabula")
+    assert program.directory == str(ctx.paths.env_dir) != str(ctx.config.path.parent)
+    assert program.environment["PATH"] == SYSTEM_PATH
