@@ -199,3 +199,19 @@ def test_the_autoscaler_runs_fabulas_own_code_only(ctx):
     assert (isolated, module, name) == ("-I", "-m", "fabula")
     assert program.directory == str(ctx.paths.env_dir) != str(ctx.config.path.parent)
     assert program.environment["PATH"] == SYSTEM_PATH
+
+
+def test_logs_are_read_on_each_server_through_its_transport(ctx):
+    from fabula.operations.logs import log_sources, show_logs
+
+    web = ctx.host("web1")
+    for service in ("nginx", "gunicorn"):
+        web.write(web.path("log", f"{service}.log"), b"a line\n", mode=0o600, owner="root")
+    [(host, paths)] = log_sources(ctx, "web1", None)
+    assert host is web and [p.name for p in paths] == ["nginx.log", "gunicorn.log"]  # pgbouncer's: none yet
+    assert show_logs([(host, paths)], lines=5, follow=False) == 0
+    assert web.commands[-1] == ["tail", "-v", "-n", "5", *map(str, paths)]
+    with pytest.raises(Exception, match="runs no service 'redis'"):
+        log_sources(ctx, "web1", "redis")
+    with pytest.raises(Exception, match="no server 'web9'"):
+        log_sources(ctx, "web9", None)
