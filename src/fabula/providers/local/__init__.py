@@ -43,7 +43,7 @@ def _alive(pids: list[int]) -> list[int]:
     for pid in pids:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, IndexError):
+        except (OSError, IndexError):  # gone meanwhile: ENOENT, or ESRCH while reading
             continue
         if state != "Z":
             alive.append(pid)

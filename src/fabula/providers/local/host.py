@@ -89,6 +89,6 @@ class LocalHost(Host):
         try:
             pid = int(pidfile.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (FileNotFoundError, ValueError, ProcessLookupError):
+        except (OSError, ValueError):  # no pidfile, or the process gone (ENOENT, ESRCH)
             return None
         return pid if str(config).encode() in cmdline else None
