@@ -89,15 +89,17 @@ def test_a_revision_that_fails_its_health_check_leaves_the_old_one_serving(env):
     before = current_release(env)
     wsgi = (env.app_dir / "polls" / "wsgi.py").read_text()
     commit(env, "broken", {"polls/wsgi.py": wsgi + "\nraise RuntimeError('broken on purpose')\n"})
-    with RequestLoad(env.url) as load:
-        result = env.fabula("deploy", ENV, "--serial", timeout=600)
-    assert result.returncode == 1
-    assert f"still serves release {before}" in result.stderr
-    assert "RuntimeError: broken on purpose" in result.stderr  # the cause, from gunicorn's log
-    assert load.counts() == {"200": len(load.outcomes)}, load.counts()
-    assert releases_served(env) == {before}
-    assert len([s for s in env.describe()["servers"] if s["role"] == "web"]) == 2
-    commit(env, "fixed", {"polls/wsgi.py": wsgi})
+    try:
+        with RequestLoad(env.url) as load:
+            result = env.fabula("deploy", ENV, "--serial", timeout=600)
+        assert result.returncode == 1
+        assert f"still serves release {before}" in result.stderr
+        assert "RuntimeError: broken on purpose" in result.stderr  # the cause, from gunicorn's log
+        assert load.counts() == {"200": len(load.outcomes)}, load.counts()
+        assert releases_served(env) == {before}
+        assert len([s for s in env.describe()["servers"] if s["role"] == "web"]) == 2
+    finally:  # the next tests deploy HEAD's parent: it must not be the broken revision
+        commit(env, "fixed", {"polls/wsgi.py": wsgi})
 
 
 def test_deploy_chooses_serial_for_a_nullable_column_and_full_for_a_dropped_one(env):

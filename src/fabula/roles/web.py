@@ -90,10 +90,16 @@ def wait_healthy_here(ctx: Context, host: Host, timeout: float = 45) -> None:
         state = supervisor.status().get("gunicorn")
         log = (host.read_file(log_path) or b"")[seen:].decode(errors="replace")
         if time.monotonic() > deadline or state in ("FATAL", "BACKOFF", "EXITED") or BOOT_FAILURE in log:
-            # the exceptions' own lines say what is wrong; a traceback's frames rarely do
-            errors = list(dict.fromkeys(line for line in log.splitlines() if EXCEPTION_LINE.match(line)))
+            # the exceptions' own lines say what is wrong; a traceback's frames rarely do. gunicorn
+            # started (and may have failed once) before this wait began: if what came since holds
+            # no exception, the whole log's last ones are this start's
+            errors = exception_lines(log) or exception_lines((host.read_file(log_path) or b"").decode(errors="replace"))
             raise FabulaError(f"{host.name}: release {ctx.require_release().id} does not serve /healthcheck.html "
                               f"(gunicorn {(state or 'missing').lower()}): "
                               + "; ".join(errors[-3:] or ["no error logged"]),
                               f"`fabula logs {ctx.env_name} {host.name} gunicorn`")
         time.sleep(0.3)
+
+
+def exception_lines(log: str) -> list[str]:
+    return list(dict.fromkeys(line for line in log.splitlines() if EXCEPTION_LINE.match(line)))
