@@ -59,6 +59,7 @@ class FakeHost(Host):
         self.calls: list[Call] = []
         self.answers: list[tuple[list[str], Answer]] = []
         self.copied: list[tuple[Path, PurePosixPath]] = []
+        self._links: dict[str, str] = {}  # symbolic links made with `ln -sfn`: path -> target
 
     # -- what a test looks at -------------------------------------------------------------
     @property
@@ -134,12 +135,6 @@ class FakeHost(Host):
             self._links[argv[3]] = argv[2]
             return Result(0, "", "")
         return Result(0, "", "")
-
-    @property
-    def _links(self) -> dict[str, str]:
-        if not hasattr(self, "_link_table"):
-            self._link_table: dict[str, str] = {}
-        return self._link_table
 
     def programs(self) -> dict[str, str]:
         """The supervisor programs written on this host: name -> its configuration."""
