@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 from fabula.context import Context
 from fabula.errors import FabulaError
 from fabula.pki import certificate_names
-from fabula.providers.base import EgressRule, Host, IngressRule
+from fabula.providers.base import EgressRule, Host, IngressRule, poll
 
 
 class Role:
@@ -57,3 +57,11 @@ def wait_port(host: Host, address: str, port: int, timeout: float = 60, what: st
                               f"{address}:{port} after {timeout:.0f}s",
                               f"see `fabula logs <env> {host.name}`")
         time.sleep(0.2)
+
+
+def remove_interrupted(host: Host, path: str, timeout: float = 30) -> None:
+    """Remove what an interrupted earlier attempt left at `path`. A process of that attempt may
+    still be finishing (a killed initdb's postgres child writes until its input closes), so
+    `rm -rf` is tried again until it finds nothing new."""
+    if not poll(lambda: host.run(["rm", "-rf", path]).ok, timeout, interval=0.5):
+        host.check(["rm", "-rf", path])

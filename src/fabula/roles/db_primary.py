@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 from fabula.context import Context
 from fabula.providers.base import Host, IngressRule
 from fabula.roles import postgres
-from fabula.roles.base import Role
+from fabula.roles.base import Role, remove_interrupted
 
 
 class DatabasePrimary(Role):
@@ -31,7 +31,7 @@ class DatabasePrimary(Role):
         data = postgres.data_dir(host)
         partial = f"{data}.partial"
         ctx.out.step(host.name, "initdb")
-        host.check(["rm", "-rf", partial])  # an interrupted earlier attempt
+        remove_interrupted(host, partial)
         host.make_dirs([PurePosixPath(partial)], mode=0o700, owner=host.accounts.db)
         host.check([str(postgres.PG_BIN / "initdb"), "-D", partial, "-U", "postgres", "-E", "UTF8",
                     "--locale=C.UTF-8", "--auth-local=peer", "--auth-host=scram-sha-256"],

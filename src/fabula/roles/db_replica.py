@@ -9,7 +9,7 @@ from fabula.context import Context
 from fabula.errors import FabulaError
 from fabula.providers.base import EgressRule, Host, IngressRule
 from fabula.roles import postgres
-from fabula.roles.base import Role
+from fabula.roles.base import Role, remove_interrupted
 from fabula.supervisor import Supervisor
 
 
@@ -55,7 +55,7 @@ class DatabaseReplica(Role):
         data = postgres.data_dir(host)
         partial = f"{data}.partial"
         ctx.out.step(host.name, "pg_basebackup from the primary")
-        host.check(["rm", "-rf", partial])
+        remove_interrupted(host, partial)
         host.make_dirs([PurePosixPath(partial)], mode=0o700, owner=host.accounts.db)
         host.check([str(postgres.PG_BIN / "pg_basebackup"), "-d", self.conninfo(ctx, host), "-D", partial,
                     "-X", "stream", "-S", postgres.slot_name(host.name), "-c", "fast"],

@@ -31,8 +31,13 @@ class LocalHost(Host):
 
     def _argv(self, argv: list[str], user: str | None) -> list[str]:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        # `ip netns exec` execs in place, so setpriv's parent is fabula itself: if fabula is killed
+        # mid-command, the command dies with it instead of racing the next run's cleanup (an orphaned
+        # initdb kept writing into the directory the next `create` was removing). Daemons fork, and
+        # a forked child does not inherit the signal.
+        prefix += ["setpriv", "--pdeathsig=KILL"]
         if user and user != "root":
-            prefix += ["setpriv", f"--reuid={user}", f"--regid={_ids(user)[1]}", "--init-groups"]
+            prefix += [f"--reuid={user}", f"--regid={_ids(user)[1]}", "--init-groups"]
         return prefix + argv
 
     def _env(self, env: dict[str, str] | None, user: str | None) -> dict[str, str]:
