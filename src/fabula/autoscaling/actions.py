@@ -16,7 +16,7 @@ from fabula import release as releases
 from fabula.autoscaling.log import decisions_path, log_decision
 from fabula.autoscaling.policy import PROCESSES, check_desired, current_desired, failing
 from fabula.context import Context, Release
-from fabula.deploy.group import launch_web_server, retire_web_server
+from fabula.deploy.group import launch_or_remove, retire_web_server
 from fabula.environment import lock
 from fabula.environment.audit import Operation, operation
 from fabula.errors import ConfigError, FabulaError
@@ -85,15 +85,9 @@ def launch_configuration(ctx: Context) -> Release:
 def launch(ctx: Context, release: Release) -> str:
     """A new web server from the launch configuration, in service once healthy; removed again if
     it does not get there."""
-    before = set(ctx.state.servers)
     try:
-        return launch_web_server(ctx, release).name
+        return launch_or_remove(ctx, release).name
     except Exception as exc:
-        for name in set(ctx.state.servers) - before:
-            try:
-                retire_web_server(ctx, name)
-            except Exception as cleanup:  # noqa: BLE001 - report the launch's error, not this one
-                ctx.out.warn(f"could not remove the failed web server {name}: {cleanup}")
         raise FabulaError(f"a new web server from release {release.id} did not come into service: {exc}",
                           f"see `fabula logs {ctx.env_name}`") from exc
 

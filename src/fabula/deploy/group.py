@@ -3,6 +3,7 @@ join the load balancer only once healthy, and leave it by draining, so no reques
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from fabula.context import Context, Release
 from fabula.environment.firewall import apply_firewalls
@@ -61,6 +62,26 @@ def launch_web_server(ctx: Context, release: Release, in_service: bool = True) -
     if in_service:
         bring_into_service(ctx, record.name)
     return record
+
+
+def launch_or_remove(ctx: Context, release: Release, in_service: bool = True,
+                     then: Callable[[ServerRecord], object] | None = None) -> ServerRecord:
+    """launch_web_server, then `then(record)`; if either fails, every server that appeared
+    meanwhile is retired and the error goes on to the caller, who words it. A failed removal only
+    warns: the launch's error says what went wrong, the removal's would hide it."""
+    before = set(ctx.state.servers)
+    try:
+        record = launch_web_server(ctx, release, in_service)
+        if then:
+            then(record)
+        return record
+    except Exception:
+        for name in set(ctx.state.servers) - before:
+            try:
+                retire_web_server(ctx, name)
+            except Exception as cleanup:  # noqa: BLE001 - report the launch's error, not this one
+                ctx.out.warn(f"could not remove the failed web server {name}: {cleanup}")
+        raise
 
 
 def bring_into_service(ctx: Context, name: str) -> None:

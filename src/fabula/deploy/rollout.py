@@ -20,7 +20,7 @@ from fabula import release as releases
 from fabula.context import Context, Release
 from fabula.deploy.group import (
     bring_into_service,
-    launch_web_server,
+    launch_or_remove,
     retire_web_server,
     set_backends,
     wait_healthy,
@@ -114,15 +114,9 @@ def using_release(ctx: Context, release: Release):
 def launch_or_clean_up(ctx: Context, new: Release, then=None):
     """A new web server from `new`, healthy on its own (out of rotation); `then(record)` runs
     next. If either fails, the new server is removed and the site keeps its release."""
-    before = set(ctx.state.servers)
     try:
-        record = launch_web_server(ctx, new, in_service=False)
-        if then:
-            then(record)
-        return record
+        return launch_or_remove(ctx, new, in_service=False, then=then)
     except Exception as exc:
-        for name in set(ctx.state.servers) - before:
-            retire_web_server(ctx, name)
         raise FabulaError(f"deploy of release {new.id} stopped: {exc}\n"
                           f"the new server was removed; the site still serves release {ctx.state.release}",
                           f"fix the release and deploy again; `fabula history {ctx.env_name}` shows what ran") from exc
