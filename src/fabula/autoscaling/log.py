@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from fabula.environment import lock
+from fabula.jsonl import append_json_line
 from fabula.state import EnvPaths
 
 DECISIONS_FILE = "autoscaler.jsonl"
@@ -29,17 +30,8 @@ def status_path(paths: EnvPaths) -> Path:
 
 
 def log_decision(path: Path, entry: dict) -> None:
-    """Append one decision (one JSON line, one write with O_APPEND) if the environment exists."""
-    entry = {"time": lock.now_iso(), "ts": round(time.time(), 3), **entry}
-    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, MODE)
-    except FileNotFoundError:
-        return  # destroyed meanwhile: do not bring its directory back
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    """Append one decision (one JSON line) if the environment exists."""
+    append_json_line(path, {"time": lock.now_iso(), "ts": round(time.time(), 3), **entry}, MODE)
 
 
 def read_decisions(path: Path, last: int | None = None) -> list[dict]:

@@ -8,9 +8,9 @@ the last of the environment's life. Mode 0600: who ran what, and their errors, a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from fabula.jsonl import append_json_line
 from fabula.state import EnvPaths
 
 MODE = 0o600
@@ -21,28 +21,8 @@ def history_path(paths: EnvPaths) -> Path:
 
 
 def append(paths: EnvPaths, record: dict) -> bool:
-    """Append one record; False if the project's directory is gone (the state root removed).
-
-    Not write_atomically (which replaces the whole file): history is only ever appended to, and
-    one write(2) of one line with O_APPEND lands whole after the others, also from concurrent
-    writers. A crash can at worst leave a torn last line, which `read` skips.
-    """
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    try:
-        # no mkdir: recording must not bring back the directory of a removed state root; never
-        # through a symlink (O_NOFOLLOW): root writes it
-        fd = os.open(history_path(paths), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     MODE)
-    except FileNotFoundError:
-        return False
-    try:
-        if os.fstat(fd).st_mode & 0o777 != MODE:
-            os.fchmod(fd, MODE)  # e.g. written by an older fabula
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return True
+    """Append one record; False if the project's directory is gone (the state root removed)."""
+    return append_json_line(history_path(paths), record, MODE)
 
 
 def read(paths: EnvPaths) -> tuple[list[dict], int]:
