@@ -2,13 +2,12 @@
 join the load balancer only once healthy, and leave it by draining, so no request is cut."""
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from fabula.context import Context, Release
 from fabula.environment.firewall import apply_firewalls
 from fabula.errors import FabulaError
-from fabula.providers.base import Backend
+from fabula.providers.base import Backend, poll
 from fabula.roles import ROLES
 from fabula.roles.web import HTTPS_PORT
 from fabula.state import ServerRecord
@@ -29,16 +28,16 @@ def set_backends(ctx: Context, names: list[str]) -> None:
 
 
 def wait_healthy(ctx: Context, names: list[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    down: list[str] = []  # as the last look found them: the error names them
+
+    def all_up() -> bool:
         health = ctx.provider.load_balancer.health()
-        down = [n for n in names if health.get(n) != "UP"]
-        if not down:
-            return
-        if time.monotonic() > deadline:
-            raise FabulaError(f"load balancer: {', '.join(down)} not healthy after {timeout:.0f}s "
-                              f"(GET /healthcheck.html over HTTPS)", f"see `fabula logs {ctx.env_name} {down[0]}`")
-        time.sleep(0.2)
+        down[:] = [n for n in names if health.get(n) != "UP"]
+        return not down
+
+    if not poll(all_up, timeout, interval=0.2):
+        raise FabulaError(f"load balancer: {', '.join(down)} not healthy after {timeout:.0f}s "
+                          f"(GET /healthcheck.html over HTTPS)", f"see `fabula logs {ctx.env_name} {down[0]}`")
 
 
 def launch_web_server(ctx: Context, release: Release, in_service: bool = True) -> ServerRecord:

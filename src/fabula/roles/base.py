@@ -1,7 +1,6 @@
 """What every role is: the packages it needs, who may reach it, and how it converges a server."""
 from __future__ import annotations
 
-import time
 from pathlib import PurePosixPath
 
 from fabula.context import Context
@@ -49,14 +48,11 @@ def ensure_certificate(ctx: Context, host: Host, cert: PurePosixPath, key: PureP
 
 def wait_port(host: Host, address: str, port: int, timeout: float = 60, what: str = "") -> None:
     """Poll until something accepts TCP connections on address:port from inside the server."""
-    deadline = time.monotonic() + timeout
     probe = ["bash", "-c", f"exec 3<>/dev/tcp/{address}/{port}"]
-    while not host.run(probe, timeout=5).ok:
-        if time.monotonic() > deadline:
-            raise FabulaError(f"{host.name}: {what or 'service'} does not accept connections on "
-                              f"{address}:{port} after {timeout:.0f}s",
-                              f"see `fabula logs <env> {host.name}`")
-        time.sleep(0.2)
+    if not poll(lambda: host.run(probe, timeout=5).ok, timeout, interval=0.2):
+        raise FabulaError(f"{host.name}: {what or 'service'} does not accept connections on "
+                          f"{address}:{port} after {timeout:.0f}s",
+                          f"see `fabula logs <env> {host.name}`")
 
 
 def remove_interrupted(host: Host, path: str, timeout: float = 30) -> None:

@@ -1,12 +1,11 @@
 """PostgreSQL 15 as both database roles run it: files, TLS certificate, program, readiness, SQL."""
 from __future__ import annotations
 
-import time
 from pathlib import PurePosixPath
 
 from fabula.context import Context
 from fabula.errors import FabulaError
-from fabula.providers.base import Host, Result
+from fabula.providers.base import Host, Result, poll
 from fabula.roles.base import ensure_certificate
 from fabula.supervisor import Program, Supervisor
 from fabula.templates import render
@@ -88,13 +87,10 @@ def start(host: Host, config_changed: bool) -> None:
 
 
 def wait_ready(host: Host, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
     probe = [str(PG_BIN / "pg_isready"), "-q", "-h", str(socket_dir(host))]
-    while not host.run(probe, timeout=10).ok:
-        if time.monotonic() > deadline:
-            raise FabulaError(f"{host.name}: PostgreSQL is not ready after {timeout:.0f}s",
-                              f"see `fabula logs <env> {host.name} postgresql`")
-        time.sleep(0.2)
+    if not poll(lambda: host.run(probe, timeout=10).ok, timeout, interval=0.2):
+        raise FabulaError(f"{host.name}: PostgreSQL is not ready after {timeout:.0f}s",
+                          f"see `fabula logs <env> {host.name} postgresql`")
 
 
 def psql(host: Host, sql: str, database: str = "postgres") -> Result:

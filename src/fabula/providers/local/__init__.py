@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
@@ -17,7 +16,7 @@ from fabula.accounts import Accounts
 from fabula.addressing import address_index, server_addresses
 from fabula.config import EnvironmentConfig
 from fabula.errors import ConfigError, FabulaError, PermissionError_, PrerequisiteError
-from fabula.providers.base import EgressRule, Host, IngressRule, Provider, run_local
+from fabula.providers.base import EgressRule, Host, IngressRule, Provider, poll, run_local
 from fabula.providers.local import network, users
 from fabula.providers.local.host import LocalHost
 from fabula.providers.local.loadbalancer import HAProxyLoadBalancer
@@ -53,13 +52,9 @@ def _alive(pids: list[int]) -> list[int]:
 def kill_and_wait(pids: list[int], grace: float = 15) -> None:
     """TERM, then KILL what is still there after `grace` seconds; wait until all are gone."""
     _signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    poll(lambda: not _alive(pids), grace, interval=0.1)
     _signal_all(_alive(pids), signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    poll(lambda: not _alive(pids), 10, interval=0.05)
 
 
 def processes_mentioning(text: str) -> list[int]:
