@@ -9,6 +9,7 @@ check.
     policy      the group's settings, the decision, the demand meter, the health tracker (no I/O)
     log         the decisions log and the status file
     actions     the group's changes, each an operation (the lock, a history record)
+    group       the group behind the WebGroup interface: the provider's own, else these modules'
     controller  the autoscaler program's loop, and its installation under the platform's supervisor
     report      the group as `fabula describe` reports it (data; the CLI renders it)
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from fabula.accounts import Accounts
 from fabula.errors import CommandFailed
@@ -184,8 +185,43 @@ class LoadBalancer(abc.ABC):
         ...
 
 
+class WebGroup(abc.ABC):
+    """The web tier as a group: web servers launched from one launch configuration (a release),
+    kept at a desired count. fabula's own autoscaler on the provider's servers and load balancer
+    (autoscaling/group.py), or the platform's native group (on AWS, an Auto Scaling group)."""
+
+    @abc.abstractmethod
+    def desired(self) -> int:
+        """How many web servers the group keeps."""
+
+    @abc.abstractmethod
+    def set_desired(self, count: int) -> dict:
+        """Set the desired count and launch or retire web servers now; what changed:
+        {"from": n, "to": count} and, if any, "launched" and "retired" (lists of names)."""
+
+    @abc.abstractmethod
+    def members(self) -> list[str]:
+        """The names of the group's web servers."""
+
+    @abc.abstractmethod
+    def health(self) -> dict[str, str]:
+        """Each member's health as the load balancer sees it ("UP", "DOWN", "DRAIN"...); a member
+        the load balancer does not forward to is left out."""
+
+    @abc.abstractmethod
+    def release(self) -> str | None:
+        """The launch configuration's release id; None before the environment is created."""
+
+
 class Provider(abc.ABC):
     name: str
+
+    def web_group(self, ctx: Any) -> WebGroup | None:
+        """The platform's own web group for the operation's context (fabula.context.Context: Any
+        here, since that module imports this one), or None: fabula then manages the group itself
+        (its own autoscaler, on this provider's servers and load balancer). A provider with a
+        native group (aws: an Auto Scaling group) returns its own."""
+        return None
 
     @abc.abstractmethod
     def check_prerequisites(self) -> None:

@@ -1,0 +1,158 @@
+"""The web group behind the WebGroup interface: fabula's own group (ManagedWebGroup) reads the
+state and the load balancer and scales through the autoscaler's actions; a provider's own group
+takes its place; `fabula scale` goes through whichever it is; a launch that fails leaves no
+server behind."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import typer
+from rich.console import Console
+from typer.testing import CliRunner
+
+from fabula.autoscaling.group import ManagedWebGroup, web_group
+from fabula.autoscaling.log import decisions_path, read_decisions
+from fabula.cli import scaling
+from fabula.config import load_config
+from fabula.context import Context, Release
+from fabula.deploy.group import launch_or_remove
+from fabula.output import Output
+from fabula.pki import CertificateAuthority
+from fabula.providers.base import Backend, WebGroup
+from fabula.state import EnvPaths, EnvState
+from fabula.testing import FakeProvider
+from fabula.topology import plan_servers
+from tests.unit.test_roles import SECRETS
+
+
+class NativeGroup(WebGroup):
+    """A platform's own group (as an Auto Scaling group would be): records what it is asked."""
+
+    def __init__(self):
+        self.asked: list[int] = []
+
+    def desired(self) -> int:
+        return 7
+
+    def set_desired(self, count: int) -> dict:
+        self.asked.append(count)
+        return {"from": 7, "to": count, "launched": ["i-0abc"]}
+
+    def members(self) -> list[str]:
+        return ["i-0abc"]
+
+    def health(self) -> dict[str, str]:
+        return {"i-0abc": "healthy"}
+
+    def release(self) -> str | None:
+        return "native"
+
+
+class NativeProvider(FakeProvider):
+    def __init__(self, group: WebGroup, **kw):
+        super().__init__(**kw)
+        self.group = group
+
+    def web_group(self, ctx) -> WebGroup | None:
+        return self.group
+
+
+@pytest.fixture
+def ctx(tmp_path) -> Context:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "fabula.yml").write_text("""project: polls
+app: {wsgi: polls.wsgi:application, settings: polls.settings, celery: polls.celery:app}
+environments:
+  testing:
+    servers: {web: 3, worker: 1, cache: 1, db-primary: 1}
+    autoscaling: {min: 1, desired: 3, max: 4}
+""")
+    config = load_config(app / "fabula.yml")
+    env = config.environment("testing")
+    paths = EnvPaths(tmp_path / "state", "polls", "testing")
+    paths.env_dir.mkdir(parents=True)
+    state = EnvState(project="polls", env="testing", subnet="10.0.0.0/24")
+    state.servers = plan_servers(env, state)
+    state.release = "abcdef012345"
+    for record in state.by_role("web"):
+        record.release = state.release
+    provider = FakeProvider(state=state)
+    for record in state.servers.values():
+        provider.ensure_server(record.name, record.role)
+    release = Release("abcdef012345", "abcdef0123456789", str(tmp_path / "releases" / "abcdef012345"))
+    out = Output(quiet=True, console=Console(file=io.StringIO()), err_console=Console(file=io.StringIO(), width=400))
+    return Context(config=config, env_name="testing", env=env, paths=paths, state=state, out=out,
+                   provider=provider, secrets=SECRETS, ca=CertificateAuthority(paths), release=release)
+
+
+def in_service(ctx: Context, *names: str) -> None:
+    ctx.provider.load_balancer.ensure([Backend(n, ctx.state.servers[n].address, 443) for n in names])
+
+
+def test_managed_group_members_are_the_web_servers_and_release_is_the_launch_configuration(ctx):
+    group = web_group(ctx)
+    assert isinstance(group, ManagedWebGroup)
+    assert group.members() == ["web1", "web2", "web3"]
+    assert group.release() == "abcdef012345"
+    ctx.state.release = "0123456789ab"  # a deploy changed the launch configuration
+    assert group.release() == "0123456789ab"
+    ctx.state.web_desired = 2
+    assert group.desired() == 2
+
+
+def test_managed_group_health_is_the_load_balancers_for_its_members_only(ctx):
+    in_service(ctx, "web1", "web2", "worker1")  # worker1: a backend that is no member
+    ctx.provider.load_balancer.drain("web2")
+    # web3 is not in the load balancer (not yet in service): left out rather than called healthy
+    assert web_group(ctx).health() == {"web1": "UP", "web2": "DRAIN"}
+
+
+def test_managed_group_set_desired_retires_and_says_what_changed(ctx):
+    in_service(ctx, "web1", "web2", "web3")
+    done = web_group(ctx).set_desired(2)
+    assert done == {"from": 3, "to": 2, "launched": [], "retired": ["web3"]}  # the newest leaves
+    assert web_group(ctx).members() == ["web1", "web2"]
+    assert "web3" not in ctx.provider.hosts and ctx.state.web_desired == 2
+    assert [(d["action"], d["outcome"]) for d in read_decisions(decisions_path(ctx.paths))] == [("scale", "ok")]
+
+
+def test_a_providers_own_group_is_used_instead_of_fabulas(ctx):
+    native = NativeGroup()
+    ctx.provider = NativeProvider(native, state=ctx.state)
+    assert web_group(ctx) is native
+
+
+def test_fabula_scale_goes_through_the_providers_own_group(ctx, monkeypatch):
+    native = NativeGroup()
+    ctx.provider = NativeProvider(native, state=ctx.state)
+    monkeypatch.setattr(scaling, "open_env", lambda cli, config, env: ctx)
+    app = typer.Typer()
+    scaling.register(app)
+    result = CliRunner().invoke(app, ["scale", "testing", "--desired", "4"])
+    assert result.exit_code == 0, result.output
+    assert native.asked == [4]
+    assert ctx.state.web_desired is None and len(ctx.state.by_role("web")) == 3  # fabula's own group: untouched
+    assert ctx.out.console.file.getvalue() == "web group of testing: desired 7 -> 4; launched i-0abc\n"
+
+
+def broken(record):
+    raise RuntimeError("the new code does not start")
+
+
+def test_a_launch_that_fails_removes_its_server(ctx):
+    with pytest.raises(RuntimeError, match="does not start"):
+        launch_or_remove(ctx, ctx.require_release(), in_service=False, then=broken)
+    assert web_group(ctx).members() == ["web1", "web2", "web3"]
+    assert "web4" not in ctx.provider.hosts
+
+
+def test_a_failed_removal_after_a_failed_launch_only_warns(ctx, monkeypatch):
+    def stuck(name):
+        raise OSError(f"{name} is stuck")
+
+    monkeypatch.setattr(ctx.provider, "remove_server", stuck)
+    with pytest.raises(RuntimeError, match="does not start"):  # the launch's error, not the removal's
+        launch_or_remove(ctx, ctx.require_release(), in_service=False, then=broken)
+    assert "could not remove the failed web server web4: web4 is stuck" in ctx.out.err.file.getvalue()
