@@ -79,6 +79,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.console import Console
 
+from fabula.sample import free_ports
 from harness import (
     NOISY,
     PGBENCH,
@@ -91,7 +92,6 @@ from harness import (
     console,
     cpu_seconds,
     field_of,
-    free_ports,
     ignore_interrupts,
     interrupt_on_signals,
     load_average,

@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
+from fabula.sample import git
 from harness import (
     BenchError,
     Environment,
-    git,
     kill_namespace,
     remove_unless_left,
     require_root,

@@ -6,9 +6,11 @@ serves again, how much of that was its supervisor's delay in starting it again (
 service's own start time), and the requests that failed meanwhile.
 
 "back after" is measured from the kill to the service serving: a TCP connection accepted (nginx,
-PgBouncer, Redis, RabbitMQ, HAProxy), gunicorn answering its health check, PostgreSQL answering
-pg_isready, Celery logging "ready", celery beat logging "Starting", the autoscaler's new process
-running. "restart delay" is the kill to the new process's start (its /proc start time).
+PgBouncer, Redis, RabbitMQ), HAProxy answering a request through itself (its socket holder
+accepts connections while it is down; HAProxy is killed, not the holder), gunicorn answering
+its health check, PostgreSQL answering pg_isready, Celery logging "ready", celery beat logging
+"Starting", the autoscaler's new process running. "restart delay" is the kill to the new
+process's start (its /proc start time).
 
 Run as root: `.venv/bin/python bench/faults.py [--keep]`.
 """
@@ -18,123 +20,32 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from rich.console import Console
-from rich.table import Table
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_APP = REPO / "examples" / "polls"
+from fabula.sample import RequestLoad
+from harness import Environment, console, remove_unless_left, require_root, table, temp_base, wait_for
+
 ENV = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PG_ISREADY = next((p for p in ("/usr/lib/postgresql/15/bin/pg_isready", "/usr/bin/pg_isready") if Path(p).exists()),
                   "pg_isready")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class FaultEnv(Environment):
+    """The environment's programs as the local provider runs them: supervisord, namespaces, logs."""
 
+    servers: dict[str, dict]
 
-def make_app(target: Path, project: str, https_port: int, http_port: int) -> Path:
-    shutil.copytree(SAMPLE_APP, target, ignore=shutil.ignore_patterns("__pycache__", "*.sqlite3"))
-    (target / "fabula.yml").write_text(f"""project: {project}
-app:
-  source: .
-  wsgi: polls.wsgi:application
-  settings: polls.settings
-  requirements: requirements.txt
-  celery: polls.celery:app
-environments:
-  {ENV}:
-    provider: local
-    servers: {{web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}}
-    lb: {{bind: 127.0.0.1, https_port: {https_port}, http_port: {http_port}}}
-""")
-    git = ["git", "-C", str(target), "-c", "user.email=bench@fabula.invalid", "-c", "user.name=bench"]
-    subprocess.run(git + ["init", "-q", "-b", "main"], check=True)
-    subprocess.run(git + ["add", "-A"], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "sample app"], check=True)
-    return target
+    def load_servers(self) -> None:
+        self.servers = {s["name"]: s for s in self.describe()["servers"]}
 
-
-class Fabula:
-    def __init__(self, app: Path, state: Path):
-        self.app, self.state = app, state
-
-    def __call__(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "fabula", *args], cwd=self.app, capture_output=True, text=True,
-                              env={**os.environ, "FABULA_STATE_DIR": str(self.state)}, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-
-
-class Load:
-    """Two clients through the load balancer; every outcome with its time."""
-
-    def __init__(self, url: str):
-        self.url, self.stop = url, threading.Event()
-        self.outcomes: list[tuple[float, bool]] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.session_client, daemon=True),
-                        threading.Thread(target=self.db_client, daemon=True)]
-
-    def record(self, ok: bool) -> None:
-        with self.lock:
-            self.outcomes.append((time.monotonic(), ok))
-
-    def get(self, http: httpx.Client, path: str) -> None:
-        try:
-            self.record(http.get(self.url + path).status_code == 200)
-        except httpx.HTTPError:
-            self.record(False)
-
-    def session_client(self) -> None:
-        with httpx.Client(verify=False, timeout=15) as http:
-            while not self.stop.is_set():
-                self.get(http, "/api/session")
-                time.sleep(0.01)
-
-    def db_client(self) -> None:
-        while not self.stop.is_set():
-            with httpx.Client(verify=False, timeout=15) as http:
-                self.get(http, "/api/entries")
-            time.sleep(0.01)
-
-    def between(self, start: float, end: float) -> tuple[int, int]:
-        with self.lock:
-            window = [ok for at, ok in self.outcomes if start <= at <= end]
-        return sum(1 for ok in window if not ok), len(window)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
-
-
-class Environment:
-    def __init__(self, fabula: Fabula, project: str, https_port: int):
-        self.fabula, self.project, self.https_port = fabula, project, https_port
-        self.env_dir = fabula.state / project / ENV
-        report = json.loads(fabula("describe", ENV, "--json").stdout)
-        self.servers = {s["name"]: s for s in report["servers"]}
-        self.url = f"https://127.0.0.1:{https_port}"
-
-    def name(self, role: str) -> str:
+    def server_of(self, role: str) -> str:
         return next(n for n, s in sorted(self.servers.items()) if s["role"] == role)
 
     def supervisorctl(self, server: str, *args: str) -> str:
@@ -143,11 +54,15 @@ class Environment:
                               capture_output=True, text=True, timeout=30).stdout
 
     def pid(self, server: str, program: str) -> int:
+        if (server, program) == ("lb", "haproxy"):  # HAProxy itself, not its socket holder
+            pidfile = self.env_dir / "lb" / "haproxy.pid"
+            text = pidfile.read_text().strip() if pidfile.exists() else ""
+            return int(text) if text.isdigit() else 0
         out = self.supervisorctl(server, "pid", program).strip()
         return int(out) if out.isdigit() else 0
 
     def in_server(self, server: str, argv: list[str]) -> bool:
-        prefix = [] if server == "lb" else ["ip", "netns", "exec", f"fab.{self.project}.{ENV}.{server}"]
+        prefix = [] if server == "lb" else ["ip", "netns", "exec", self.netns(server)]
         return subprocess.run(prefix + argv, capture_output=True, timeout=10).returncode == 0
 
     def log_size(self, server: str, program: str) -> int:
@@ -163,10 +78,12 @@ class Environment:
     def serving(self, server: str, program: str, log_offset: int) -> bool:
         address = "127.0.0.1" if server == "lb" else self.servers[server]["address"]
         tcp = {"nginx": (address, 443), "pgbouncer": ("127.0.0.1", 6432), "redis": (address, 6379),
-               "rabbitmq": (address, 5672), "haproxy": ("127.0.0.1", self.https_port)}
+               "rabbitmq": (address, 5672)}
         if program in tcp:
             host, port = tcp[program]
             return self.in_server(server, ["bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"])
+        if program == "haproxy":  # an answer, not a connection: the socket holder accepts those
+            return self.in_server(server, ["curl", "-skf", "-m", "2", "-o", "/dev/null", f"{self.url}/api/info"])
         if program == "gunicorn":
             return self.in_server(server, ["curl", "-sf", "-o", "/dev/null", "-H", "Host: healthcheck",
                                            "http://127.0.0.1:8000/healthcheck.html"])
@@ -189,7 +106,7 @@ def started_at(pid: int) -> float:
     return int(fields[19]) / CLK_TCK
 
 
-def fault(env: Environment, load: Load, server: str, program: str, deadline: float = 120,
+def fault(env: FaultEnv, load: RequestLoad, server: str, program: str, deadline: float = 120,
           meanwhile=None) -> dict:
     """kill -9 of the program's process group; the time until it serves again; failed requests.
     `meanwhile` runs in a thread right after the kill."""
@@ -222,39 +139,29 @@ def fault(env: Environment, load: Load, server: str, program: str, deadline: flo
             "failed": failed, "requests": total}
 
 
-def wait_until(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"condition not met within {timeout}s")
-        time.sleep(0.2)
-
-
-def web_up(env: Environment) -> bool:
-    report = json.loads(env.fabula("describe", ENV, "--json").stdout)
-    return all(s["lb"] == "UP" for s in report["servers"] if s["role"] == "web")
+def web_up(env: FaultEnv) -> bool:
+    return all(health == "UP" for health in env.web_health().values())
 
 
 def run(base: Path, keep: bool) -> tuple[list[dict], list[str]]:
-    project = f"bfaults-{secrets.token_hex(2)}"
-    https = free_port()
-    app = make_app(base / project, project, https, free_port())
-    fabula = Fabula(app, base / "state")
-    notes = []
+    env = FaultEnv.new(base, f"bfaults-{secrets.token_hex(2)}", ENV,
+                       "{web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}")
+    notes: list[str] = []
     try:
-        created = fabula("create", ENV)
+        created = env.fabula("create", ENV, timeout=1200)
         assert created.returncode == 0, created.stderr
-        env = Environment(fabula, project, https)
+        env.load_servers()
         web1, web2 = sorted(n for n, s in env.servers.items() if s["role"] == "web")
-        cache, worker = env.name("cache"), env.name("worker")
+        cache, worker = env.server_of("cache"), env.server_of("worker")
         rows = []
-        with Load(env.url) as load, httpx.Client(verify=False, timeout=30) as http:
+        sessions_and_queries = RequestLoad(env.url, "/api/session", new_connection_path="/api/entries")
+        with sessions_and_queries as load, httpx.Client(verify=False, timeout=30) as http:
             time.sleep(2)
             for server, program in ((web1, "nginx"), (web1, "gunicorn"), (web1, "pgbouncer"),
-                                    (cache, "redis"), (cache, "rabbitmq"), (env.name("db-replica"), "postgresql"),
-                                    (env.name("db-primary"), "postgresql"), (worker, "pgbouncer"),
+                                    (cache, "redis"), (cache, "rabbitmq"), (env.server_of("db-replica"), "postgresql"),
+                                    (env.server_of("db-primary"), "postgresql"), (worker, "pgbouncer"),
                                     (worker, "celerybeat"), ("lb", "haproxy"), ("lb", "autoscaler")):
-                wait_until(lambda: web_up(env), 60)
+                wait_for(lambda: web_up(env), 60, message="every web server UP")
                 # a task enqueued while RabbitMQ is down: refused at once with a 503
                 meanwhile = (lambda: notes.append(enqueue(env.url, "while RabbitMQ is down"))) \
                     if program == "rabbitmq" else None
@@ -264,13 +171,13 @@ def run(base: Path, keep: bool) -> tuple[list[dict], list[str]]:
             time.sleep(1.5)
             rows.append(fault(env, load, worker, "celery"))
             started = time.monotonic()
-            wait_until(lambda: http.get(f"{env.url}/api/tasks/{task}").json()["done"], 120)
+            wait_for(lambda: http.get(f"{env.url}/api/tasks/{task}").json()["done"], 120, message="the task done")
             notes.append(f"task in flight when Celery was killed: ran again, done {time.monotonic() - started:.1f} s "
                          "after the worker was back")
             # the whole of a web server (its supervisor too): out of rotation, not started again here
-            fabula("autoscaling", ENV, "suspend", "--process", "healing")
-            wait_until(lambda: web_up(env), 60)
-            pids = subprocess.run(["ip", "netns", "pids", f"fab.{project}.{ENV}.{web2}"], capture_output=True,
+            env.fabula("autoscaling", ENV, "suspend", "--process", "healing")
+            wait_for(lambda: web_up(env), 60, message="every web server UP")
+            pids = subprocess.run(["ip", "netns", "pids", env.netns(web2)], capture_output=True,
                                   text=True).stdout.split()
             killed = time.monotonic()
             subprocess.run(["kill", "-9", *pids], check=True)
@@ -281,7 +188,7 @@ def run(base: Path, keep: bool) -> tuple[list[dict], list[str]]:
         return rows, notes
     finally:
         if not keep:
-            fabula("destroy", ENV, "--yes", timeout=600)
+            env.destroy(attempts=2)
 
 
 def enqueue(url: str, text: str) -> str:
@@ -295,36 +202,34 @@ def enqueue(url: str, text: str) -> str:
     return f"task enqueued while RabbitMQ was down: {outcome} (after {time.monotonic() - started:.2f} s)"
 
 
+def seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f} s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="leave the environment (destroy it yourself)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root")
-    base = Path(tempfile.mkdtemp(prefix="fabula-bench-", dir="/var/tmp"))
-    base.chmod(0o755)
+    require_root("faults.py")
+    base = temp_base("fabula-bench-")
     try:
         rows, notes = run(base, args.keep)
     finally:
         if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
+            remove_unless_left(base)
     if args.json:
         print(json.dumps({"faults": rows, "notes": notes}, indent=2))
         return
-    table = Table(title="one process killed (kill -9 of its process group) under load")
-    for column in ("killed", "back after", "restart delay", "own start", "failed requests"):
-        table.add_column(column, justify="left" if column == "killed" else "right")
-    def seconds(value: float | None) -> str:
-        return "—" if value is None else f"{value:.2f} s"
-
+    shown = table("one process killed (kill -9 of its process group) under load",
+                  ("killed", "back after", "restart delay", "own start", "failed requests"), left=("killed",))
     for r in rows:
-        table.add_row(r["killed"], seconds(r["back_s"]), seconds(r["restart_delay_s"]), seconds(r["start_s"]),
+        shown.add_row(r["killed"], seconds(r["back_s"]), seconds(r["restart_delay_s"]), seconds(r["start_s"]),
                       f"{r['failed']} of {r['requests']}")
-    console = Console(width=120)
-    console.print(table)
+    out = console(120)
+    out.print(shown)
     for note in notes:
-        console.print(note, highlight=False)
+        out.print(note, highlight=False)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """What the benchmarks share: running the real `fabula` CLI on a throw-away copy of the sample app,
-the paths of an environment on the local provider, free ports, polling with a deadline, /proc
-accounting, cleanup (also on Ctrl-C), and printing tables and results.
+the paths of an environment on the local provider, polling with a deadline, /proc accounting,
+cleanup (also on Ctrl-C), and printing tables and results.
 
 The benchmarks run as scripts (`.venv/bin/python bench/NAME.py`), so this module is imported as
-`harness` (the script's own folder is first on sys.path). It imports nothing from `tests/`: the
-few helpers the tests also have (run_fabula, make_app_repo, wait_for, free_port, WriteLoad) are
-copied here, so that a change to the tests cannot change what a benchmark measures.
+`harness` (the script's own folder is first on sys.path). It imports nothing from `tests/`; what
+the tests also use (the sample app's repository, the CLI, free ports, load) comes from
+`fabula.sample`, the one copy both share.
 """
 from __future__ import annotations
 
@@ -15,21 +15,19 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 from rich.console import Console
 from rich.table import Table
+
+from fabula.sample import Run, free_port, local_keys, make_app_repo, run_fabula
 
 T = TypeVar("T")
 
@@ -61,53 +59,6 @@ def require_root(script: str, why: str = "the local provider makes network names
 # --------------------------------------------------------------------------- the fabula CLI
 
 
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_fabula(*args: str, cwd: Path, state_dir: Path, timeout: float = 600) -> Run:
-    """The real CLI (`python -m fabula` of this virtualenv), with its own state directory."""
-    env = {**os.environ, "FABULA_STATE_DIR": str(state_dir)}
-    proc = subprocess.run([sys.executable, "-m", "fabula", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    return Run(proc.returncode, proc.stdout, proc.stderr)
-
-
-def make_app_repo(target: Path, project: str, env: str, https_port: int, http_port: int,
-                  servers: str = "{web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}",
-                  extra: str = "") -> Path:
-    """A git repository holding a copy of the sample app (examples/polls), with its own fabula.yml
-    declaring one environment `env` on the local provider; `extra` is appended to it (indented
-    four spaces, as keys of the environment)."""
-    shutil.copytree(SAMPLE_APP, target, ignore=shutil.ignore_patterns("__pycache__", "*.sqlite3"))
-    (target / "fabula.yml").write_text(f"""project: {project}
-app:
-  source: .
-  wsgi: polls.wsgi:application
-  settings: polls.settings
-  requirements: requirements.txt
-  celery: polls.celery:app
-environments:
-  {env}:
-    provider: local
-    servers: {servers}
-    lb: {{bind: 127.0.0.1, https_port: {https_port}, http_port: {http_port}}}
-{extra}""")
-    git(target, "init", "-q", "-b", "main")
-    git(target, "add", "-A")
-    git(target, "commit", "-q", "-m", "sample app")
-    return target
-
-
-def git(repo: Path, *args: str) -> str:
-    """A git command in a benchmark's app repository, as a made-up author; its output."""
-    return subprocess.run(["git", "-C", str(repo), "-c", "user.email=bench@fabula.invalid", "-c", "user.name=bench",
-                           *args], check=True, capture_output=True, text=True).stdout.strip()
-
-
 MADE: list[Environment] = []  # every Environment.new of this run, for the cleanup's check
 
 
@@ -130,7 +81,7 @@ class Environment:
         env = cls(project=project, name=name, app_dir=app_dir or base / project, state_dir=base / "state",
                   https_port=free_port(), http_port=free_port())
         MADE.append(env)
-        make_app_repo(env.app_dir, project, name, env.https_port, env.http_port, servers=servers, extra=extra)
+        make_app_repo(env.app_dir, project, name, local_keys(env.https_port, env.http_port) + extra, servers=servers)
         return env
 
     @property
@@ -196,24 +147,6 @@ class Environment:
 
 
 # --------------------------------------------------------------------------- ports and polling
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    return free_ports(1, host)[0]
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """`n` distinct ports free on `host` now (all held open together while they are chosen)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_for(condition: Callable[[], T], timeout: float, interval: float = 0.2, message: str = "condition",
@@ -431,43 +364,6 @@ def tail(path: Path, lines: int = 25) -> str:
 
 
 # --------------------------------------------------------------------------- load
-
-
-class WriteLoad(threading.Thread):
-    """POSTs entries with unique texts to the sample app until stopped (or max_seconds); keeps
-    each acknowledged text (201) and each failure, with the time it happened."""
-
-    def __init__(self, url: str, max_seconds: float = 300, max_requests: int = 50000):
-        super().__init__(daemon=True)
-        self.url, self.max_seconds, self.max_requests = url, max_seconds, max_requests
-        self.acknowledged: list[tuple[float, str]] = []
-        self.failures: list[tuple[float, str]] = []
-        self.stop_event = threading.Event()
-        self.run_id = uuid.uuid4().hex[:8]
-
-    def run(self) -> None:
-        started = time.monotonic()
-        with httpx.Client(verify=False, timeout=10) as http:
-            for n in range(self.max_requests):
-                if self.stop_event.is_set() or time.monotonic() - started > self.max_seconds:
-                    return
-                text = f"load-{self.run_id}-{n}"
-                try:
-                    response = http.post(self.url + "/api/entries", data={"text": text})
-                    if response.status_code == 201:
-                        self.acknowledged.append((time.monotonic(), text))
-                    else:
-                        self.failures.append((time.monotonic(), f"HTTP {response.status_code}"))
-                except httpx.HTTPError as exc:
-                    self.failures.append((time.monotonic(), type(exc).__name__))
-                time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(timeout=30)
-
-    def acknowledged_since(self, moment: float) -> int:
-        return sum(1 for at, _ in self.acknowledged if at > moment)
 
 
 # --------------------------------------------------------------------------- output

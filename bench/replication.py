@@ -3,7 +3,7 @@ the web server's database link (PgBouncer over TLS vs a direct TLS connection), 
 environments of the sample app.
 
 What it does, in one run (about 4 minutes on 2 cores). Two environments of the sample app are
-created with the real CLI (`harness.make_app_repo` and `run_fabula`, in a throw-away state
+created with the real CLI (`fabula.sample.make_app_repo` and `run_fabula`, in a throw-away state
 directory under /var/tmp), in parallel, each `{web: 1, worker: 1, cache: 1, db-primary: 1,
 db-replica: 1}`: "async" with the default asynchronous streaming replication, and "sync" with
 `db: {synchronous: true}` (commits wait until the replica has flushed their WAL). Both are
@@ -29,7 +29,7 @@ namespaces is left (`ip netns list`).
    synchronous replication, `1 - ratio` its cost.
 
 2. Failover, in the sync environment: a write loop through the load balancer
-   (`harness.WriteLoad`: POST /api/entries about every 10 ms plus the request's time)
+   (`fabula.sample.WriteLoad`: POST /api/entries about every 10 ms plus the request's time)
    runs around `fabula db promote`, first planned (the primary is healthy), then after
    `fabula db reset-replicas` rebuilt the old primary as a replica, an emergency one (every
    process of the primary's namespace from `ip netns pids` is killed with SIGKILL, then promote).
@@ -86,6 +86,7 @@ from datetime import UTC, datetime
 from rich.console import Console
 
 import harness
+from fabula.sample import WriteLoad, free_port, local_keys, make_app_repo
 from harness import (
     CLK_TCK,
     NOISY,
@@ -95,19 +96,16 @@ from harness import (
     REPO,
     RESULTS_DIR,
     BenchError,
-    WriteLoad,
     as_postgres,
     console,
     environment_processes,
     field_of,
-    free_port,
     ignore_interrupts,
     interrupt_on_signals,
     kill_namespace,
     load_average,
     log,
     machine_busy_seconds,
-    make_app_repo,
     proc_stat,
     remove_unless_left,
     require_root,
@@ -653,8 +651,8 @@ def main() -> int:
     status = 0
     try:
         for env in envs.values():
-            make_app_repo(env.app_dir, env.project, ENV, env.https_port, env.http_port, servers=SERVERS,
-                          extra="    db: {synchronous: true}\n" if env.synchronous else "")
+            make_app_repo(env.app_dir, env.project, ENV, local_keys(env.https_port, env.http_port)
+                          + ("    db: {synchronous: true}\n" if env.synchronous else ""), servers=SERVERS)
         log(f"creating {', '.join(f'{e.label} ({e.project})' for e in envs.values())} in parallel under {base}")
         create_all(list(envs.values()))
         results["meta"]["create_s"] = {e.label: e.create_s for e in envs.values()}

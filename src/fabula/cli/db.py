@@ -10,6 +10,7 @@ from rich.table import Table
 from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
 from fabula.cli.runtime import open_env
 from fabula.db.backup import backup, list_backups, restore
+from fabula.db.console import psql_session
 from fabula.db.copy import copy_database, load_runtime
 from fabula.db.failover import promote, reset_replicas
 from fabula.db.status import db_status
@@ -62,6 +63,21 @@ def register(app: typer.Typer) -> None:
         result = promote(ctx, replica)
         out.console.print(f"{result['new_primary']} is the primary; {result['old_primary']} is fenced "
                           f"until `fabula db reset-replicas {env}`")
+
+    @db_app.command("psql", context_settings={"allow_interspersed_args": False})
+    def psql_(cli: typer.Context, env: EnvArgument,
+              server: Annotated[str | None, typer.Argument(help="database server (default: the primary)")] = None,
+              args: Annotated[list[str] | None, typer.Argument(help="psql's own arguments, after --")] = None,
+              config: ConfigOption = DEFAULT_CONFIG) -> None:
+        """psql in the app's database as PostgreSQL's superuser, e.g. `fabula db psql ENV -- -c 'SELECT 1'`."""
+        ctx = open_env(cli, config, env)
+        if server == "--":  # `fabula db psql ENV -- -c ...`: no server given
+            server, args = None, list(args or [])
+        rest = list(args or [])
+        if rest and rest[0] == "--":
+            rest = rest[1:]
+        host, argv = psql_session(ctx, server, rest)
+        raise typer.Exit(host.interactive(argv, user=host.accounts.db))
 
     @db_app.command("reset-replicas")
     def reset(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:

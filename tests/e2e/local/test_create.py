@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from fabula.state import EnvPaths
-from tests.e2e.conftest import ENV, leftovers
+from tests.e2e.local.conftest import ENV, leftovers
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -19,19 +19,6 @@ pytestmark = pytest.mark.e2e
 def client(**kwargs) -> httpx.Client:
     # the load balancer's certificate is self-signed by default; the tests check content, not trust
     return httpx.Client(verify=False, timeout=10, **kwargs)
-
-
-def test_https_page_through_the_load_balancer_and_port_80_redirects(environment):
-    with client() as http:
-        page = http.get(environment.url + "/")
-        assert page.status_code == 200
-        assert "Polls on fabula" in page.text
-        assert environment.describe()["release"] in page.text
-        redirect = http.get(f"http://127.0.0.1:{environment.http_port}/some/page?x=1")
-        assert redirect.status_code == 301
-        assert redirect.headers["location"] == f"{environment.url}/some/page?x=1"
-        static = http.get(environment.url + "/static/notes/style.css")
-        assert static.status_code == 200 and "font-family" in static.text
 
 
 def test_a_web_server_whose_gunicorn_stops_is_taken_out_and_requests_keep_succeeding(environment):

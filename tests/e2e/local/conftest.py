@@ -2,32 +2,38 @@
 module with the real CLI and destroyed afterwards, also when a test fails."""
 from __future__ import annotations
 
-import json
+import csv
+import io
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Run, free_port, make_app_repo, run_fabula
+from fabula.sample import SampleEnvironment
+from tests.helpers import Run, free_port, make_app_repo
 
 ENV = "ci"
 
 
-@dataclass
-class Environment:
-    project: str
-    app_dir: Path
-    state_dir: Path
-    https_port: int
-    http_port: int
-    name: str = ENV
+class Environment(SampleEnvironment):
+    """The sample environment with what only the local provider shows: its state directory,
+    ports on this machine, supervisors, users and HAProxy's runtime API."""
+
+    def __init__(self, project: str, app_dir: Path, state_dir: Path, https_port: int, http_port: int,
+                 name: str = ENV):
+        super().__init__(app_dir, state_dir, name)
+        self._project, self.https_port, self.http_port = project, https_port, http_port
+
+    @property
+    def project(self) -> str:
+        return self._project
 
     @property
     def url(self) -> str:
@@ -36,20 +42,6 @@ class Environment:
     @property
     def env_dir(self) -> Path:
         return self.state_dir / self.project / self.name
-
-    def fabula(self, *args: str, timeout: float = 600) -> Run:
-        return run_fabula(*args, cwd=self.app_dir, state_dir=self.state_dir, timeout=timeout)
-
-    def describe(self) -> dict:
-        result = self.fabula("describe", self.name, "--json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
-
-    def server(self, name: str) -> dict:
-        return next(s for s in self.describe()["servers"] if s["name"] == name)
-
-    def exec(self, server: str, *command: str, timeout: float = 60) -> Run:
-        return self.fabula("exec", self.name, server, "--", *command, timeout=timeout)
 
     def supervisorctl(self, server: str, *args: str) -> Run:
         conf = self.env_dir / "servers" / server / "supervisor" / "supervisord.conf"
@@ -63,6 +55,7 @@ class Environment:
         return Accounts(EnvPaths(self.state_dir, self.project, self.name).tag)
 
     def psql(self, server: str, sql: str) -> str:
+        """A query on `server` through its socket, in any state (also a fenced or stopped one's)."""
         socket_dir = self.env_dir / "servers" / server / "run" / "postgresql"
         db = self.project.replace("-", "_")
         result = self.exec(server, "runuser", "-u", self.accounts.db, "--", "psql", "-X", "-A", "-t",
@@ -70,8 +63,17 @@ class Environment:
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
 
-    def address(self, server: str) -> str:
-        return self.server(server)["address"]
+    def haproxy_stats(self) -> list[dict[str, str]]:
+        """HAProxy's `show stat` rows for the web backend's servers, from its runtime API."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.env_dir / "lb" / "haproxy.sock"))
+            sock.sendall(b"show stat\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
+        return [r for r in rows if r["pxname"] == "web" and r["svname"] not in ("FRONTEND", "BACKEND")]
 
 
 def leftovers(env: Environment) -> list[str]:

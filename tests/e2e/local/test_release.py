@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.conftest import running_environment
+from tests.e2e.local.conftest import running_environment
 from tests.helpers import commit_files, fabula_argv, run_fabula
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import ENV, Environment, leftovers, prepared_environment
+from tests.e2e.local.conftest import ENV, Environment, leftovers, prepared_environment
 from tests.helpers import fabula_argv, wait_for
 
 pytestmark = pytest.mark.e2e

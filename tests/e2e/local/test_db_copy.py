@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import Environment, destroy_checked
+from tests.e2e.local.conftest import Environment, destroy_checked
 from tests.helpers import SAMPLE_APP, commit_files, free_port, git, run_fabula
 
 pytestmark = pytest.mark.e2e

@@ -3,12 +3,9 @@ autoscaler, self-healing (a web server whose processes are all killed is replace
 while another command holds the lock, and scaling out under load and back in when it stops."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,7 +15,7 @@ import pytest
 
 from fabula.environment import lock
 from fabula.state import EnvPaths
-from tests.e2e.conftest import ENV, leftovers, running_environment
+from tests.e2e.local.conftest import ENV, leftovers, running_environment
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -53,17 +50,7 @@ def env():
 
 def lb_health(env) -> dict[str, str]:
     """Each web server's status in HAProxy, from its stats socket."""
-    path = env.env_dir / "lb" / "haproxy.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(3)
-        sock.connect(str(path))
-        sock.sendall(b"show stat\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
-    return {r["svname"]: r["status"] for r in rows
-            if r["pxname"] == "web" and r["svname"] not in ("FRONTEND", "BACKEND")}
+    return {r["svname"]: r["status"] for r in env.haproxy_stats()}
 
 
 def web_servers(env) -> list[str]:

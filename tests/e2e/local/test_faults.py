@@ -7,11 +7,8 @@ down is refused at once with a 503 the app sends.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -20,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.e2e.conftest import ENV, running_environment
-from tests.e2e.load import RequestLoad
+from fabula.sample import RequestLoad
+from tests.e2e.local.conftest import ENV, running_environment
 from tests.helpers import wait_for
 
 BACK_WITHIN = 60  # seconds: a deadline for a service to serve again (RabbitMQ boots in ~5 s)
@@ -83,16 +80,7 @@ def wait_back(env, server: str, program: str, old_pid: int) -> None:
 
 def web_health(env) -> dict[str, str]:
     """HAProxy's view of each web server (UP, DOWN...), from its runtime API."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        sock.connect(str(env.env_dir / "lb" / "haproxy.sock"))
-        sock.sendall(b"show stat\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
-    return {r["svname"]: r["status"] for r in rows
-            if r["pxname"] == "web" and r["svname"] not in ("FRONTEND", "BACKEND")}
+    return {r["svname"]: r["status"] for r in env.haproxy_stats()}
 
 
 def all_web_up(env) -> bool:
@@ -206,7 +194,26 @@ def test_database_serves_after_its_faults(env):
                  message="the replica streams again")
 
 
+def test_haproxy_killed_keeps_its_sockets_and_loses_at_most_the_requests_in_flight(env):
+    """HAProxy's processes (master and worker: their process group) killed under load: its
+    listening sockets stay with the socket holder, a new HAProxy takes them at once, and the
+    only requests that can fail are the one each client had in flight."""
+    pidfile, holder = env.env_dir / "lb" / "haproxy.pid", program_pid(env, "lb", "haproxy")
+    with RequestLoad(env.url) as load:
+        wait_for(lambda: len(load.outcomes) > 20, 30, message="load running")
+        old = int(pidfile.read_text())
+        os.killpg(old, signal.SIGKILL)
+        wait_for(lambda: int(pidfile.read_text()) != old, BACK_WITHIN, interval=0.05, message="a new HAProxy")
+        back = time.monotonic()
+        wait_for(lambda: sum(1 for at, outcome, _ in load.outcomes if at > back and outcome == "200") > 20, 30,
+                 message="requests served by the new HAProxy")
+    failed = [outcome for _, outcome, _ in load.outcomes if outcome != "200"]
+    assert len(failed) <= len(load.threads), f"more than the requests in flight failed: {load.counts()}"
+    assert program_pid(env, "lb", "haproxy") == holder  # the sockets' holder was not touched
+
+
 def test_load_balancer_programs_come_back(env):
+    # the socket holder itself killed (HAProxy runs on): the new holder takes the ports over
     old = kill(env, "lb", "haproxy")
     wait_back(env, "lb", "haproxy", old)
     with httpx.Client(verify=False, timeout=15) as http:

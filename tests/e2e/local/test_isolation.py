@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.conftest import Environment, running_environment
+from tests.e2e.local.conftest import Environment, running_environment
 
 pytestmark = pytest.mark.e2e
 SMALL = "{web: 1, worker: 0, cache: 1, db-primary: 1, db-replica: 0}"

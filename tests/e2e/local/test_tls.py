@@ -13,19 +13,16 @@
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import ENV, running_environment
+from tests.e2e.local.conftest import ENV, running_environment
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -183,15 +180,7 @@ def lb_health(environment) -> dict[str, str]:
 
 def last_check(environment, server: str) -> str:
     """HAProxy's own words on its last health check of `server` (its runtime API)."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect(str(environment.env_dir / "lb" / "haproxy.sock"))
-        sock.sendall(b"show stat\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
-    return next(row["last_chk"] for row in rows if row["pxname"] == "web" and row["svname"] == server)
+    return next(row["last_chk"] for row in environment.haproxy_stats() if row["svname"] == server)
 
 
 def test_haproxy_verifies_each_web_servers_name(environment):

@@ -11,7 +11,7 @@ import pytest
 
 from fabula.environment import lock
 from fabula.state import EnvPaths
-from tests.e2e.conftest import ENV, leftovers, running_environment
+from tests.e2e.local.conftest import ENV, leftovers, running_environment
 
 pytestmark = pytest.mark.e2e
 
