@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
+import signal
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 from fabula.config import LoadBalancerConfig
 from fabula.errors import FabulaError
 from fabula.pki import LB_VALIDITY, internal_name, needs_renewal, self_signed
-from fabula.providers.base import Backend, LoadBalancer, run_local
+from fabula.providers.base import Backend, LoadBalancer, poll, run_local
 from fabula.providers.local.host import LocalHost
+from fabula.providers.local.socket_holder import is_haproxy
 from fabula.supervisor import Program, Supervisor
 from fabula.templates import render
 
@@ -76,15 +80,23 @@ class HAProxyLoadBalancer(LoadBalancer):
         certificate_changed = self.platform.put_file(PurePosixPath(self.dir / "lb.pem"), self._certificate(),
                                                      mode=0o600)
         https_suffix = "" if self.lb.https_port == 443 else f":{self.lb.https_port}"
-        config = render(__file__, "haproxy.cfg.j2", project=self.project, env=self.env, lb_dir=self.dir,
-                        bind=self.bind, http_port=self.lb.http_port, https_port=self.lb.https_port,
-                        https_suffix=https_suffix, ca_file=self.ca_file, check_interval=CHECK_INTERVAL,
-                        fast_interval=FAST_INTERVAL, error_limit=ERROR_LIMIT,
-                        servers=[(b, internal_name(b.name, self.env, self.project)) for b in backends],
-                        known_hosts=self.known_hosts(), ciphers=CIPHERS, ciphersuites=CIPHERSUITES,
-                        curves=CURVES, hsts_max_age=HSTS_MAX_AGE)
+        listen = [self._address(self.lb.https_port), self._address(self.lb.http_port)]
+
+        def config_for(https_listener: str, http_listener: str) -> str:
+            return render(__file__, "haproxy.cfg.j2", project=self.project, env=self.env, lb_dir=self.dir,
+                          bind=self.bind, http_port=self.lb.http_port, https_port=self.lb.https_port,
+                          https_listener=https_listener, http_listener=http_listener,
+                          https_suffix=https_suffix, ca_file=self.ca_file, check_interval=CHECK_INTERVAL,
+                          fast_interval=FAST_INTERVAL, error_limit=ERROR_LIMIT,
+                          servers=[(b, internal_name(b.name, self.env, self.project)) for b in backends],
+                          known_hosts=self.known_hosts(), ciphers=CIPHERS, ciphersuites=CIPHERSUITES,
+                          curves=CURVES, hsts_max_age=HSTS_MAX_AGE)
+
+        # the sockets are inherited (fd@3, fd@4: see socket_holder); the check, which binds
+        # nothing, reads the same configuration with their addresses in their place
+        config = config_for("fd@3", "fd@4")
         candidate = self.dir / "haproxy.cfg.new"
-        candidate.write_text(config)
+        candidate.write_text(config_for(*listen))
         checked = run_local(["haproxy", "-c", "-q", "-f", str(candidate)])
         if not checked.ok:
             raise FabulaError(f"load balancer: HAProxy rejects the generated configuration "
@@ -92,13 +104,18 @@ class HAProxyLoadBalancer(LoadBalancer):
         candidate.unlink()
         changed = self.platform.put_file(PurePosixPath(self.dir / "haproxy.cfg"), config)
         self.supervisor.ensure_running()
+        holder = [sys.executable, "-I", "-m", "fabula.providers.local.socket_holder", "--pidfile",
+                  str(self.dir / "haproxy.pid")] + [arg for address in listen for arg in ("--listen", address)]
         started = self.supervisor.apply([Program(
-            name="haproxy", command=["haproxy", "-W", "-db", "-f", str(self.dir / "haproxy.cfg")],
+            name="haproxy", command=[*holder, "--", "haproxy", "-W", "-db", "-f", str(self.dir / "haproxy.cfg")],
             stopsignal="USR1", stopwaitsecs=30)])
         if (changed or certificate_changed) and not started:
             # seamless reload: the master starts new workers, old ones finish their connections
             self.supervisor.signal("haproxy", "USR2")
         self.supervisor.wait_running(["haproxy"], timeout=30)
+
+    def _address(self, port: int) -> str:
+        return f"[{self.bind}]:{port}" if ":" in str(self.bind) else f"{self.bind}:{port}"
 
     def _command(self, command: str) -> str:
         """A command on HAProxy's runtime API (its stats socket); '' when HAProxy does not answer."""
@@ -142,3 +159,10 @@ class HAProxyLoadBalancer(LoadBalancer):
     def stop(self) -> None:
         if self.is_running():
             self.supervisor.ctl("shutdown", timeout=60)
+        # the holder stops HAProxy on its way out; a HAProxy whose holder was killed runs on alone
+        pidfile = self.dir / "haproxy.pid"
+        text = pidfile.read_text().strip() if pidfile.exists() else ""
+        if text.isdigit() and is_haproxy(int(text)):
+            os.kill(int(text), signal.SIGTERM)
+            poll(lambda: not is_haproxy(int(text)), timeout=30)
+
