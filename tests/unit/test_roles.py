@@ -8,6 +8,7 @@ import pytest
 
 from fabula.config import load_config
 from fabula.context import Context, Release
+from fabula.errors import FabulaError
 from fabula.output import Output
 from fabula.pki import CertificateAuthority
 from fabula.providers.base import EgressRule, IngressRule, Result
@@ -215,3 +216,15 @@ def test_logs_are_read_on_each_server_through_its_transport(ctx):
         log_sources(ctx, "web1", "redis")
     with pytest.raises(Exception, match="no server 'web9'"):
         log_sources(ctx, "web9", None)
+
+
+def test_db_psql_runs_as_the_db_user_in_the_apps_database_on_the_primary_unless_told(ctx):
+    from fabula.db.console import psql_session
+    host, argv = psql_session(ctx, None, ["-c", "SELECT 1"])
+    primary = ctx.state.one("db-primary").name
+    assert host.name == primary
+    assert argv[-2:] == ["-c", "SELECT 1"] and argv[argv.index("-d") + 1] == ctx.database_name
+    assert argv[argv.index("-h") + 1] == str(host.path("run", "postgresql"))  # the socket, no TCP
+    with pytest.raises(FabulaError, match="no database server 'web1'") as refused:
+        psql_session(ctx, "web1", [])
+    assert primary in (refused.value.hint or "")

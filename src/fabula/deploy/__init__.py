@@ -1,1 +1,1 @@
-"""Releases, deploys, the environment's lock and its history of operations."""
+"""Releases (launch configurations), deploys (serial and full) and the web group they act on."""
