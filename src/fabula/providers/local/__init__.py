@@ -50,9 +50,11 @@ def _alive(pids: list[int]) -> list[int]:
 
 
 def kill_and_wait(pids: list[int], grace: float = 15) -> None:
-    """TERM, then KILL what is still there after `grace` seconds; wait until all are gone."""
-    _signal_all(pids, signal.SIGTERM)
-    poll(lambda: not _alive(pids), grace, interval=0.1)
+    """TERM, then KILL what is still there after `grace` seconds (at once when 0); wait until
+    all are gone."""
+    if grace > 0:
+        _signal_all(pids, signal.SIGTERM)
+        poll(lambda: not _alive(pids), grace, interval=0.1)
     _signal_all(_alive(pids), signal.SIGKILL)
     poll(lambda: not _alive(pids), 10, interval=0.05)
 
@@ -278,13 +280,13 @@ class LocalProvider(Provider):
             host.check(["nft", "-f", str(host.path("etc", "firewall.nft"))])
         return changed
 
-    def _stop_server(self, name: str) -> None:
+    def _stop_server(self, name: str, graceful: bool) -> None:
         netns = self.netns(name)
         if netns not in network.netns_names():
             return
         conf = self.paths.servers_dir / name / "supervisor" / "supervisord.conf"
         host = self._host(name, "", "")
-        if host.supervisor_pid(conf):
+        if graceful and host.supervisor_pid(conf):
             # an orderly stop first: PostgreSQL shuts down cleanly, Celery finishes its tasks
             host.run(["supervisorctl", "-c", str(conf), "shutdown"], timeout=90)
         # again until none is left: a dying RabbitMQ can start a new epmd (a daemon of its own)
@@ -293,10 +295,13 @@ class LocalProvider(Provider):
             pids = [int(p) for p in run_local(["ip", "netns", "pids", netns]).stdout.split()]
             if not pids:
                 break
-            kill_and_wait(pids)
+            kill_and_wait(pids, grace=15 if graceful else 0)
 
     def remove_server(self, name: str) -> None:
-        self._stop_server(name)
+        self._remove(name, graceful=True)
+
+    def _remove(self, name: str, graceful: bool) -> None:
+        self._stop_server(name, graceful)
         network.remove_namespace(self.netns(name), network.veth_name(self.paths.tag, name))
         shutil.rmtree(self.paths.servers_dir / name, ignore_errors=True)
 
@@ -308,24 +313,19 @@ class LocalProvider(Provider):
         self.load_balancer.stop()
         self.state.reload(self.paths)
         prefix = f"fab.{self.paths.project}.{self.paths.env}."
-        names = set(self.list_servers()) | set(self.state.servers)
-        # the reverse of create's order: clients stop before what they use (Celery before RabbitMQ)
-        order = {"web": 0, "worker": 1, "cache": 2, "db-replica": 3, "db-primary": 4}
-        roles = {name: record.role for name, record in self.state.servers.items()}
-        tiers: dict[int, list[str]] = {}
-        for name in sorted(names):
-            tiers.setdefault(order.get(roles.get(name, ""), 5), []).append(name)
-        for tier in sorted(tiers):  # one tier after the other, the servers of a tier at once
-            removed += [f"server {n}" for n in tiers[tier] if self.server_exists(n)]
-            with ThreadPoolExecutor(max_workers=len(tiers[tier])) as pool:
-                # one server that cannot be removed must not stop the others' removal
-                futures = {name: pool.submit(self.remove_server, name) for name in tiers[tier]}
-            failures += [f"{name}: {f.exception()}" for name, f in futures.items() if f.exception()]
+        names = sorted(set(self.list_servers()) | set(self.state.servers))
+        removed += [f"server {n}" for n in names if self.server_exists(n)]
+        # every server at once, and killed rather than stopped: their data goes with them, so an
+        # orderly shutdown (a PostgreSQL checkpoint, Celery finishing its tasks) would only cost
+        # time; one server that cannot be removed must not stop the others' removal
+        with ThreadPoolExecutor(max_workers=max(len(names), 1)) as pool:
+            futures = {name: pool.submit(self._remove, name, False) for name in names}
+        failures += [f"{name}: {f.exception()}" for name, f in futures.items() if f.exception()]
         # anything else still running from this environment's directory (e.g. after a crash)
         kill_and_wait(processes_mentioning(str(self.paths.env_dir) + "/"))
         for name in [ns for ns in network.netns_names() if ns.startswith(prefix)]:
             try:  # a second try, now that nothing of the environment runs any more
-                self.remove_server(name[len(prefix):])
+                self._remove(name[len(prefix):], graceful=False)
             except FabulaError as exc:
                 failures.append(f"{name}: {exc}")
         if self.bridge in network.link_names():
