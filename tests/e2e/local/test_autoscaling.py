@@ -48,18 +48,13 @@ def env():
 
 # -- looking at the environment without the CLI (describe takes seconds) -------------------------
 
-def lb_health(env) -> dict[str, str]:
-    """Each web server's status in HAProxy, from its stats socket."""
-    return {r["svname"]: r["status"] for r in env.haproxy_stats()}
-
-
 def web_servers(env) -> list[str]:
     state = json.loads((env.env_dir / "state.json").read_text())
     return sorted((n for n, s in state["servers"].items() if s["role"] == "web"), key=lambda n: int(n[3:]))
 
 
 def up(env) -> set[str]:
-    return {n for n, status in lb_health(env).items() if status == "UP"}
+    return {n for n, status in env.web_health().items() if status == "UP"}
 
 
 def decisions(env) -> list[dict]:
@@ -70,7 +65,7 @@ def decisions(env) -> list[dict]:
 def group_is(env, count: int):
     """The group has `count` web servers, all of them in service and nothing else in the LB."""
     servers = web_servers(env)
-    return len(servers) == count and up(env) == set(lb_health(env)) == set(servers)
+    return len(servers) == count and up(env) == set(env.web_health()) == set(servers)
 
 
 def kill_server(env, name: str) -> float:
@@ -211,7 +206,7 @@ def test_no_change_while_another_command_holds_the_lock(env):
     try:
         victim = web_servers(env)[0]
         kill_server(env, victim)
-        wait_for(lambda: lb_health(env).get(victim, "").startswith("DOWN"), timeout=30, message=f"{victim} down")
+        wait_for(lambda: env.web_health().get(victim, "").startswith("DOWN"), timeout=30, message=f"{victim} down")
         down_since = time.monotonic()
         wait_for(lambda: any(d["action"] == "skip" and f"`fabula deploy {ENV}`" in d["reason"]
                              for d in decisions(env)), timeout=30, message="the autoscaler skipping its rounds")
@@ -234,7 +229,7 @@ def test_the_group_grows_under_load_within_max_and_shrinks_back_to_min(env):
     peak = [0]
 
     def watch():
-        peak[0] = max(peak[0], len(lb_health(env)))
+        peak[0] = max(peak[0], len(env.web_health()))
         return False
 
     # 10 requests/s for a target of 4 per server: 3 servers (the max) are needed

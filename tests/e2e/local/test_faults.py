@@ -78,13 +78,8 @@ def wait_back(env, server: str, program: str, old_pid: int) -> None:
     wait_for(back, BACK_WITHIN, interval=0.1, message=f"{server}/{program} started again and serving")
 
 
-def web_health(env) -> dict[str, str]:
-    """HAProxy's view of each web server (UP, DOWN...), from its runtime API."""
-    return {r["svname"]: r["status"] for r in env.haproxy_stats()}
-
-
 def all_web_up(env) -> bool:
-    return set(web_health(env).values()) == {"UP"}
+    return set(env.web_health().values()) == {"UP"}
 
 
 def failures(load: RequestLoad) -> dict[str, int]:
@@ -240,7 +235,7 @@ def test_whole_web_server_killed_fails_no_idempotent_request(env):
                               text=True).stdout.split()
         assert pids
         subprocess.run(["kill", "-9", *pids], check=True)
-        wait_for(lambda: web_health(env)["web2"] == "DOWN", 30, message="web2 marked DOWN")
+        wait_for(lambda: env.web_health()["web2"] == "DOWN", 30, message="web2 marked DOWN")
         time.sleep(2)
     counts = load.counts()
     assert counts.get("200", 0) > 20, counts

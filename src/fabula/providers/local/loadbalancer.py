@@ -17,7 +17,7 @@ from fabula.errors import FabulaError
 from fabula.pki import LB_VALIDITY, internal_name, needs_renewal, self_signed
 from fabula.providers.base import Backend, LoadBalancer, poll, run_local
 from fabula.providers.local.host import LocalHost
-from fabula.providers.local.socket_holder import is_haproxy
+from fabula.providers.local.socket_holder import is_haproxy, running_haproxy
 from fabula.supervisor import Program, Supervisor
 from fabula.templates import render
 
@@ -160,9 +160,8 @@ class HAProxyLoadBalancer(LoadBalancer):
         if self.is_running():
             self.supervisor.ctl("shutdown", timeout=60)
         # the holder stops HAProxy on its way out; a HAProxy whose holder was killed runs on alone
-        pidfile = self.dir / "haproxy.pid"
-        text = pidfile.read_text().strip() if pidfile.exists() else ""
-        if text.isdigit() and is_haproxy(int(text)):
-            os.kill(int(text), signal.SIGTERM)
-            poll(lambda: not is_haproxy(int(text)), timeout=30)
+        pid = running_haproxy(self.dir / "haproxy.pid")
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            poll(lambda: not is_haproxy(pid), timeout=30)
 

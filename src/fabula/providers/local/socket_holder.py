@@ -44,13 +44,19 @@ def parse_address(text: str) -> tuple[str, int]:
 def stop_leftover(pidfile: Path) -> None:
     """A HAProxy started by an earlier holder that was killed still holds the ports: it is told to
     stop listening (USR1, a soft stop: it finishes its connections) so that they can be bound."""
+    pid = running_haproxy(pidfile)
+    if pid is not None:
+        os.kill(pid, signal.SIGUSR1)
+        log(f"asked the HAProxy left by an earlier holder (pid {pid}) to stop listening")
+
+
+def running_haproxy(pidfile: Path) -> int | None:
+    """The pid `pidfile` names if that process is a HAProxy still running."""
     try:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
-        return
-    if is_haproxy(pid):
-        os.kill(pid, signal.SIGUSR1)
-        log(f"asked the HAProxy left by an earlier holder (pid {pid}) to stop listening")
+        return None
+    return pid if is_haproxy(pid) else None
 
 
 def is_haproxy(pid: int) -> bool:
