@@ -253,20 +253,98 @@ class LocalConfig(Strict):
         default=ipaddress.IPv4Address("127.0.0.1"), description="the machine's address the load balancer listens on")
 
 
+USER_NAME = r"[a-z_][a-z0-9_-]{0,31}"
+# a "[user@]host[:port]" ProxyJump
+JUMP = r"([a-z_][a-z0-9_-]{0,31}@)?[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?"
+SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                 "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")
+PUBLIC_KEY = re.compile(r"(?P<type>[a-z0-9@.-]{1,64}) (?P<data>[A-Za-z0-9+/]{16,16384}={0,3})( [ -~]{0,256})?",
+                        re.ASCII)
+UserName = Annotated[str, _pattern(USER_NAME, "a Unix user name (lower case, digits, '_', '-')")]
+# fabula's own system users are fb-<tag>-...; a sysadmin may not be root or take one of those names
+RESERVED_USERS = ("root", "daemon", "bin", "sys", "nobody", "postgres", "www-data", "redis", "rabbitmq",
+                  "haproxy", "pgbouncer", "sshd")
+
+
+def _public_key(value: str) -> str:
+    match = PUBLIC_KEY.fullmatch(value.strip())
+    if not match or match["type"] not in SSH_KEY_TYPES or unsafe_character(value):
+        raise ValueError(f"an OpenSSH public key on one line (`ssh-ed25519 AAAA... comment`, the content of a "
+                         f"~/.ssh/*.pub file) is expected (got {excerpt(value)})")
+    return value.strip()
+
+
+PublicKey = Annotated[str, Field(max_length=17000), AfterValidator(_public_key)]
+
+
+class SshConfig(Strict):
+    """`provider: ssh`: how fabula reaches the hosts of `hosts:`."""
+
+    user: UserName = Field(default="root", description="root, or a user with passwordless sudo")
+    key: SafePath | None = Field(default=None, description=(
+        "private key file (`~` and paths relative to fabula.yml's folder); default: the ssh agent and ~/.ssh's keys"))
+    port: Port = 22
+    jump: Annotated[str, Field(max_length=300), _pattern(JUMP, "a jump host `[user@]host[:port]`")] | None = None
+    known_hosts: SafePath | None = Field(default=None, description=(
+        "where host keys are recorded and checked (default ~/.ssh/known_hosts); `fabula trust ENV` records them"))
+
+
+class InventoryHost(Strict):
+    role: Literal["lb", "web", "worker", "cache", "db-primary", "db-replica"]
+    address: HostName
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_role(cls, data: Any):
+        if isinstance(data, dict) and isinstance(data.get("role"), list | tuple):
+            raise ValueError("a host carries one role: give each role a host of its own (e.g. web1 and worker1 "
+                             "with their own addresses)")
+        return data
+
+
+class SysadminUser(Strict):
+    """A sysadmin account on every host of the environment, with its keys and passwordless sudo."""
+
+    name: UserName
+    keys: Annotated[list[PublicKey], Field(min_length=1, max_length=32)]
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_USERS or value.startswith("fb-"):
+            raise ValueError(f"{value} is a system user's name (or fabula's own fb-*): choose another")
+        return value
+
+
+# inventory names are server names: the same pattern as the local provider's web1, db2...
+ServerName = Annotated[str, _pattern(r"[a-z][a-z0-9-]{0,30}", "a server name (lower case, digits, '-')")]
+# each inventory role and how many hosts may carry it
+INVENTORY_LIMITS = {"lb": (1, 1), "web": (1, 32), "worker": (0, 1), "cache": (1, 1), "db-primary": (1, 1),
+                    "db-replica": (0, 4)}
+
 # each provider's own section, by the name `provider:` gives (one section per provider; the
-# ssh and aws providers add theirs)
-PROVIDER_SECTIONS = ("local",)
+# aws provider adds its own)
+PROVIDER_SECTIONS = ("local", "ssh")
 
 
 class EnvironmentConfig(Strict):
-    provider: Literal["local"] = "local"
+    provider: Literal["local", "ssh"] = "local"
     local: LocalConfig = LocalConfig()
+    ssh: SshConfig | None = None
     production: bool = Field(default=False, description="refuse destructive copies into it without --force")
     db: DatabaseConfig = DatabaseConfig()
     servers: ServerCounts = ServerCounts()
     lb: LoadBalancerConfig = LoadBalancerConfig()
-    hosts: Annotated[list[HostName], Field(max_length=100)] = Field(
-        default_factory=list, description="extra host names for DJANGO_ALLOWED_HOSTS")
+    domains: Annotated[list[HostName], Field(max_length=100)] = Field(
+        default_factory=list, description="the site's names: DJANGO_ALLOWED_HOSTS, and where the HTTP port "
+        "redirects to")
+    hosts: Annotated[dict[ServerName, InventoryHost], Field(max_length=64)] = Field(
+        default_factory=dict, description="`provider: ssh`: the servers, each {role, address}")
+    admin_sources: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], Field(max_length=64)] = Field(
+        default_factory=list, description="`provider: ssh`: networks that may reach SSH on every host (besides "
+        "the machine fabula runs on)")
+    users: Annotated[list[SysadminUser], Field(max_length=64)] = Field(
+        default_factory=list, description="`provider: ssh`: sysadmin accounts on every host")
     gunicorn_workers: Annotated[int, Field(ge=1, le=64)] = 2
     celery_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
     celery_drain_timeout: Annotated[int, Field(ge=1, le=86400, description=(
@@ -282,6 +360,11 @@ class EnvironmentConfig(Strict):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        if isinstance(data.get("hosts"), list):  # `hosts` was the list of site names: now `domains`
+            if "domains" in data:
+                raise ValueError("give the site's names once, as `domains:` (the list under `hosts:` is their "
+                                 "former spelling; `hosts:` is now the ssh provider's servers)")
+            data["domains"] = data.pop("hosts")
         moved = {}
         if "subnet" in data:
             moved["subnet"] = data.pop("subnet")
@@ -305,6 +388,67 @@ class EnvironmentConfig(Strict):
     @property
     def subnet(self) -> ipaddress.IPv4Network | None:
         return self.local.subnet if self.provider == "local" else None
+
+    @property
+    def fixed_inventory(self) -> bool:
+        """The servers are given (`hosts:`), not made: the web group cannot grow or shrink."""
+        return self.provider == "ssh"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_keys(cls, data: Any):
+        """Each provider's keys only under that provider: a key of another one is a mistake."""
+        if not isinstance(data, dict):
+            return data
+        provider = data.get("provider", "local")
+        # (a list under `hosts` is the former spelling of `domains`)
+        ssh_only = [k for k in ("ssh", "hosts", "admin_sources", "users")
+                    if data.get(k) is not None and not (k == "hosts" and isinstance(data[k], list))]
+        if provider != "ssh" and ssh_only:
+            raise ValueError(f"`{ssh_only[0]}` is a key of `provider: ssh` (this environment's provider is "
+                             f"{excerpt(provider)})")
+        if provider == "ssh":
+            if "local" in data or "subnet" in data:
+                raise ValueError("`local` (and `subnet`) are keys of `provider: local`; an ssh environment's "
+                                 "servers are its `hosts`")
+            if "servers" in data:
+                raise ValueError("an ssh environment's servers are its `hosts` (each with its role): leave "
+                                 "`servers:` out")
+            if "autoscaling" in data:
+                raise ValueError("a fixed inventory (`provider: ssh`) cannot scale: leave `autoscaling:` out and "
+                                 "list the web hosts under `hosts:`")
+            if not isinstance(data.get("hosts"), dict) or not data["hosts"]:
+                raise ValueError("`provider: ssh` needs `hosts:`, a mapping of server name to "
+                                 "{role, address}, e.g. web1: {role: web, address: 10.0.0.11}")
+        return data
+
+    @model_validator(mode="after")
+    def _inventory(self):
+        if self.provider != "ssh":
+            return self
+        if self.ssh is None:
+            self.ssh = SshConfig()
+        by_role: dict[str, list[str]] = {role: [] for role in INVENTORY_LIMITS}
+        for name, host in self.hosts.items():
+            by_role[host.role].append(name)
+        for role, (low, high) in INVENTORY_LIMITS.items():
+            count = len(by_role[role])
+            if not low <= count <= high:
+                wanted = f"exactly {low}" if low == high else f"{low} to {high}"
+                raise ValueError(f"hosts: {wanted} host(s) with role {role} are expected (got {count}"
+                                 + (f": {', '.join(by_role[role])}" if by_role[role] else "") + ")")
+        seen: dict[str, str] = {}
+        for name, host in self.hosts.items():
+            if host.address.lower() in seen:
+                raise ValueError(f"hosts: {name} and {seen[host.address.lower()]} have the same address "
+                                 f"{host.address}: a host carries one role, give each its own host")
+            seen[host.address.lower()] = name
+        names = [u.name for u in self.users]
+        if len(set(names)) != len(names):
+            raise ValueError("users: each name once")
+        # the counts the rest of fabula plans with, from the inventory
+        self.servers = ServerCounts.model_validate({role: len(by_role[role]) for role in ROLES})
+        return self
 
     @model_validator(mode="after")
     def _web_group(self):
@@ -338,6 +482,8 @@ class EnvironmentConfig(Strict):
 
     @model_validator(mode="after")
     def _pool_fits(self):
+        if self.provider != "local":
+            return self
         subnet = self.subnet or ipaddress.IPv4Network("10.213.0.0/24")  # the size of an automatic one
         capacity, needed = server_capacity(subnet), self.addresses_needed()
         if capacity < needed:
@@ -383,6 +529,8 @@ class ProjectConfig(Strict):
                                  "environment a subnet of its own (or leave `subnet` out for a free one)")
         seen: dict[tuple, str] = {}
         for name, env in self.environments.items():
+            if env.provider != "local":
+                continue
             for key in ("https_port", "http_port"):
                 pair = (env.local.bind, getattr(env.lb, key))
                 if pair in seen:
@@ -748,6 +896,21 @@ def _check_machine(loaded: LoadedConfig, shown: str) -> None:
     for name, env in loaded.project.environments.items():
         if env.lb.certificate is not None:
             _check_tls_pair(env, base, shown, name)
+        if env.ssh is not None:
+            _check_ssh_files(env.ssh, base, shown, name)
+
+
+def _check_ssh_files(ssh: SshConfig, base: Path, shown: str, name: str) -> None:
+    """`~` and paths relative to fabula.yml's folder made absolute; the key must be readable."""
+    for key in ("key", "known_hosts"):
+        value = getattr(ssh, key)
+        if value is not None:
+            setattr(ssh, key, _resolve(base / Path(os.path.expanduser(value))))
+    if ssh.key is not None:
+        where = f"{shown}: environments.{name}.ssh.key: {shown_path(ssh.key)}"
+        read_regular_file(ssh.key, MAX_PEM_BYTES, "an SSH private key", where,
+                          f"in {shown}, point environments.{name}.ssh.key at your private key (e.g. "
+                          "~/.ssh/id_ed25519), or leave it out to use the ssh agent")
 
 
 def load_config(path: Path) -> LoadedConfig:

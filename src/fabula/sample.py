@@ -118,9 +118,10 @@ def local_keys(https_port: int, http_port: int, bind: str = "127.0.0.1") -> str:
 
 
 def make_app_repo(target: Path, project: str, env: str, environment_keys: str, provider: str = "local",
-                  servers: str = ALL_ROLES) -> Path:
+                  servers: str | None = ALL_ROLES) -> Path:
     """A git repository at `target` holding a copy of the sample app, whose fabula.yml declares one
-    environment `env`; `environment_keys` are its further keys (lines indented four spaces)."""
+    environment `env`; `environment_keys` are its further keys (lines indented four spaces).
+    `servers` None: no `servers:` line (a provider whose servers are its `hosts:`)."""
     shutil.copytree(SAMPLE_APP, target, ignore=shutil.ignore_patterns("__pycache__", "*.sqlite3"))
     (target / "fabula.yml").write_text(f"""project: {project}
 app:
@@ -132,8 +133,7 @@ app:
 environments:
   {env}:
     provider: {provider}
-    servers: {servers}
-{environment_keys}""")
+{"" if servers is None else f"    servers: {servers}{chr(10)}"}{environment_keys}""")
     git(target, "init", "-q", "-b", "main")
     git(target, "add", "-A")
     git(target, "commit", "-q", "-m", "sample app")

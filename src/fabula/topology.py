@@ -12,7 +12,10 @@ if TYPE_CHECKING:
 NAME_PREFIX = {"db-primary": "db", "db-replica": "db", "cache": "cache", "worker": "worker", "web": "web"}
 def plan_servers(env: EnvironmentConfig, state: EnvState) -> dict[str, ServerRecord]:
     """Keep the servers the state already has (same name and address), add what the counts ask
-    for, and leave out the surplus (highest numbers first)."""
+    for, and leave out the surplus (highest numbers first). A fixed inventory (`hosts:`) is the
+    plan itself."""
+    if env.fixed_inventory:
+        return inventory_servers(env, state)
     wanted = env.servers.by_role()
     if state.web_desired is not None:  # the web group's desired count (`fabula scale`, the autoscaler)
         wanted["web"] = state.web_desired
@@ -27,6 +30,23 @@ def plan_servers(env: EnvironmentConfig, state: EnvState) -> dict[str, ServerRec
             name = _next_name(NAME_PREFIX[role], used_names)
             used_names.add(name)
             planned[name] = ServerRecord(name=name, role=role)  # its address is the provider's to give
+    return planned
+
+
+def inventory_servers(env: EnvironmentConfig, state: EnvState) -> dict[str, ServerRecord]:
+    """The servers of `hosts:` (the load balancer's host is the provider's platform, not a server),
+    at their addresses. A database host keeps the role the state gives it: after a promotion the
+    former replica is the primary, whatever fabula.yml still says."""
+    planned: dict[str, ServerRecord] = {}
+    for name, host in env.hosts.items():
+        if host.role == "lb":
+            continue
+        record = state.servers.get(name) or ServerRecord(name=name, role=host.role)
+        databases = ("db-primary", "db-replica")
+        if not (record.role in databases and host.role in databases):
+            record.role = host.role
+        record.address = host.address
+        planned[name] = record
     return planned
 
 

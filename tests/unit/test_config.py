@@ -116,7 +116,7 @@ def test_tls_pair_is_read_relative_to_the_config_and_kept_absolute(tmp_path, mon
 def test_host_names_and_addresses_are_accepted(tmp_path):
     hosts = "    hosts: [example.com, .example.org, a-b.c.example, 10.1.2.3, '::1']\n"
     config = load_config(write(tmp_path, VALID + hosts))
-    assert config.environment("testing").hosts[-1] == "::1"
+    assert config.environment("testing").domains[-1] == "::1"
 
 
 def test_environments_on_their_own_subnets_and_ports_load(tmp_path):

@@ -43,7 +43,7 @@ environments:
   testing:
     servers: {web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}
     lb: {bind: 127.0.0.1, https_port: 8443, http_port: 8080}
-    hosts: [www.example.com, .example.org, 192.0.2.7]
+    domains: [www.example.com, .example.org, 192.0.2.7]
 """
 
 
@@ -168,12 +168,13 @@ CASES = [
     Case("settings with a quote", replace("polls.settings", "polls.settings'"), "app.settings"),
     Case("celery with a space", replace("polls.celery:app", '"polls.celery:app x"'), "app.celery"),
     # -- values written into supervisor, INI, nginx or HAProxy files
+    # (a list under `hosts` is the former spelling of `domains`)
     Case("hosts injecting a supervisor program", replace(
-        "hosts: [www.example.com, .example.org, 192.0.2.7]",
-        'hosts: ["x\\n\\n[program:pwn]\\ncommand=/bin/sh -c id\\n"]'), "hosts[0]"),
-    Case("hosts with a quote", replace("www.example.com", "'www.\"example.com'"), "hosts[0]"),
-    Case("hosts with a space", replace("www.example.com", "'www example.com'"), "hosts[0]"),
-    Case("hosts not a host name", replace("www.example.com", "-bad-.example"), "hosts[0]"),
+        "domains: [www.example.com, .example.org, 192.0.2.7]",
+        'hosts: ["x\\n\\n[program:pwn]\\ncommand=/bin/sh -c id\\n"]'), "domains[0]"),
+    Case("domains with a quote", replace("www.example.com", "'www.\"example.com'"), "domains[0]"),
+    Case("domains with a space", replace("www.example.com", "'www example.com'"), "domains[0]"),
+    Case("domains not a host name", replace("www.example.com", "-bad-.example"), "domains[0]"),
     Case("requirements with a newline", replace("requirements: requirements.txt", 'requirements: "req.txt\\nx"'),
          "app.requirements"),
     Case("manage with a control character", replace("manage: manage.py", 'manage: "manage\\x1b.py"'), "app.manage"),
@@ -321,7 +322,7 @@ def test_the_corpus_of_bad_files_gives_clean_errors(tmp_path, capsys, cli):
 
 def test_the_valid_corpus_base_loads(tmp_path):
     loaded = load_config(make_project(tmp_path))
-    assert loaded.environment("testing").hosts == ["www.example.com", ".example.org", "192.0.2.7"]
+    assert loaded.environment("testing").domains == ["www.example.com", ".example.org", "192.0.2.7"]
 
 
 # -- what the CLI is given as the config, rather than what it holds ---------------------------------
@@ -394,8 +395,8 @@ def test_random_bytes_anywhere_load_or_are_refused(property_project, data):
 KEY_PATHS = [
     ("project",), ("app",), ("app", "source"), ("app", "wsgi"), ("app", "settings"), ("app", "requirements"),
     ("app", "celery"), ("app", "manage"), ("app", "maintenance_page"), ("app", "python"), ("environments",),
-    ("environments", "testing"), ("environments", "testing", "subnet"), ("environments", "testing", "hosts"),
-    ("environments", "testing", "hosts", 0), ("environments", "testing", "lb"),
+    ("environments", "testing"), ("environments", "testing", "subnet"), ("environments", "testing", "domains"),
+    ("environments", "testing", "domains", 0), ("environments", "testing", "lb"),
     ("environments", "testing", "lb", "bind"), ("environments", "testing", "lb", "https_port"),
     ("environments", "testing", "lb", "certificate"), ("environments", "testing", "lb", "key"),
     ("environments", "testing", "servers"), ("environments", "testing", "servers", "web"),

@@ -33,11 +33,11 @@ def imports(path: Path) -> set[str]:
 
 
 def unit(module: str) -> str:
-    """The package a module belongs to, for the graph: fabula.providers.local stays apart from
-    fabula.providers (the interfaces)."""
+    """The package a module belongs to, for the graph: each provider's package (and the shared
+    HAProxy load balancer) stays apart from fabula.providers (the interfaces)."""
     parts = module.split(".")
-    if parts[1:3] == ["providers", "local"]:
-        return "fabula.providers.local"
+    if parts[1:2] == ["providers"] and len(parts) > 2 and parts[2] != "base":
+        return ".".join(parts[:3])
     return ".".join(parts[:2])
 
 
@@ -85,12 +85,11 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}}) is None
 
 
-def test_only_the_registry_imports_the_local_provider():
-    known = modules()
+@pytest.mark.parametrize("provider", ["local", "ssh"])
+def test_only_the_registry_imports_a_provider(provider: str):
+    known, package = modules(), f"fabula.providers.{provider}"
     importers = sorted(name for name, path in known.items()
-                       if unit(name) != "fabula.providers.local"
-                       and any(unit(t) == "fabula.providers.local" for t in imports(path)
-                               if t.startswith("fabula.providers.local")))
+                       if unit(name) != package and any(t.startswith(package) for t in imports(path)))
     assert importers == [REGISTRY]
 
 

@@ -30,7 +30,7 @@ def ask(port: int) -> str:
 
 def test_the_socket_survives_its_server_killed_and_a_waiting_client_is_served(tmp_path: Path):
     port, pidfile = free_port(), tmp_path / "server.pid"
-    holder = subprocess.Popen([sys.executable, "-m", "fabula.providers.local.socket_holder",
+    holder = subprocess.Popen([sys.executable, "-m", "fabula.providers.haproxy.socket_holder",
                                "--listen", f"127.0.0.1:{port}", "--pidfile", str(pidfile),
                                "--", sys.executable, "-c", SERVER])
     try:

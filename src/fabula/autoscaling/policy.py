@@ -80,6 +80,12 @@ def check_desired(ctx: Context, desired: int) -> None:
     group = group_config(ctx)
     top = bounds(group).max
     if not group.min <= desired <= top:
+        if ctx.env.fixed_inventory:
+            raise ConfigError(f"the web group of {ctx.env_name} is its fixed inventory ({group.min} web host(s) "
+                              f"under `hosts:`, provider {ctx.env.provider}): fabula cannot make or remove hosts, "
+                              f"so desired {desired} is not possible",
+                              f"add or remove web hosts under environments.{ctx.env_name}.hosts in "
+                              f"{ctx.config.path} and run `fabula create {ctx.env_name}`")
         if ctx.env.autoscaling is None:
             raise ConfigError(f"the web group of {ctx.env_name} is fixed at {group.min} (servers.web, and no "
                               f"`autoscaling` section), so desired {desired} is outside its min..max",

@@ -11,6 +11,7 @@ from fabula.context import Context
 from fabula.output import Output
 from fabula.providers.base import Provider
 from fabula.providers.local import LocalProvider
+from fabula.providers.ssh import SshProvider
 from fabula.state import EnvPaths, EnvState, state_root
 
 ProviderFactory = Callable[[EnvPaths, EnvironmentConfig, EnvState, int], Provider]
@@ -18,6 +19,7 @@ ProviderFactory = Callable[[EnvPaths, EnvironmentConfig, EnvState, int], Provide
 # provider: -> how to make it (fabula.yml's section of the same name configures it)
 PROVIDERS: dict[str, ProviderFactory] = {
     "local": lambda paths, env, state, euid: LocalProvider(paths, env, state, euid=euid),
+    "ssh": lambda paths, env, state, euid: SshProvider(paths, env, state, euid=euid),
 }
 
 

@@ -71,7 +71,8 @@ def create(ctx: Context) -> None:
             ctx.secrets = secrets.load_or_create(ctx.paths)
             ctx.ca = pki.CertificateAuthority(ctx.paths)
 
-            ctx.out.step("network", f"subnet {ctx.state.subnet}")
+            ctx.out.step("network", f"subnet {ctx.state.subnet}" if ctx.state.subnet else
+                         f"{ctx.provider.name}: the inventory's hosts")
             ctx.provider.ensure_network()
             servers = list(ctx.state.servers.values())
             for record in servers:
@@ -122,8 +123,12 @@ def create(ctx: Context) -> None:
         ctx.state.release = built.id
         ctx.state.save(ctx.paths)
         remove_surplus(ctx)
-        with op.phase("autoscaler"):  # keeps the web group at its size and healthy from now on
-            start_controller(ctx)
+        if ctx.env.fixed_inventory:
+            ctx.out.step("web group", f"fixed inventory of {len(webs)} web host(s): no autoscaler (hosts are not "
+                         "fabula's to make or replace)")
+        else:
+            with op.phase("autoscaler"):  # keeps the web group at its size and healthy from now on
+                start_controller(ctx)
     ctx.out.step("done", f"environment {ctx.env_name} is up in {time.monotonic() - started:.1f}s")
 
 

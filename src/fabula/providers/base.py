@@ -30,13 +30,15 @@ class Result:
 @dataclass(frozen=True)
 class IngressRule:
     """A security-group rule, in the architecture's terms: `port` on this server is open to the
-    servers of `from_roles` and, with `from_load_balancer`, to the load balancer. The provider
-    resolves them: to addresses (local, ssh), to security-group references (aws)."""
+    servers of `from_roles`, with `from_load_balancer` to the load balancer, and with
+    `from_anywhere` to every address (the load balancer's own ports). The provider resolves them:
+    to addresses (local, ssh), to security-group references (aws)."""
 
     port: int
     description: str
     from_roles: tuple[str, ...] = ()
     from_load_balancer: bool = False
+    from_anywhere: bool = False
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def app_variables(ctx: Context, *, server: str, role: str, address: str, static_
                           "addresses and passwords from them", f"run `fabula create {ctx.env_name}` first")
     local_db = f"postgres://app:{s.db_app_password}@127.0.0.1:{PGBOUNCER_PORT}"
     lb_host = urlsplit(ctx.provider.load_balancer.url()).hostname or "localhost"
-    allowed = [lb_host, "localhost", "127.0.0.1", address, *ctx.env.hosts]
+    allowed = [lb_host, "localhost", "127.0.0.1", address, *ctx.env.domains]
     return {
         "DATABASE_URL": f"{local_db}/{db}",
         # PgBouncer points this at a serving replica, or at the primary while there is none

@@ -14,6 +14,15 @@ PG_BIN = PurePosixPath("/usr/lib/postgresql/15/bin")
 PACKAGES = ("postgresql-15",)
 
 
+def client_networks(ctx: Context, roles: tuple[str, ...]) -> list[str]:
+    """Where the servers of `roles` connect from, for pg_hba.conf: the environment's subnet when
+    one network holds every server (local), else each server's own address (ssh)."""
+    if ctx.state.subnet:
+        return [ctx.state.subnet]
+    return sorted({f"{s.address}/32" if s.address.replace(".", "").isdigit() else s.address
+                   for s in ctx.state.servers.values() if s.role in roles and s.address})
+
+
 def data_dir(host: Host) -> PurePosixPath:
     return host.path("data", "postgresql")
 
@@ -43,7 +52,8 @@ def install_config(ctx: Context, host: Host, primary_conninfo: str | None = None
         socket_dir=socket_dir(host), conf_dir=conf_dir(host), primary_conninfo=primary_conninfo,
         slot=slot_name(host.name), sync_names=sync_names(ctx, host)), owner=host.accounts.db)
     changed |= host.put_file(conf_dir(host) / "pg_hba.conf", render(
-        __file__, "pg_hba.conf.j2", database=ctx.database_name, subnet=ctx.state.subnet), owner=host.accounts.db)
+        __file__, "pg_hba.conf.j2", database=ctx.database_name, app_sources=client_networks(ctx, ("web", "worker")),
+        replication_sources=client_networks(ctx, ("db-primary", "db-replica"))), owner=host.accounts.db)
     changed |= host.put_file(conf_dir(host) / "pg_ident.conf", render(
         __file__, "pg_ident.conf.j2", db_user=host.accounts.db), owner=host.accounts.db)
     return changed

@@ -17,8 +17,8 @@ from fabula.errors import CommandFailed, FabulaError
 from fabula.providers.base import SYSTEM_PATH, FileState
 from fabula.providers.ssh import transport
 from fabula.providers.ssh.transport import SshHost, SshPool, SshUnreachable, ssh_argv
-from tests.e2e.ssh.conftest import AWKWARD_PORT, AWKWARD_SESSIONS, HOSTS, NOISE, Lab
 from tests.helpers import wait_for
+from tests.sshlab import AWKWARD_PORT, AWKWARD_SESSIONS, HOSTS, NOISE, Lab
 
 pytestmark = pytest.mark.e2e
 

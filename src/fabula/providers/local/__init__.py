@@ -17,16 +17,16 @@ from fabula.addressing import address_index, server_addresses
 from fabula.config import EnvironmentConfig
 from fabula.errors import ConfigError, FabulaError, PermissionError_, PrerequisiteError
 from fabula.providers.base import EgressRule, Host, IngressRule, Provider, poll, run_local
+from fabula.providers.haproxy import HAProxyLoadBalancer
 from fabula.providers.local import network, users
 from fabula.providers.local.host import LocalHost
-from fabula.providers.local.loadbalancer import HAProxyLoadBalancer
 from fabula.state import EnvPaths, EnvState
 from fabula.templates import render
 
 AUTO_SUBNETS = ipaddress.ip_network("10.213.0.0/16")
 # commands the local provider itself needs, and the Debian package that has each
 TOOLS = {"ip": "iproute2", "nft": "nftables", "supervisord": "supervisor", "haproxy": "haproxy",
-         "setpriv": "util-linux"}
+         "setpriv": "util-linux", "socat": "socat"}
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
@@ -81,9 +81,11 @@ class LocalProvider(Provider):
         self.paths, self.env, self.state = paths, env, state
         self.euid = euid  # who runs fabula: the local provider needs root
         self.bridge = f"fb{paths.tag}"
-        self.load_balancer = HAProxyLoadBalancer(env.lb, paths.lb_dir, paths.pki_dir / "ca.pem",
-                                                 lambda: self.gateway, paths.project, paths.env, hosts=env.hosts,
-                                                 bind=str(env.local.bind))
+        # the load balancer's own supervisor runs in the machine's namespace
+        platform = LocalHost("lb", "lb", str(env.local.bind), paths.lb_dir, netns=None)
+        self.load_balancer = HAProxyLoadBalancer(platform, env.lb, paths.pki_dir / "ca.pem", paths.project,
+                                                 paths.env, public_address=str(env.local.bind),
+                                                 bind=str(env.local.bind), domains=env.domains)
 
     # -- naming ---------------------------------------------------------------------------
     def netns(self, server: str) -> str:

@@ -1,4 +1,270 @@
-"""The ssh provider (to come, issue 10): the architecture on existing Debian hosts reached over SSH.
+"""The ssh provider: the servers are existing Debian 12 hosts of the inventory (`hosts:`), reached
+over SSH (providers/ssh/transport.py); fabula's tree on each is /srv/fabula/<project>/<env>/<server>/,
+its firewall an nftables table of its own, and the load balancer HAProxy on the `lb` host."""
+from __future__ import annotations
 
-Its foundation is here: `transport` (SshPool, SshHost, SshTarget), the Host transport over one
-asyncssh connection per host."""
+import ipaddress
+import json
+import shutil
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+from typing import TypeVar
+
+from fabula.accounts import Accounts
+from fabula.config import EnvironmentConfig, SshConfig
+from fabula.errors import FabulaError, PrerequisiteError
+from fabula.providers.base import EgressRule, Host, IngressRule, Provider
+from fabula.providers.haproxy import PACKAGES as LB_PACKAGES
+from fabula.providers.haproxy import HAProxyLoadBalancer
+from fabula.providers.ssh import scripts
+from fabula.providers.ssh.scripts import HostFacts
+from fabula.providers.ssh.transport import SshHost, SshPool, SshTarget
+from fabula.state import EnvPaths, EnvState
+from fabula.templates import render
+
+TREE = PurePosixPath("/srv/fabula")
+ROLLBACK_AFTER = 90   # seconds: a firewall fabula could not confirm is undone on the host by then
+T = TypeVar("T")
+
+
+class SshProvider(Provider):
+    name = "ssh"
+    load_balancer: HAProxyLoadBalancer
+
+    def __init__(self, paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int = 0):
+        self.paths, self.env, self.state = paths, env, state
+        assert env.ssh is not None  # EnvironmentConfig gives an ssh environment its section
+        self.ssh: SshConfig = env.ssh
+        self.accounts = Accounts(paths.tag)
+        self.env_root = TREE / paths.project / paths.env
+        self.table = f"fabula-{paths.tag}"
+        self.pool = SshPool()
+        self._facts: dict[str, HostFacts] = {}
+        lb_name, lb = next((n, h) for n, h in env.hosts.items() if h.role == "lb")
+        self.lb_name = lb_name
+        platform = self._ssh_host(lb_name, "lb", lb.address)
+        self.load_balancer = HAProxyLoadBalancer(platform, env.lb, paths.pki_dir / "ca.pem", paths.project,
+                                                 paths.env, public_address=lb.address, bind="0.0.0.0",
+                                                 domains=env.domains)
+
+    # -- the inventory ------------------------------------------------------------------------
+    def _target(self, address: str) -> SshTarget:
+        return SshTarget(address, port=self.ssh.port, user=self.ssh.user, key=self.ssh.key,
+                         known_hosts=self.ssh.known_hosts, jump=self.ssh.jump)
+
+    def _ssh_host(self, name: str, role: str, address: str) -> SshHost:
+        return self.pool.host(name, role, self._target(address), self.env_root / name, self.accounts)
+
+    def _all_hosts(self) -> list[SshHost]:
+        """Every host of the inventory, the load balancer's included, and any the state still
+        records (a host removed from fabula.yml, until `create` or `destroy` clears it)."""
+        hosts = {name: self._ssh_host(name, h.role, h.address) for name, h in self.env.hosts.items()}
+        for name, record in self.state.servers.items():
+            if name not in hosts and record.address:
+                hosts[name] = self._ssh_host(name, record.role, record.address)
+        return list(hosts.values())
+
+    def _each(self, hosts: list[SshHost], action) -> list:
+        """`action` on every host at once; one error naming every host that failed."""
+        with ThreadPoolExecutor(max_workers=max(len(hosts), 1)) as pool:
+            futures = [(h, pool.submit(action, h)) for h in hosts]
+        failed = [(h, f.exception()) for h, f in futures if f.exception() is not None]
+        if len(failed) == 1:
+            raise failed[0][1]  # type: ignore[misc]
+        if failed:
+            raise FabulaError("\n".join(f"{h.name}: {e}" for h, e in failed),
+                              "fix what each host's message says, then run the command again")
+        return [f.result() for _, f in futures]
+
+    # -- checks -----------------------------------------------------------------------------
+    def check_prerequisites(self) -> None:
+        if shutil.which("ssh") is None:
+            raise PrerequisiteError("the OpenSSH client (`ssh`) is missing: `fabula exec` and `logs -f` use it",
+                                    "run `apt-get install openssh-client`")
+
+    def check_can_create(self, config_path: str) -> None:
+        """Every host answers over SSH and runs Debian 12: checked before anything is made."""
+        facts = self._each(self._all_hosts(), self.facts)
+        wrong = [(h, f) for h, f in zip(self._all_hosts(), facts, strict=True)
+                 if (f.distribution, f.version) != ("debian", scripts.DEBIAN_VERSION)]
+        if wrong:
+            raise FabulaError("; ".join(f"{h.name} ({h.address}) runs {f.distribution} {f.version}"
+                                        for h, f in wrong) + f": fabula needs Debian {scripts.DEBIAN_VERSION}",
+                              f"install Debian {scripts.DEBIAN_VERSION} on those hosts, or take them out of "
+                              f"`hosts:` in {config_path}")
+
+    def facts(self, host: SshHost) -> HostFacts:
+        if host.name not in self._facts:
+            self._facts[host.name] = HostFacts.parse(host.check(["sh", "-c", scripts.FACTS]).stdout)
+        return self._facts[host.name]
+
+    # -- the environment's network: its hosts are there; the load balancer's host is prepared ---
+    def allocate_subnet(self) -> str:
+        return ""   # the hosts have their addresses
+
+    def ensure_network(self) -> None:
+        lb = self.load_balancer.platform
+        assert isinstance(lb, SshHost)
+        self.prepare_host(lb, LB_PACKAGES)
+        self._make_tree(lb)
+        self.apply_firewall(lb, [IngressRule(self.env.lb.https_port, "https from anywhere", from_anywhere=True),
+                                 IngressRule(self.env.lb.http_port, "http from anywhere", from_anywhere=True),
+                                 EgressRule(443, "https to the web servers", to_roles=("web",))])
+        self._ensure_sysadmins()
+
+    def ensure_accounts(self) -> Accounts:
+        comment = f"fabula {self.paths.project}/{self.paths.env}"
+        self._each(self._all_hosts(), lambda h: h.check(
+            ["sh", "-c", scripts.ACCOUNTS, "sh", self.accounts.group, comment, *self.accounts.users().values()]))
+        return self.accounts
+
+    def _ensure_sysadmins(self) -> None:
+        """Each `users` entry on every host; one fabula made before that the file no longer
+        lists is removed (fabula's record of those it made is a file on each host)."""
+        wanted = {u.name: "\n".join(u.keys) for u in self.env.users}
+        record = self.env_root / "sysadmins.json"
+
+        def converge(host: SshHost) -> None:
+            made = json.loads(host.read_file(record) or b"[]")
+            for name in sorted(set(made) - set(wanted)):
+                host.check(["sh", "-c", scripts.REMOVE_SYSADMIN, "sh", name, self._sudoers(name)])
+            for name, keys in wanted.items():
+                host.check(["sh", "-c", scripts.SYSADMIN, "sh", name, self._sudoers(name), keys])
+            host.put_file(record, json.dumps(sorted(wanted)), mode=0o600)
+
+        self._each(self._all_hosts(), converge)
+
+    def _sudoers(self, user: str) -> str:
+        return f"/etc/sudoers.d/fabula-{self.paths.tag}-{user}"
+
+    # -- servers ------------------------------------------------------------------------------
+    def host(self, name: str) -> Host:
+        record = self.state.servers[name]
+        return self._ssh_host(name, record.role, record.address)
+
+    def ensure_server(self, name: str, role: str) -> Host:
+        record = self.state.servers[name]
+        if not record.address:
+            record.address = self.env.hosts[name].address
+            self.state.save(self.paths)
+        host = self._ssh_host(name, role, record.address)
+        self._make_tree(host)
+        return host
+
+    def _make_tree(self, host: SshHost) -> None:
+        host.make_dirs([TREE, TREE / self.paths.project])
+        # the environment's tree is open to its group only, as the local provider's directory
+        host.make_dirs([self.env_root], mode=0o750)
+        host.check(["chgrp", self.accounts.group, str(self.env_root)])
+        host.make_dirs([host.root])
+        host.make_dirs([host.path(d) for d in ("etc", "run", "log", "data", "releases", "tmp")])
+
+    def server_exists(self, name: str) -> bool:
+        return name in self.env.hosts or name in self.state.servers
+
+    def list_servers(self) -> list[str]:
+        return sorted({n for n, h in self.env.hosts.items() if h.role != "lb"} | set(self.state.servers))
+
+    def prepare_host(self, host: Host, packages: tuple[str, ...]) -> None:
+        wanted = tuple(dict.fromkeys(scripts.BASE_PACKAGES + packages))
+        result = host.run(["sh", "-c", scripts.INSTALL, "sh", *wanted], timeout=1800)
+        if not result.ok:
+            raise FabulaError(f"{host.name}: installing {' '.join(wanted)} failed:\n{result.stderr.strip()[-2000:]}",
+                              "run `apt-get install` of those packages on the host and read its error")
+        units = [u for p in wanted for u in scripts.UNITS.get(p, ())]
+        host.check(["sh", "-c", scripts.MASK_UNITS, "sh", *units])
+
+    def platform_host(self) -> Host:
+        return self.load_balancer.platform
+
+    # -- firewalls ----------------------------------------------------------------------------
+    def _addresses(self, roles: tuple[str, ...]) -> list[str]:
+        found = [h.address for h in self.env.hosts.values() if h.role in roles]
+        found += [s.address for s in self.state.servers.values() if s.role in roles and s.address]
+        return sorted({_ipv4(a) for a in found})
+
+    def apply_firewall(self, host: Host, rules: list[IngressRule | EgressRule]) -> bool:
+        assert isinstance(host, SshHost)
+        lb_address = _ipv4(self.load_balancer.public_address)
+        ingress = []
+        for rule in (r for r in rules if isinstance(r, IngressRule)):
+            sources: str | list[str] = ("any" if rule.from_anywhere else
+                                        self._addresses(rule.from_roles) + ([lb_address] if rule.from_load_balancer
+                                                                            else []))
+            ingress.append((rule.port, sources, rule.description))
+        egress = [(r.port, self._addresses(r.to_roles), r.description) for r in rules if isinstance(r, EgressRule)]
+        admins = [*self.env.admin_sources, ipaddress.ip_network(host.client_address())]
+        ruleset = render(__file__, "firewall.nft.j2", server=host.name, project=self.paths.project,
+                         env=self.paths.env, table=self.table, ssh_port=self.ssh.port,
+                         environment4=self._addresses(("lb", "web", "worker", "cache", "db-primary", "db-replica")),
+                         ssh4=sorted({str(n) for n in admins if n.version == 4}),
+                         ssh6=sorted({str(n) for n in admins if n.version == 6}), ingress=ingress, egress=egress)
+        path, saved = host.path("etc", "firewall.nft"), host.path("etc", "firewall.before")
+        changed = host.put_file(path, ruleset, mode=0o600)
+        if not changed and host.run(["nft", "list", "table", "inet", self.table]).ok:
+            return False
+        applied = host.run(["sh", "-c", scripts.APPLY_FIREWALL, "sh", self.table, str(path), str(saved),
+                            str(ROLLBACK_AFTER)])
+        if not applied.ok:
+            raise FabulaError(f"{host.name}: nft refuses the firewall {path}: {applied.stderr.strip()[-1000:]}")
+        self._confirm_reachable(host, saved)
+        return True
+
+    def _confirm_reachable(self, host: SshHost, saved: PurePosixPath) -> None:
+        """A new SSH connection must still get in before the firewall is kept: if none does, the
+        former rules come back (through the connection that is open, which the firewall keeps)."""
+        try:
+            with SshPool(connect_timeout=15) as fresh:
+                fresh.host(host.name, host.role, host.target, host.root).check(["true"], timeout=15)
+        except FabulaError as exc:
+            host.run(["sh", "-c", "kill $(cat \"$1.pid\") 2>/dev/null; nft flush table inet \"$2\"; "
+                      "if [ -s \"$1\" ]; then nft -f \"$1\"; else nft delete table inet \"$2\"; fi",
+                      "sh", str(saved), self.table])
+            raise FabulaError(f"{host.name}: with the new firewall, a new SSH connection from this machine does "
+                              f"not get in ({exc}); the former rules are back",
+                              "check `admin_sources` and `ssh.port` in fabula.yml") from None
+        host.check(["sh", "-c", scripts.CANCEL_ROLLBACK, "sh", str(saved)])
+
+    # -- removal ------------------------------------------------------------------------------
+    def _stop_and_remove(self, host: SshHost) -> None:
+        host.check(["sh", "-c", scripts.STOP_SERVER, "sh", str(self.env_root), str(host.root)], timeout=120)
+        host.check(["sh", "-c", scripts.REMOVE_FIREWALL, "sh", self.table, str(host.path("etc", "firewall.before"))])
+        host.check(["rm", "-rf", "--", str(host.root)], timeout=300)
+
+    def remove_server(self, name: str) -> None:
+        host = self.host(name)
+        assert isinstance(host, SshHost)
+        self._stop_and_remove(host)
+
+    def destroy(self) -> list[str]:
+        """Everything fabula put on the hosts: processes, files, firewall tables, the users it
+        made; the hosts stay reachable over SSH (their own sshd and login users are not fabula's)."""
+        hosts = self._all_hosts()
+        if self.load_balancer.is_running():
+            self.load_balancer.stop()
+
+        def remove(host: SshHost) -> str:
+            self._stop_and_remove(host)
+            made = json.loads(host.read_file(self.env_root / "sysadmins.json") or b"[]")
+            for name in made:
+                host.check(["sh", "-c", scripts.REMOVE_SYSADMIN, "sh", name, self._sudoers(name)])
+            host.check(["sh", "-c", scripts.REMOVE_ACCOUNTS, "sh", self.accounts.group,
+                        *self.accounts.users().values()], timeout=60)
+            host.check(["rm", "-rf", "--", str(self.env_root)], timeout=300)
+            host.run(["rmdir", "--", str(TREE / self.paths.project), str(TREE)])   # if nothing else is there
+            return f"host {host.name} ({host.address}): fabula's processes, files, firewall and users"
+
+        return self._each(hosts, remove)
+
+
+def _ipv4(address: str) -> str:
+    """An inventory address for a firewall rule: a host name is resolved (nftables takes addresses)."""
+    try:
+        return str(ipaddress.IPv4Address(address))
+    except ValueError:
+        try:
+            return socket.gethostbyname(address)
+        except OSError as exc:
+            raise FabulaError(f"cannot resolve {address}: {exc}",
+                              "give the host's address in `hosts:`, or make its name resolvable here") from None

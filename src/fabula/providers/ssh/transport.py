@@ -324,6 +324,18 @@ class SshPool:
             return 124, bytes(out), bytes(err) + f"timed out after {timeout}s\n".encode()
         return proc.returncode, bytes(out), bytes(err)
 
+    async def login_line(self, host: SshHost, command: str, timeout: float = 30) -> str:
+        """The line `command` prints after a marker, run by the SSH user's login shell itself (for
+        what only the login session knows, such as SSH_CLIENT); '' when it prints none."""
+        marker = f"fabula-{secrets.token_hex(8)}"
+        link = self._links.setdefault(host.target, _Link(host.target))
+        async with link.channels, asyncio.timeout(timeout):
+            conn = await self._connected(host.name, link)
+            result = await conn.run(f"printf '%s ' {marker}; {command}", check=False, encoding="utf-8",
+                                    errors="replace")
+        text = result.stdout if isinstance(result.stdout, str) else ""
+        return text.rpartition(marker + " ")[2].strip() if marker in text else ""
+
     async def _start(self, host: SshHost, link: _Link, argv: list[str], command: str) -> asyncssh.SSHClientProcess:
         """Open the channel and send the exec request; once more on a new connection if the
         connection was lost meanwhile: SNIPPET runs nothing before the env block's sentinel
@@ -453,6 +465,11 @@ class SshHost(Host):
             return subprocess.call([*ssh_argv(self.target, tty=sys.stdin.isatty()), command])
         finally:
             self._exec(["rm", "-f", "--", path])   # read and removed already, unless ssh failed first
+
+    def client_address(self) -> str:
+        """This machine's address as the host sees it (sshd's SSH_CLIENT): behind NAT or a jump
+        host, the address its firewall must admit for SSH."""
+        return self._pool.call(self._pool.login_line(self, 'echo "${SSH_CLIENT%% *}"'))
 
     def read(self, path) -> bytes | None:
         code, out, _ = self._script(READ, str(path))

@@ -9,8 +9,9 @@ HAProxy runs in its own process group, so a fault that kills HAProxy's processes
 master starts new workers on the same sockets), USR1 (the supervisor's stop) and TERM stop it,
 and this process exits with it.
 
-Run by the load balancer's supervisord as root:
-    python -I -m fabula.providers.local.socket_holder --listen ADDR:PORT ... --pidfile F -- haproxy ...
+Run by the load balancer's supervisord as root, from a copy of this file beside HAProxy's
+configuration (it needs nothing but Python 3's standard library, so it runs on any host):
+    python3 -I socket_holder.py --listen ADDR:PORT ... --pidfile F -- haproxy ...
 """
 from __future__ import annotations
 

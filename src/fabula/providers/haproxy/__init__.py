@@ -1,25 +1,25 @@
-"""The platform's load balancer on this machine: HAProxy in the machine's own namespace,
-terminating TLS and health-checking each web server over HTTPS (GET /healthcheck.html)."""
+"""The load balancer as HAProxy on a host of the provider's (the machine's own namespace locally,
+the `lb` host over SSH): terminating TLS and health-checking each web server over HTTPS
+(GET /healthcheck.html). Everything goes through the platform host's transport: its files, its
+supervisor, and HAProxy's runtime API (its stats socket, through socat)."""
 from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import signal
-import socket
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path, PurePosixPath
+from collections.abc import Sequence
+from pathlib import Path
 
 from fabula.config import LoadBalancerConfig
 from fabula.errors import FabulaError
 from fabula.pki import LB_VALIDITY, internal_name, needs_renewal, self_signed
-from fabula.providers.base import Backend, LoadBalancer, poll, run_local
-from fabula.providers.local.host import LocalHost
-from fabula.providers.local.socket_holder import is_haproxy, running_haproxy
+from fabula.providers.base import Backend, Host, LoadBalancer
 from fabula.supervisor import Program, Supervisor
 from fabula.templates import render
+
+# what the load balancer's host needs (python3: the socket holder)
+PACKAGES = ("haproxy", "socat", "python3", "supervisor")
+SOCKET_HOLDER = Path(__file__).with_name("socket_holder.py")
 
 CHECK_INTERVAL = "1s"  # with fall 2 and FAST_INTERVAL: a dead server is out within about 1.5 s
 FAST_INTERVAL = "250ms"  # checks while a server goes down or comes back up (rise 2: up 0.5 s after)
@@ -37,22 +37,22 @@ _HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a
 
 
 class HAProxyLoadBalancer(LoadBalancer):
-    def __init__(self, lb: LoadBalancerConfig, lb_dir: Path, ca_file: Path, gateway: Callable[[], str | None],
-                 project: str, env: str, hosts: Sequence[str] = (), bind: str = "127.0.0.1"):
-        self.lb, self.dir, self.ca_file, self.gateway = lb, lb_dir, ca_file, gateway
-        self.bind = bind  # local.bind: the machine's address HAProxy listens on
+    def __init__(self, platform: Host, lb: LoadBalancerConfig, ca_file: Path, project: str, env: str, *,
+                 public_address: str, bind: str, domains: Sequence[str] = ()):
+        self.platform, self.lb, self.ca_file = platform, lb, ca_file
+        self.dir = platform.root   # HAProxy's files, and its supervisor's
+        self.public_address = public_address   # where clients reach it: its URL, its certificate
+        self.bind = bind   # the address HAProxy listens on (0.0.0.0: every address of its host)
         self.project, self.env = project, env
-        self.hosts = tuple(hosts)   # the environment's `hosts`: names the HTTP port may redirect to
-        # the load balancer's own supervisor runs in the machine's namespace
-        self.platform = LocalHost("lb", "lb", str(bind), lb_dir, netns=None)
-        self.supervisor = Supervisor(self.platform)
+        self.domains = tuple(domains)   # the site's names: where the HTTP port may redirect to
+        self.supervisor = Supervisor(platform)
 
     def url(self) -> str:
         port = "" if self.lb.https_port == 443 else f":{self.lb.https_port}"
-        return f"https://{self.bind}{port}/"
+        return f"https://{self.public_address}{port}/"
 
     def is_running(self) -> bool:
-        return self.platform.supervisor_pid(self.supervisor.conf) is not None
+        return self.supervisor.is_running()
 
     def _certificate(self) -> bytes:
         certificate, key = self.lb.certificate, self.lb.key  # both or neither (LoadBalancerConfig)
@@ -62,8 +62,8 @@ class HAProxyLoadBalancer(LoadBalancer):
             except OSError as exc:
                 raise FabulaError(f"lb.certificate/lb.key: cannot read {exc.filename}: {exc.strerror}",
                                   "point lb.certificate and lb.key at readable PEM files") from None
-        names = [str(self.bind), "localhost"]
-        existing = self.platform.read_file(PurePosixPath(self.dir / "lb.pem"))
+        names = [self.public_address, "localhost"]
+        existing = self.platform.read_file(self.dir / "lb.pem")
         # made again within 30 days of its expiry, like the internal certificates
         if existing and not needs_renewal(existing, names, max_lifetime=LB_VALIDITY):
             return existing
@@ -71,23 +71,25 @@ class HAProxyLoadBalancer(LoadBalancer):
         return pair.cert_pem + pair.key_pem
 
     def known_hosts(self) -> list[str]:
-        """The names the HTTP port redirects to as asked; any other Host goes to the bind address."""
-        names = [str(self.bind)] + [h.lower() for h in self.hosts if _HOST_NAME.match(h.lower())]
+        """The names the HTTP port redirects to as asked; any other Host goes to the public address."""
+        names = [self.public_address] + [h.lower() for h in self.domains if _HOST_NAME.match(h.lower())]
         return list(dict.fromkeys(names))
 
     def ensure(self, backends: list[Backend]) -> None:
-        self.platform.make_dirs([PurePosixPath(self.dir)])
-        certificate_changed = self.platform.put_file(PurePosixPath(self.dir / "lb.pem"), self._certificate(),
-                                                     mode=0o600)
+        host = self.platform
+        host.make_dirs([self.dir])
+        certificate_changed = host.put_file(self.dir / "lb.pem", self._certificate(), mode=0o600)
+        certificate_changed |= host.put_file(self.dir / "ca.pem", self.ca_file.read_bytes())
+        host.put_file(self.dir / "socket_holder.py", SOCKET_HOLDER.read_bytes())
         https_suffix = "" if self.lb.https_port == 443 else f":{self.lb.https_port}"
         listen = [self._address(self.lb.https_port), self._address(self.lb.http_port)]
 
         def config_for(https_listener: str, http_listener: str) -> str:
             return render(__file__, "haproxy.cfg.j2", project=self.project, env=self.env, lb_dir=self.dir,
-                          bind=self.bind, http_port=self.lb.http_port, https_port=self.lb.https_port,
-                          https_listener=https_listener, http_listener=http_listener,
-                          https_suffix=https_suffix, ca_file=self.ca_file, check_interval=CHECK_INTERVAL,
-                          fast_interval=FAST_INTERVAL, error_limit=ERROR_LIMIT,
+                          public_address=self.public_address, http_port=self.lb.http_port,
+                          https_port=self.lb.https_port, https_listener=https_listener,
+                          http_listener=http_listener, https_suffix=https_suffix, ca_file=self.dir / "ca.pem",
+                          check_interval=CHECK_INTERVAL, fast_interval=FAST_INTERVAL, error_limit=ERROR_LIMIT,
                           servers=[(b, internal_name(b.name, self.env, self.project)) for b in backends],
                           known_hosts=self.known_hosts(), ciphers=CIPHERS, ciphersuites=CIPHERSUITES,
                           curves=CURVES, hsts_max_age=HSTS_MAX_AGE)
@@ -96,16 +98,16 @@ class HAProxyLoadBalancer(LoadBalancer):
         # nothing, reads the same configuration with their addresses in their place
         config = config_for("fd@3", "fd@4")
         candidate = self.dir / "haproxy.cfg.new"
-        candidate.write_text(config_for(*listen))
-        checked = run_local(["haproxy", "-c", "-q", "-f", str(candidate)])
+        host.put_file(candidate, config_for(*listen), mode=0o600)
+        checked = host.run(["haproxy", "-c", "-q", "-f", str(candidate)])
         if not checked.ok:
             raise FabulaError(f"load balancer: HAProxy rejects the generated configuration "
-                              f"{candidate}:\n{checked.stdout}{checked.stderr}")
-        candidate.unlink()
-        changed = self.platform.put_file(PurePosixPath(self.dir / "haproxy.cfg"), config)
+                              f"{candidate} on {host.name}:\n{checked.stdout}{checked.stderr}")
+        host.run(["rm", "-f", str(candidate)])
+        changed = host.put_file(self.dir / "haproxy.cfg", config)
         self.supervisor.ensure_running()
-        holder = [sys.executable, "-I", "-m", "fabula.providers.local.socket_holder", "--pidfile",
-                  str(self.dir / "haproxy.pid")] + [arg for address in listen for arg in ("--listen", address)]
+        holder = ["python3", "-I", str(self.dir / "socket_holder.py"), "--pidfile", str(self.dir / "haproxy.pid")]
+        holder += [arg for address in listen for arg in ("--listen", address)]
         started = self.supervisor.apply([Program(
             name="haproxy", command=[*holder, "--", "haproxy", "-W", "-db", "-f", str(self.dir / "haproxy.cfg")],
             stopsignal="USR1", stopwaitsecs=30)])
@@ -119,20 +121,9 @@ class HAProxyLoadBalancer(LoadBalancer):
 
     def _command(self, command: str) -> str:
         """A command on HAProxy's runtime API (its stats socket); '' when HAProxy does not answer."""
-        sock_path = self.dir / "haproxy.sock"
-        if not sock_path.exists():
-            return ""
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(3)
-                sock.connect(str(sock_path))
-                sock.sendall(command.encode() + b"\n")
-                data = b""
-                while chunk := sock.recv(65536):
-                    data += chunk
-        except OSError:
-            return ""
-        return data.decode()
+        result = self.platform.run(["socat", "-t", "3", "-", f"UNIX-CONNECT:{self.dir / 'haproxy.sock'}"],
+                                   input=command + "\n", timeout=10)
+        return result.stdout if result.ok else ""
 
     def _stats(self) -> list[dict[str, str]]:
         text = self._command("show stat").lstrip("# ")
@@ -160,8 +151,14 @@ class HAProxyLoadBalancer(LoadBalancer):
         if self.is_running():
             self.supervisor.ctl("shutdown", timeout=60)
         # the holder stops HAProxy on its way out; a HAProxy whose holder was killed runs on alone
-        pid = running_haproxy(self.dir / "haproxy.pid")
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            poll(lambda: not is_haproxy(pid), timeout=30)
+        self.platform.run(["sh", "-c", STOP_LEFTOVER, "sh", str(self.dir / "haproxy.pid")], timeout=40)
 
+
+# TERM to the HAProxy the pidfile names (if it is one), then wait up to 30 s for it to go
+STOP_LEFTOVER = """pid=$(cat -- "$1" 2>/dev/null) || exit 0
+case $pid in ''|*[!0-9]*) exit 0;; esac
+is_haproxy() { tr '\\0' '\\n' < /proc/$pid/cmdline 2>/dev/null | head -n1 | grep -q 'haproxy$'; }
+is_haproxy || exit 0
+kill -TERM "$pid" 2>/dev/null
+i=0; while is_haproxy && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+"""
