@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fabula import release as releases
 from fabula.context import Context, Release
+from fabula.deploy import in_place
 from fabula.deploy.group import (
     bring_into_service,
     launch_or_remove,
@@ -211,8 +212,14 @@ def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, p
         plan = plan_deploy(ctx, new, requested)
         op.details.update(from_release=plan.from_release, to_release=new.id, strategy=plan.strategy,
                           reason=plan.reason)
-        ctx.out.step("deploy", f"{plan.strategy} deploy of {new.id}: {plan.reason}")
-        if plan.strategy == "serial":
+        ctx.out.step("deploy", f"{plan.strategy} deploy of {new.id}: {plan.reason}"
+                     + (" (in place: a fixed inventory)" if ctx.env.fixed_inventory else ""))
+        if ctx.env.fixed_inventory:  # the web group cannot make servers: each host takes the release
+            if plan.strategy == "serial":
+                in_place.serial(ctx, op, new, plan.replace, migrate_and_update_workers)
+            else:
+                in_place.full(ctx, op, new, plan.replace, update_workers)
+        elif plan.strategy == "serial":
             serial(ctx, op, new, plan.replace)
         else:
             full(ctx, op, new, plan.replace)

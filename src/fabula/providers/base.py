@@ -164,6 +164,10 @@ class LoadBalancer(abc.ABC):
     def drain(self, name: str) -> None:
         """Send no new requests to this backend; those in flight finish."""
 
+    def ready(self, name: str) -> None:
+        """Send requests to a drained backend again (an in-place deploy puts a host back)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot put a drained backend back")
+
     @abc.abstractmethod
     def active_requests(self, name: str) -> int:
         """Requests the backend is serving now (0 once a drained backend is idle)."""

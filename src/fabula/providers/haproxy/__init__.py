@@ -132,6 +132,9 @@ class HAProxyLoadBalancer(LoadBalancer):
     def drain(self, name: str) -> None:
         self._command(f"set server web/{name} state drain")
 
+    def ready(self, name: str) -> None:
+        self._command(f"set server web/{name} state ready")
+
     def active_requests(self, name: str) -> int:
         for row in self._stats():
             if row.get("pxname") == "web" and row.get("svname") == name:
