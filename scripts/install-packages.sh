@@ -6,7 +6,7 @@ set -euo pipefail
 # openssh-server for its sshd binary only: the ssh provider's tests start their own sshd in each
 # test namespace (tests/e2e/ssh); the machine's own ssh service is kept off (below)
 PACKAGES=(haproxy nginx-light pgbouncer redis-server rabbitmq-server postgresql-15 postgresql-client-15
-          nftables supervisor iproute2 util-linux git curl ca-certificates openssh-server openssh-client socat)
+          nftables supervisor iproute2 util-linux git curl ca-certificates openssh-server openssh-client socat sudo)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -10,34 +10,48 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
 from fabula.sample import SampleEnvironment as Environment
 from fabula.sample import free_ports, local_keys, make_app_repo
+from tests.sshlab import ROLES, ssh_keys, ssh_lab
 
 ENV = "acc"
 PROVIDERS = [p for p in os.environ.get("FABULA_ACCEPTANCE_PROVIDERS", "local").split(",") if p]
 
 
-def provider_section(provider: str, https_port: int, http_port: int) -> str:
-    """The environment's provider-specific keys, as fabula.yml lines (indented for an environment)."""
+@contextmanager
+def provider_section(provider: str, https_port: int, http_port: int) -> Iterator[tuple[str, str | None]]:
+    """The environment's provider-specific keys, as fabula.yml lines (indented for an environment),
+    and its `servers:` (None: the provider's servers are its `hosts:`), with what the provider's
+    servers need meanwhile (ssh: a lab of hosts, each a network namespace running sshd)."""
     if provider == "local":
-        return local_keys(https_port, http_port)
-    raise ValueError(f"no acceptance set-up for provider {provider!r}")
+        yield local_keys(https_port, http_port), "{web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}"
+    elif provider == "ssh":
+        with ssh_lab(len(ROLES)) as lab:
+            yield ssh_keys(lab, https_port, http_port), None
+    else:
+        raise ValueError(f"no acceptance set-up for provider {provider!r}")
 
 
 @contextmanager
-def acceptance_environment(provider: str, servers: str, extra: str = "") -> Iterator[Environment]:
+def acceptance_environment(provider: str, extra: str = "") -> Iterator[Environment]:
     if os.geteuid() != 0:
         pytest.skip("acceptance tests need root")
+    with ExitStack() as stack:
+        keys, servers = stack.enter_context(provider_section(provider, *free_ports(2)))
+        yield stack.enter_context(_environment(provider, keys + extra, servers))
+
+
+@contextmanager
+def _environment(provider: str, keys: str, servers: str | None) -> Iterator[Environment]:
     base = Path(tempfile.mkdtemp(prefix="fabula-acc-", dir="/var/tmp"))
     base.chmod(0o755)
     app = base / "app"
-    make_app_repo(app, f"acc-{os.urandom(3).hex()}", ENV, extra + provider_section(provider, *free_ports(2)),
-                  provider=provider, servers=servers)
+    make_app_repo(app, f"acc-{os.urandom(3).hex()}", ENV, keys, provider=provider, servers=servers)
     env = Environment(app, base / "state", ENV)
     try:
         created = env.fabula("create", ENV, timeout=900)
@@ -55,6 +69,5 @@ def acceptance_environment(provider: str, servers: str, extra: str = "") -> Iter
 def environment(request) -> Iterator[Environment]:
     """One environment per provider for the whole suite (creating one is the slow part): the
     modules run in name order, architecture, then db (promote, restore), then deploy."""
-    with acceptance_environment(request.param, "{web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}",
-                                extra="    db: {synchronous: true}\n") as env:
+    with acceptance_environment(request.param, extra="    db: {synchronous: true}\n") as env:
         yield env

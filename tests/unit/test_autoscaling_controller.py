@@ -62,7 +62,8 @@ def world(tmp_path, monkeypatch):
     def open_environment(config_path, env_name, out):
         fresh = EnvState.load(paths)
         return SimpleNamespace(env=env, env_name="e", project="p", paths=paths, state=fresh, out=out, hosts={},
-                               provider=SimpleNamespace(load_balancer=lb), config=SimpleNamespace(path=config_path))
+                               provider=SimpleNamespace(load_balancer=lb, shared_store=lambda: None),
+                               config=SimpleNamespace(path=config_path))
 
     def set_desired(ctx, op, desired, health=None):
         """Like the real one: the state and the load balancer get exactly `desired` web servers."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
@@ -40,14 +41,16 @@ with operation(ctx, "create", command="fabula create testing"):
 
 
 def make_context(base: Path) -> Context:
-    """A context on a temporary state directory, with no provider: enough for locks and history."""
+    """A context on a temporary state directory, with a provider that only says its environment is
+    not shared: enough for locks and history."""
     config_path = base / "fabula.yml"
     if not config_path.exists():
         config_path.write_text(VALID)
     paths = EnvPaths(base / "state", "polls", "testing")
     out = Output(quiet=True, err_console=Console(file=io.StringIO(), width=400))
     return Context(config=load_config(config_path), env_name="testing", env=None, paths=paths,
-                   state=EnvState(project="polls", env="testing"), out=out, provider=None)
+                   state=EnvState(project="polls", env="testing"), out=out,
+                   provider=SimpleNamespace(shared_store=lambda: None))
 
 
 def warnings(ctx: Context) -> str:
@@ -239,6 +242,9 @@ class FakeProvider:
 
     def check_prerequisites(self) -> None:
         pass
+
+    def shared_store(self) -> None:
+        return None
 
     def destroy(self) -> list[str]:
         self.destroyed += 1

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 
 from fabula.context import Context
-from fabula.environment import history, lock
+from fabula.environment import history, lock, sharing
 from fabula.environment.lock import Holder
 from fabula.errors import FabulaError
 
@@ -118,6 +118,14 @@ def operation(ctx: Context, action: str, command: str | None = None, force: bool
     ctx.paths.make_env_dir()
     holder = Holder.of_this_process(action, command)
     nested = acquire_waiting_for_autoscaler(ctx, holder, force)
+    # the team's lock too, where operators on other machines share the environment
+    store = None if nested else ctx.provider.shared_store()
+    if store is not None:
+        try:
+            sharing.take(ctx, store, holder, asdict(holder))
+        except BaseException:
+            release(ctx, holder)
+            raise
     if not nested:
         ctx.state.reload(ctx.paths)  # another process may have changed the environment meanwhile
     op = Operation(ctx, holder)
@@ -133,8 +141,12 @@ def operation(ctx: Context, action: str, command: str | None = None, force: bool
         except OSError as exc:  # e.g. a full disk: say so, but keep the operation's own error
             ctx.out.warn(f"could not record {action} in {history.history_path(ctx.paths)}: {exc}")
         finally:
-            if not nested:
-                release(ctx, holder, remove_dir=op.removes_environment and error is None)
+            try:
+                if store is not None:
+                    sharing.give_back(ctx, store, removed=op.removes_environment and error is None)
+            finally:
+                if not nested:
+                    release(ctx, holder, remove_dir=op.removes_environment and error is None)
 
 
 AUTOSCALER_ACTION = "autoscale"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fabula.config import EnvironmentConfig, load_config
 from fabula.context import Context
+from fabula.environment import sharing
 from fabula.output import Output
 from fabula.providers.base import Provider
 from fabula.providers.local import LocalProvider
@@ -30,5 +31,6 @@ def open_environment(config_path: Path, env_name: str, out: Output, *, root: Pat
     paths = EnvPaths(root or state_root(), config.project.project, env_name)
     state = EnvState.load(paths) or EnvState(project=paths.project, env=env_name, provider=env.provider)
     provider = PROVIDERS[env.provider](paths, env, state, os.geteuid() if euid is None else euid)
-    return Context(config=config, env_name=env_name, env=env, paths=paths, state=state, out=out,
-                   provider=provider)
+    ctx = Context(config=config, env_name=env_name, env=env, paths=paths, state=state, out=out, provider=provider)
+    sharing.refresh(ctx)  # a team's environment: the state as its hosts have it
+    return ctx

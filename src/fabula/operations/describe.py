@@ -58,6 +58,16 @@ def server_report(ctx: Context, name: str, lb_health: dict[str, str]) -> dict:
     return report
 
 
+def shared_lock(ctx: Context) -> dict | None:
+    """The team's lock (a provider with a shared store), as `lock.report` shows a local one."""
+    store = ctx.provider.shared_store()
+    holder = store.holder() if store is not None else None
+    if holder is None:
+        return None
+    return {key: holder.get(key) for key in ("owner", "pid", "started", "action", "command")} | {
+        "stale": False, "shared": True}
+
+
 def describe(ctx: Context) -> dict:
     lb = ctx.provider.load_balancer
     health = lb.health()
@@ -77,7 +87,7 @@ def describe(ctx: Context) -> dict:
         "load_balancer": {"running": lb.is_running(), "url": lb.url(), "backends": health,
                           "services": platform_services(ctx, lb)},
         "servers": servers, "exists": ctx.paths.state_file.exists(),
-        "lock": lock.report(ctx.paths),  # who is changing the environment right now, if anyone
+        "lock": shared_lock(ctx) or lock.report(ctx.paths),  # who is changing the environment now, if anyone
         # the web group: min/desired/max, target, demand, suspended processes, last decisions
         "autoscaling": group_report(ctx, health) if ctx.paths.state_file.exists() else None,
     }

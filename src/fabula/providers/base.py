@@ -219,8 +219,41 @@ class WebGroup(abc.ABC):
         """The launch configuration's release id; None before the environment is created."""
 
 
+class SharedStore(abc.ABC):
+    """Where a team's operators share an environment whose servers are not on one machine (a
+    fixed inventory reached from several laptops): its lock, and the files that say what it is
+    (state, history, secrets, certificate authority), kept on the platform's side."""
+
+    @abc.abstractmethod
+    def acquire(self, holder: dict) -> dict | None:
+        """Take the shared lock for `holder` (kept until release(), and released by the platform
+        if this process dies or is cut off): None, or the record of whoever holds it."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        ...
+
+    @abc.abstractmethod
+    def holder(self) -> dict | None:
+        """The record of whoever holds the shared lock now, or None."""
+
+    @abc.abstractmethod
+    def pull(self, files: dict[str, Path]) -> None:
+        """Copy each shared file or folder (name -> this machine's path) that exists over this
+        machine's copy; what is not shared yet stays as it is here."""
+
+    @abc.abstractmethod
+    def push(self, files: dict[str, Path]) -> None:
+        """Replace the shared copies by this machine's files and folders (those that exist)."""
+
+
 class Provider(abc.ABC):
     name: str
+
+    def shared_store(self) -> SharedStore | None:
+        """Where operators on several machines share the environment; None when its state lives
+        on this machine only (local: the servers are this machine's too)."""
+        return None
 
     def web_group(self, ctx: Any) -> WebGroup | None:
         """The platform's own web group for the operation's context (fabula.context.Context: Any

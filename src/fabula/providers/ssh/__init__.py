@@ -14,11 +14,12 @@ from typing import TypeVar
 from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig, SshConfig
 from fabula.errors import FabulaError, PrerequisiteError
-from fabula.providers.base import EgressRule, Host, IngressRule, Provider
+from fabula.providers.base import EgressRule, Host, IngressRule, Provider, SharedStore
 from fabula.providers.haproxy import PACKAGES as LB_PACKAGES
 from fabula.providers.haproxy import HAProxyLoadBalancer
 from fabula.providers.ssh import scripts
 from fabula.providers.ssh.scripts import HostFacts
+from fabula.providers.ssh.shared import HostStore
 from fabula.providers.ssh.transport import SshHost, SshPool, SshTarget
 from fabula.state import EnvPaths, EnvState
 from fabula.templates import render
@@ -47,6 +48,11 @@ class SshProvider(Provider):
         self.load_balancer = HAProxyLoadBalancer(platform, env.lb, paths.pki_dir / "ca.pem", paths.project,
                                                  paths.env, public_address=lb.address, bind="0.0.0.0",
                                                  domains=env.domains)
+        # the team's lock and files: on the load balancer's host, whose role never changes
+        self.store = HostStore(platform, self.env_root / "shared", paths.tag)
+
+    def shared_store(self) -> SharedStore:
+        return self.store
 
     # -- the inventory ------------------------------------------------------------------------
     def _target(self, address: str) -> SshTarget:
@@ -167,7 +173,8 @@ class SshProvider(Provider):
         return sorted({n for n, h in self.env.hosts.items() if h.role != "lb"} | set(self.state.servers))
 
     def prepare_host(self, host: Host, packages: tuple[str, ...]) -> None:
-        wanted = tuple(dict.fromkeys(scripts.BASE_PACKAGES + packages))
+        sysadmins = ("sudo",) if self.env.users else ()
+        wanted = tuple(dict.fromkeys(scripts.BASE_PACKAGES + sysadmins + packages))
         result = host.run(["sh", "-c", scripts.INSTALL, "sh", *wanted], timeout=1800)
         if not result.ok:
             raise FabulaError(f"{host.name}: installing {' '.join(wanted)} failed:\n{result.stderr.strip()[-2000:]}",
@@ -252,7 +259,11 @@ class SshProvider(Provider):
             host.check(["sh", "-c", scripts.REMOVE_ACCOUNTS, "sh", self.accounts.group,
                         *self.accounts.users().values()], timeout=60)
             host.check(["rm", "-rf", "--", str(self.env_root)], timeout=300)
-            host.run(["rmdir", "--", str(TREE / self.paths.project), str(TREE)])   # if nothing else is there
+            # the team lock's files (the lock this command holds goes with its channel)
+            host.run(["rm", "-f", "--", str(self.store.lock_file), str(self.store.holder_file)])
+            # fabula's tree and its host-wide lock, if no other environment is there
+            host.run(["sh", "-c", 'rmdir -- "$1" "$2" 2>/dev/null && rm -f -- "$3"; exit 0', "sh",
+                      str(TREE / self.paths.project), str(TREE), scripts.LOCK])
             return f"host {host.name} ({host.address}): fabula's processes, files, firewall and users"
 
         return self._each(hosts, remove)

@@ -324,6 +324,34 @@ class SshPool:
             return 124, bytes(out), bytes(err) + f"timed out after {timeout}s\n".encode()
         return proc.returncode, bytes(out), bytes(err)
 
+    async def hold(self, host: SshHost, argv: list[str], ready: str, timeout: float = 30) -> tuple[Held | None, str]:
+        """Start `argv` (as root) and keep it running until the Held is closed: (Held, '') once it
+        prints the line `ready`; (None, what it printed) if it ends first. The channel's end (close(),
+        fabula killed, the connection lost) ends the command on the host too (its stdin closes,
+        and setpriv's parent-death signal)."""
+        block = env_block(None)
+        marker = f"fabula-{secrets.token_hex(8)}"
+        command = remote_command(argv, env_source=len(block), marker=marker, cwd="/",
+                                 sudo=host.target.user != "root")
+        link = self._links.setdefault(host.target, _Link(host.target))
+        await link.channels.acquire()   # one channel of the host's, for as long as it is held
+        try:
+            async with asyncio.timeout(timeout):
+                proc = await self._start(host, link, argv, command)
+                proc.stdin.write(block)
+                demarker, seen = Demarker(marker), b""
+                while chunk := await proc.stdout.read(CHUNK):
+                    seen += demarker.feed(chunk)
+                    if ready.encode() + b"\n" in seen:
+                        return Held(self, proc, link), ""
+                seen += demarker.end()
+                await proc.wait_closed()
+        except BaseException:
+            link.channels.release()
+            raise
+        link.channels.release()
+        return None, seen.decode(errors="replace")
+
     async def login_line(self, host: SshHost, command: str, timeout: float = 30) -> str:
         """The line `command` prints after a marker, run by the SSH user's login shell itself (for
         what only the login session knows, such as SSH_CLIENT); '' when it prints none."""
@@ -363,6 +391,41 @@ class SshPool:
             if retried:
                 raise _lost(host, argv, lost)
             retried = True
+
+
+class Held:
+    """A command SshPool.hold keeps running on a host (e.g. `flock` holding a lock)."""
+
+    def __init__(self, pool: SshPool, proc: asyncssh.SSHClientProcess, link: _Link):
+        self._pool, self._proc, self._link = pool, proc, link
+        self._ticker: asyncio.Task | None = None
+
+    def every(self, seconds: float, data: bytes) -> None:
+        """Send `data` to the command's stdin every `seconds` (a heartbeat it waits for)."""
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                self._proc.stdin.write(data)
+
+        async def start() -> None:
+            self._ticker = asyncio.get_running_loop().create_task(tick())
+
+        self._pool.call(start())
+
+    def close(self) -> None:
+        self._pool.call(self._close())
+
+    async def _close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        try:
+            self._proc.stdin.write_eof()
+            async with asyncio.timeout(10):
+                await self._proc.wait_closed()
+        except (TimeoutError, asyncssh.Error, OSError):
+            self._proc.close()
+        finally:
+            self._link.channels.release()
 
 
 def _lost(host: SshHost, argv: list[str], exc: BaseException | None) -> SshUnreachable:
@@ -470,6 +533,10 @@ class SshHost(Host):
         """This machine's address as the host sees it (sshd's SSH_CLIENT): behind NAT or a jump
         host, the address its firewall must admit for SSH."""
         return self._pool.call(self._pool.login_line(self, 'echo "${SSH_CLIENT%% *}"'))
+
+    def hold(self, argv: list[str], ready: str, timeout: float = 30) -> tuple[Held | None, str]:
+        """SshPool.hold on this host."""
+        return self._pool.call(self._pool.hold(self, argv, ready, timeout))
 
     def read(self, path) -> bytes | None:
         code, out, _ = self._script(READ, str(path))

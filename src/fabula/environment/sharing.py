@@ -1,0 +1,54 @@
+"""An environment shared by a team (a provider with a SharedStore: ssh): its lock, state, history,
+secrets and certificate authority are the store's; this machine's state directory is a copy,
+refreshed when a command opens the environment and again once it holds the lock, and sent back
+when a changing command ends."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fabula.context import Context
+from fabula.environment.lock import Holder
+from fabula.errors import FabulaError
+from fabula.providers.base import SharedStore
+from fabula.state import EnvPaths
+
+
+def shared_files(paths: EnvPaths) -> dict[str, Path]:
+    """What the store keeps, by name: this machine's paths of it."""
+    return {"state.json": paths.state_file, "history.jsonl": paths.history_file, "secrets": paths.secrets_dir,
+            "pki": paths.pki_dir}
+
+
+def refresh(ctx: Context) -> None:
+    """This machine's copy made the store's (when the provider has one)."""
+    store = ctx.provider.shared_store()
+    if store is None:
+        return
+    ctx.paths.make_env_dir()
+    store.pull(shared_files(ctx.paths))
+    ctx.state.reload(ctx.paths)
+
+
+def take(ctx: Context, store: SharedStore, holder: Holder, as_dict: dict) -> None:
+    """The store's lock for `holder`, then its files: an error naming whoever holds the lock."""
+    current = store.acquire(as_dict)
+    if current is not None:
+        who = Holder.from_json(current)
+        raise FabulaError(f"environment {ctx.env_name} is locked by {who.describe()}, an operator of another "
+                          f"machine ({who.host}): the team's lock is on the environment's hosts",
+                          "wait until that command ends (the lock goes with it, also if that machine "
+                          "is cut off: within a minute)")
+    try:
+        store.pull(shared_files(ctx.paths))
+    except BaseException:
+        store.release()
+        raise
+
+
+def give_back(ctx: Context, store: SharedStore, removed: bool) -> None:
+    """The files back to the store (unless the environment was destroyed), and its lock released."""
+    try:
+        if not removed:
+            store.push(shared_files(ctx.paths))
+    finally:
+        store.release()

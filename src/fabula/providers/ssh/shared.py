@@ -1,0 +1,133 @@
+"""The environment's shared store on its load balancer's host (the one host whose role never
+changes: a failover swaps the databases): a team's operators, each with a state directory of their
+own, see one lock, one state, one history and one set of secrets.
+
+The lock is `flock` on a file in /run, held by a command that a channel of this process's SSH
+connection keeps running: it ends, and the kernel releases the lock, when the command ends, when
+fabula dies (its connection closes, and setpriv's parent-death signal), and when nothing is heard
+from fabula for HEARTBEAT_TIMEOUT seconds (a laptop that vanished without closing its TCP
+connection). So a shared lock is never stale, and never needs `fabula unlock`.
+
+The files live in <env tree>/shared/ (0700, root's), moved as one tar stream each way."""
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from fabula.errors import FabulaError
+from fabula.providers.base import SharedStore
+from fabula.providers.ssh.transport import Held, SshHost
+
+HEARTBEAT = 15            # seconds between the client's heartbeats on the lock's channel
+HEARTBEAT_TIMEOUT = 60    # seconds without one before the host lets the lock go
+BUSY = 75                 # the lock script's exit status when another holds the lock
+
+# $1 the lock file, $2 the holder file, $3 the holder's record, $4 the line that says "held"
+LOCK = f"""exec 9>>"$1" || exit 1
+flock -n 9 || {{ cat -- "$2" 2>/dev/null; exit {BUSY}; }}
+umask 077
+printf '%s\\n' "$3" > "$2"
+echo "$4"
+while read -r -t {HEARTBEAT_TIMEOUT} _; do :; done
+rm -f -- "$2"
+"""
+# $1 the lock file, $2 the holder file: the holder's record while the lock is held
+HOLDER = """exec 9>>"$1" || exit 1
+if flock -n -s 9; then exit 0; fi
+cat -- "$2" 2>/dev/null
+exit 0
+"""
+# $1 the shared folder, $2 a tar file: the folder's files packed into it (exit 3: no folder yet)
+PACK = """[ -d "$1" ] || exit 3
+umask 077
+exec tar -cf "$2" -C "$1" .
+"""
+# $1 the shared folder, $2 a tar file: unpacked over the folder, then removed
+UNPACK = """umask 077
+mkdir -p -- "$1" && chmod 700 -- "$1" && tar -xf "$2" --no-same-owner -C "$1"; s=$?
+rm -f -- "$2"
+exit $s
+"""
+
+
+class HostStore(SharedStore):
+    def __init__(self, host: SshHost, folder: PurePosixPath, tag: str):
+        self.host, self.folder = host, folder
+        self.lock_file = PurePosixPath(f"/run/fabula-{tag}.lock")
+        self.holder_file = PurePosixPath(f"/run/fabula-{tag}.holder")
+        self._held: Held | None = None
+
+    def acquire(self, holder: dict) -> dict | None:
+        ready = f"held-{secrets.token_hex(8)}"
+        held, printed = self.host.hold(["sh", "-c", LOCK, "sh", str(self.lock_file), str(self.holder_file),
+                                        json.dumps(holder), ready], ready)
+        if held is None:
+            return _record(printed) or {"owner": "another fabula", "command": "?"}
+        self._held = held
+        held.every(HEARTBEAT, b"\n")
+        return None
+
+    def release(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            held.close()
+
+    def holder(self) -> dict | None:
+        result = self.host.run(["sh", "-c", HOLDER, "sh", str(self.lock_file), str(self.holder_file)])
+        return _record(result.stdout) if result.ok else None
+
+    def pull(self, files: dict[str, Path]) -> None:
+        remote = PurePosixPath(f"/run/fabula-pull-{secrets.token_hex(6)}.tar")
+        packed = self.host.run(["sh", "-c", PACK, "sh", str(self.folder), str(remote)])
+        if packed.returncode == 3:
+            return   # nothing shared yet: the first create
+        if not packed.ok:
+            raise FabulaError(f"{self.host.name}: cannot read the environment's shared files in {self.folder}: "
+                              f"{packed.stderr.strip()[-500:]}")
+        with tempfile.TemporaryDirectory(prefix="fabula-shared-") as tmp:
+            archive, unpacked = Path(tmp) / "shared.tar", Path(tmp) / "files"
+            try:
+                self.host.fetch(remote, archive)
+            finally:
+                self.host.run(["rm", "-f", "--", str(remote)])
+            unpacked.mkdir()
+            with tarfile.open(archive) as tar:
+                tar.extractall(unpacked, filter="data")
+            for name, local in files.items():
+                source = unpacked / name
+                if source.is_dir():
+                    shutil.rmtree(local, ignore_errors=True)
+                    shutil.copytree(source, local)
+                    local.chmod(0o700)
+                elif source.is_file():
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, local)
+                    local.chmod(0o600)
+
+    def push(self, files: dict[str, Path]) -> None:
+        remote = PurePosixPath(f"/run/fabula-push-{secrets.token_hex(6)}.tar")
+        with tempfile.TemporaryDirectory(prefix="fabula-shared-") as tmp:
+            archive = Path(tmp) / "shared.tar"
+            with tarfile.open(archive, mode="w") as tar:
+                for name, local in files.items():
+                    if local.exists():
+                        tar.add(local, arcname=name)
+            self.host.push(archive, remote)
+        self.host.check(["sh", "-c", UNPACK, "sh", str(self.folder), str(remote)])
+
+
+def _record(text: str) -> dict | None:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            found = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(found, dict):
+            return found
+    if text.strip():
+        raise FabulaError(f"the shared lock's holder record is unreadable: {text.strip()[:200]}")
+    return None
