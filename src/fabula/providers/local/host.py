@@ -1,10 +1,16 @@
 """A server of the local provider: a network namespace with a private directory on this machine."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import pwd
+import selectors
 import shutil
+import signal
 import subprocess
+import termios
+import tty
 from pathlib import Path, PurePath, PurePosixPath
 
 from fabula.accounts import Accounts
@@ -37,7 +43,9 @@ class LocalHost(Host):
         # a forked child does not inherit the signal.
         prefix += ["setpriv", "--pdeathsig=KILL"]
         if user and user != "root":
-            prefix += [f"--reuid={user}", f"--regid={_ids(user)[1]}", "--init-groups"]
+            # no new privileges: a setuid program (su, sudo...) or file capabilities cannot lift
+            # the app's code (or a database tool) back to root
+            prefix += [f"--reuid={user}", f"--regid={_ids(user)[1]}", "--init-groups", "--no-new-privs"]
         return prefix + argv
 
     def _env(self, env: dict[str, str] | None, user: str | None) -> dict[str, str]:
@@ -49,7 +57,15 @@ class LocalHost(Host):
                          cwd=str(self.root) if os.path.isdir(self.root) else None)
 
     def interactive(self, argv: list[str], *, user=None, env=None) -> int:
-        return subprocess.call(self._argv(argv, user), env=self._env(env, user))
+        """The command with the operator's terminal, which must not become the command's: code of
+        the app (manage.py, its settings) that held root's terminal could type root's next command
+        into it (TIOCSTI) or read what root types after it. Given a terminal, the command gets a
+        pseudo-terminal of its own in a session of its own, and fabula relays the bytes (sudo's
+        use_pty); otherwise it runs in a session of its own, with no controlling terminal at all."""
+        command, environment = self._argv(argv, user), self._env(env, user)
+        if not os.isatty(0):
+            return subprocess.call(command, env=environment, start_new_session=True)
+        return on_own_terminal(command, environment, owner=user)
 
     # -- the transport: the server's files are this machine's files -----------------------
     def read(self, path) -> bytes | None:
@@ -97,3 +113,129 @@ class LocalHost(Host):
         except (OSError, ValueError):  # no pidfile, or the process gone (ENOENT, ESRCH)
             return None
         return pid if str(config).encode() in cmdline else None
+
+
+# -- a pseudo-terminal of the command's own, relayed to the operator's ---------------------------
+
+def _copy_window_size(source: int, target: int) -> None:
+    try:
+        fcntl.ioctl(target, termios.TIOCSWINSZ, fcntl.ioctl(source, termios.TIOCGWINSZ, bytes(8)))
+    except OSError:
+        pass
+
+
+def on_own_terminal(argv: list[str], env: dict[str, str], owner: str | None = None) -> int:
+    """Run argv on a new pseudo-terminal, as the leader of a new session whose controlling terminal
+    it is, while this process relays the bytes between it and its own terminal (fd 0; raw meanwhile,
+    the window size followed); the command's exit status. Its stdout and stderr are the new terminal
+    where this process has a terminal, else this process's own (a redirected output stays clean).
+    TIOCSTI, which needs the target to be the caller's controlling terminal, reaches only the new one.
+    A ^Z typed suspends nothing: the command's process group has no parent in its session, so the
+    kernel drops the stop signals of its terminal."""
+    master, slave = os.openpty()  # both close on exec
+    try:
+        if owner and owner != "root":  # the command's own, like a login's (sudo does the same)
+            os.fchown(slave, *_ids(owner))
+        termios.tcsetattr(slave, termios.TCSANOW, termios.tcgetattr(0))
+        _copy_window_size(0, master)
+        streams = [slave if os.isatty(fd) else fd for fd in (1, 2)]
+        # `setsid --ctty` execs in place (the child of Popen leads no process group, so it does not
+        # fork): a new session, then the terminal on its stdin made the controlling one
+        proc = subprocess.Popen(["setsid", "--ctty", *argv], env=env, stdin=slave, stdout=streams[0],
+                                stderr=streams[1])
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    out = 1 if os.isatty(1) else 2
+    saved = termios.tcgetattr(0)
+    winch = signal.getsignal(signal.SIGWINCH)
+    try:
+        try:
+            signal.signal(signal.SIGWINCH, lambda *_: _copy_window_size(0, master))
+        except ValueError:  # not the main thread: the window size stays as it was
+            winch = None
+        tty.setraw(0, termios.TCSADRAIN)  # what is typed goes to the command as typed (^C included)
+        _relay(master, proc, out)
+        return proc.wait()
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        if winch is not None:
+            signal.signal(signal.SIGWINCH, winch)
+        os.close(master)
+        if proc.poll() is None:  # fabula was interrupted: the command goes too
+            proc.kill()
+            proc.wait()
+
+
+def _relay(master: int, proc: subprocess.Popen, out: int) -> None:
+    """Bytes from fd 0 to the master, from the master to `out`, until the command has exited and
+    its output is drained (a daemon it left holding the terminal is not waited for)."""
+    os.set_blocking(master, False)
+    exited = os.pidfd_open(proc.pid)
+    pending = bytearray()  # typed, not yet taken by the terminal
+    selector = selectors.DefaultSelector()
+    selector.register(0, selectors.EVENT_READ)
+    selector.register(master, selectors.EVENT_READ)
+    selector.register(exited, selectors.EVENT_READ)
+    master_open = True
+
+    def to_operator(data: bytes) -> None:
+        nonlocal out
+        while data and out >= 0:
+            try:
+                data = data[os.write(out, data):]
+            except OSError:  # the operator's terminal is gone: the output goes nowhere
+                out = -1
+
+    def from_master() -> bool:
+        """Relay what the command wrote; False when nothing is there or no one holds its end (EIO)."""
+        nonlocal master_open
+        try:
+            data = os.read(master, 1 << 16)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            data = b""
+        if not data:
+            master_open = False
+        to_operator(data)
+        return bool(data)
+
+    try:
+        while True:
+            for key, events in selector.select():
+                if key.fd == exited:
+                    while master_open and from_master():
+                        pass
+                    return
+                if key.fd == 0:
+                    try:
+                        data = os.read(0, 1 << 16)
+                    except OSError:
+                        data = b""
+                    if not data:  # the operator's terminal hung up
+                        selector.unregister(0)
+                    pending += data
+                elif key.fd == master and master_open:
+                    if events & selectors.EVENT_READ:
+                        from_master()
+                    if master_open and events & selectors.EVENT_WRITE and pending:
+                        try:
+                            del pending[:os.write(master, pending)]
+                        except BlockingIOError:
+                            pass
+                        except OSError:  # EIO: no one holds the terminal's end any more
+                            master_open = False
+            if not master_open:  # the command closed its terminal but runs on: await its end
+                if master in selector.get_map():
+                    selector.unregister(master)
+                pending.clear()
+            else:
+                selector.modify(master, selectors.EVENT_READ | (selectors.EVENT_WRITE if pending else 0))
+    finally:
+        selector.close()
+        os.close(exited)
