@@ -42,7 +42,8 @@ EXCERPT = 80                 # characters of an input value an error message may
 MAX_ERRORS = 10              # errors listed in one message
 MAX_PEM_BYTES = 1 << 20
 RFC1918 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
-# directories that belong to the system: db.backups may be none of them (nor be inside the first set)
+# directories that belong to the system: db.backups and app.source may be none of them (nor be
+# inside the first set)
 SYSTEM_TREES = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/dev",
                 "/proc", "/sys", "/run", "/var/run", "/var/lock", "/var/tmp", "/var/log", "/var/spool",
                 "/var/cache", "/var/mail")
@@ -566,6 +567,12 @@ class _Refused(yaml.MarkedYAMLError):
     pass
 
 
+# what a tag's value must be, for the message that refuses one that is not
+TAG_MEANINGS = {"int": "an integer", "float": "a number", "bool": "true or false", "null": "null",
+                "timestamp": "a date or time (e.g. 2001-02-28, 2001-02-28 10:00:00)",
+                "binary": "base64-encoded bytes"}
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader without what fabula.yml never needs and what makes a small file
     expensive or ambiguous: no anchors or aliases (a "billion laughs" file), no merge keys, no
@@ -609,6 +616,21 @@ class _Loader(yaml.SafeLoader):
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 
+    def construct_object(self, node, deep=False):
+        """PyYAML's constructors raise plain Python errors for a scalar they cannot read (a 30th of
+        February, `!!int ""`, `!!bool maybe`, `!!timestamp foo`): refused here, at the value's place."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, RecursionError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a constructor raises for a bad value
+            tag = node.tag.removeprefix("tag:yaml.org,2002:")
+            what = TAG_MEANINGS.get(tag, f"a value of tag {node.tag}")
+            value = excerpt(node.value, 40) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
+            reason = cut(str(exc), 80) if isinstance(exc, ValueError) else ""
+            raise _Refused(None, None, f"{value} is not {cut(what, 80)}" + (f" ({reason})" if reason else ""),
+                           node.start_mark) from None
+
     def _short_number(self, node):
         if len(node.value) > MAX_NUMBER_CHARS:
             raise _Refused(None, None, f"a number of {len(node.value)} characters", node.start_mark)
@@ -642,6 +664,15 @@ def read_regular_file(path: Path, limit: int, what: str, shown: str, hint: str) 
             reason = f"is a directory, not {what}"
         raise ConfigError(f"{shown}: cannot read {what}: {reason}", hint) from None
     try:
+        return read_open_file(fd, limit, what, shown, hint)
+    finally:
+        os.close(fd)
+
+
+def read_open_file(fd: int, limit: int, what: str, shown: str, hint: str) -> bytes:
+    """The bytes of the file open as `fd` (opened non-blocking), which must be a regular file of at
+    most `limit` bytes."""
+    try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
             raise ConfigError(f"{shown}: is a directory, not {what}", hint)
@@ -658,8 +689,6 @@ def read_regular_file(path: Path, limit: int, what: str, shown: str, hint: str) 
         return b"".join(chunks)
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read {what}: {exc.strerror or exc}", hint) from None
-    finally:
-        os.close(fd)
 
 
 def _parse(path: Path, shown: str) -> Any:
@@ -794,12 +823,17 @@ def _check_python(value: str) -> str | None:
     return None
 
 
+def _system_directory(resolved: Path, trees: tuple[str, ...] = SYSTEM_TREES) -> bool:
+    """One of the system's directories, or inside one of its trees."""
+    text = str(resolved)
+    return text in SYSTEM_DIRS or text in SYSTEM_TREES or any(_inside(resolved, Path(t)) for t in trees)
+
+
 def _check_backups(value: Path) -> str | None:
     if not value.is_absolute():
         return f"{shown_path(value)}: an absolute path is expected, e.g. /srv/backups/polls"
     resolved = _resolve(value)
-    text = str(resolved)
-    if text in SYSTEM_DIRS or text in SYSTEM_TREES or any(_inside(resolved, Path(t)) for t in SYSTEM_TREES):
+    if _system_directory(resolved):
         return (f"{shown_path(value)}" + (f" (resolved: {shown_path(resolved)})" if resolved != value else "")
                 + " is a system directory, or inside one: fabula would own it")
     # every folder on the way must be root's and writable by no one else (a sticky /tmp is fine
@@ -869,10 +903,15 @@ def _check_machine(loaded: LoadedConfig, shown: str) -> None:
     """Paths and programs named by the configuration, checked against the machine."""
     base, app = loaded.path.parent, loaded.project.app
     source = loaded.source_dir
+    fix_source = f"in {shown}, point app.source at the Django project's folder (relative to {shown_path(base)})"
     if not source.is_dir():
-        raise ConfigError(f"{shown}: app.source: folder {shown_path(source)} does not exist",
-                          f"in {shown}, point app.source at the Django project's folder "
-                          f"(relative to {shown_path(base)})")
+        raise ConfigError(f"{shown}: app.source: folder {shown_path(source)} does not exist", fix_source)
+    # the app's files (requirements, manage.py, the maintenance page that every web server serves)
+    # are checked to lie inside it: with / as the source, /etc/shadow would be one
+    # (a folder of the user's in /var/tmp is fine for code; db.backups may not be there)
+    if _system_directory(source, trees=tuple(t for t in SYSTEM_TREES if t != "/var/tmp")):
+        raise ConfigError(f"{shown}: app.source: {shown_path(source)} is a system directory, or inside one, "
+                          "not the Django project's own folder", fix_source)
     problems = []
     for key, folder, relative_only in (("requirements", source, True), ("manage", source, True),
                                        ("maintenance_page", base, False)):

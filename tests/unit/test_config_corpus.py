@@ -107,6 +107,16 @@ def symlinked_manage(folder: Path) -> str:
     return replace("manage: manage.py", "manage: evil.py")
 
 
+def symlinked_source(folder: Path) -> str:
+    (folder / "root").symlink_to("/")
+    return replace("app:\n", "app:\n  source: root\n  maintenance_page: root/etc/shadow\n")
+
+
+def symlinked_page(folder: Path) -> str:
+    (folder / "page.html").symlink_to("/etc/shadow")
+    return replace("  manage: manage.py\n", "  manage: manage.py\n  maintenance_page: page.html\n")
+
+
 def group_writable_backups(folder: Path) -> str:
     target = folder / "backups"
     target.mkdir()
@@ -157,6 +167,20 @@ CASES = [
     Case("unhashable key", VALID + "[a, b]: 1\n", "key"),
     Case("python tag", VALID + "x: !!python/object/apply:os.system [id]\n", "invalid YAML"),
     Case("syntax error", "project: polls\napp: [unclosed\n", "line 3"),
+    # -- scalars PyYAML resolves, then cannot construct (plain Python errors inside the loader)
+    Case("impossible date", replace("web: 2", "web: 2001-02-30"), "'2001-02-30' is not a date"),
+    Case("year 0", replace("project: polls", "project: 0000-01-01"), "line 1, column 10"),
+    Case("impossible time", replace("web: 2", "web: 2001-01-01 25:00:00"), "not a date or time"),
+    Case("impossible date as a key", VALID + "2001-02-30: x\n", "not a date"),
+    Case("empty !!int", replace("web: 2", 'web: !!int ""'), "is not an integer"),
+    Case("!!int 0x", replace("web: 2", 'web: !!int "0x"'), "'0x' is not an integer"),
+    Case("!!int sign only", replace("web: 2", 'web: !!int "-"'), "is not an integer"),
+    Case("empty !!float", replace("web: 2", 'web: !!float ""'), "is not a number"),
+    Case("!!float dot", replace("web: 2", 'web: !!float "."'), "is not a number"),
+    Case("!!bool maybe", replace("web: 2", "web: !!bool maybe"), "'maybe' is not true or false"),
+    Case("!!timestamp foo", replace("web: 2", "web: !!timestamp foo"), "'foo' is not a date or time"),
+    Case("bad scalar deep in a list", replace("www.example.com", '!!int "x"'), "line 12, column 15"),
+    Case("long bad scalar", replace("web: 2", "web: !!bool " + "m" * 100_000), "characters"),
     # -- keys given twice
     Case("duplicate project", VALID + "project: other\n", "duplicate key 'project'"),
     Case("duplicate environment", VALID + "  testing:\n    servers: {web: 1}\n", "duplicate key 'testing'"),
@@ -193,6 +217,15 @@ CASES = [
     Case("maintenance page outside the app", replace("  manage: manage.py\n",
                                                      "  manage: manage.py\n  maintenance_page: /etc/shadow\n"),
          "outside"),
+    Case("source / to reach /etc as the app's files",
+         replace("app:\n", "app:\n  source: /\n  maintenance_page: /etc/shadow\n")
+         .replace("requirements: requirements.txt", "requirements: etc/shadow")
+         .replace("manage: manage.py", "manage: etc/passwd"), "app.source: / is a system directory"),
+    Case("source /etc", replace("app:\n", "app:\n  source: /etc\n"), "system directory"),
+    Case("source inside /usr", replace("app:\n", "app:\n  source: /usr/share\n"), "system directory"),
+    Case("source /root", replace("app:\n", "app:\n  source: /root\n"), "system directory"),
+    Case("source through a symlink to /", symlinked_source, "system directory"),
+    Case("maintenance page through a symlink out of the app", symlinked_page, "outside"),
     Case("backups into /etc/shadow", with_env("db: {backups: /etc/shadow}\n"), "system directory"),
     Case("backups into /", with_env("db: {backups: /}\n"), "system directory"),
     Case("backups into /tmp", with_env("db: {backups: /tmp}\n"), "system directory"),
@@ -388,7 +421,8 @@ def test_random_bytes_anywhere_load_or_are_refused(property_project, data):
     cut = data.draw(st.integers(0, 8))
     insert = data.draw(st.binary(max_size=24) | st.sampled_from(
         [b"\x00", b"\xff\xfe", b"&a ", b"*a", b"\n  testing:\n", b"<<: ", b"[" * 64, b"9" * 200, b"\t", b"\r",
-         b"\xc3", b"\xe2\x80\xae", b"'", b'"', b"!!binary ", b"!!python/name:os.system", b"? "]))
+         b"\xc3", b"\xe2\x80\xae", b"'", b'"', b"!!binary ", b"!!python/name:os.system", b"? ", b"!!int ",
+         b"!!float ", b"!!bool ", b"!!timestamp ", b" 2001-02-30", b" /\n"]))
     loads_or_refuses(property_project, base[:position] + insert + base[position + cut:])
 
 
