@@ -116,7 +116,8 @@ def _sshd_config(lab: Lab, i: int) -> str:
         f"ListenAddress {lab.address(i)}:{AWKWARD_PORT}",
         f"HostKey {hostdir / 'host_ed25519'}",
         f"PidFile {hostdir / 'sshd.pid'}",
-        f"AuthorizedKeysFile {lab.tmp / 'authorized_keys'}",
+        # the lab's key for every user, and a user's own (a sysadmin's, written by fabula)
+        f"AuthorizedKeysFile {lab.tmp / 'authorized_keys'} .ssh/authorized_keys",
         "UsePAM no",
         "PermitRootLogin prohibit-password",
         "PasswordAuthentication no",

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from fabula import secrets
+from fabula import machine_users, secrets
+from fabula.accounts import Accounts
 from fabula.context import Context, Release
 from fabula.errors import FabulaError
 from fabula.providers.base import SYSTEM_PATH
@@ -72,6 +73,13 @@ def as_user(user: str, argv: list[str]) -> list[str]:
             "--no-new-privs", *argv]
 
 
+def build_accounts(ctx: Context) -> Accounts:
+    """The environment's users on this machine, where its releases are built."""
+    accounts = Accounts(ctx.paths.tag)
+    machine_users.ensure(accounts, f"fabula {ctx.paths.project}/{ctx.paths.env}", ctx.paths.root / ".accounts.lock")
+    return accounts
+
+
 def build(ctx: Context, rev: str = "HEAD") -> Release:
     """Build the release of `rev` once. Everything that runs the app's code or its requirements'
     (uv's build backends, collectstatic) runs as the environment's app user, never as root; the
@@ -84,7 +92,8 @@ def build(ctx: Context, rev: str = "HEAD") -> Release:
         return Release(release_id, commit, str(final))
     if ctx.secrets is None:
         ctx.secrets = secrets.load_or_create(ctx.paths)
-    accounts = ctx.provider.ensure_accounts()
+    # built here, whatever the provider: as the environment's app user of this machine
+    accounts = build_accounts(ctx)
     user = accounts.app
     ctx.paths.releases_dir.mkdir(parents=True, exist_ok=True)
     work = ctx.paths.releases_dir / f".build-{release_id}"
@@ -113,7 +122,7 @@ def build(ctx: Context, rev: str = "HEAD") -> Release:
         def succeeds(argv: list[str]) -> bool:
             return subprocess.run(as_user(user, argv), env=env, cwd=str(work), capture_output=True).returncode == 0
 
-        ctx.out.step("release", f"building {release_id} from {commit[:12]}")
+        ctx.out.step("release", f"building {release_id} from {commit[:12]} on {ctx.provider.release_platform()}")
         tree = f"{commit}:{prefix}" if prefix else commit
         toplevel = _git(ctx.config.source_dir, "rev-parse", "--show-toplevel")
         archive = subprocess.run(["git", "-C", toplevel, "archive", "--format=tar", tree],

@@ -160,3 +160,16 @@ def test_environment_names_match_whole(tmp_path):
 
 def test_an_old_style_message_is_kept_for_a_top_level_that_is_no_mapping(tmp_path):
     assert "expected a mapping with `project`, `app` and `environments`" in error_for(tmp_path, "- a\n")
+
+
+def test_an_app_in_a_folder_of_var_tmp_is_accepted():
+    # /var/tmp is a system tree for db.backups (anyone may write there), but a user's own folder
+    # in it is fine for the app's code (the tests keep their sample apps there)
+    import shutil
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="fabula-config-", dir="/var/tmp"))
+    try:
+        (base / "requirements.txt").write_text("")
+        assert load_config(write(base, VALID)).source_dir == base.resolve()
+    finally:
+        shutil.rmtree(base)

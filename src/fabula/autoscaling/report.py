@@ -26,6 +26,7 @@ def group_report(ctx: Context, health: dict[str, str], decisions: int = 5) -> di
     per_server = round(demand / len(serving), 2) if demand is not None and serving else None
     return {
         "configured": ctx.env.autoscaling is not None,
+        "fixed_inventory": ctx.env.fixed_inventory,
         "min": group.min, "desired": current_desired(ctx), "max": group.max,
         "metric": group.metric, "target": group.target,
         "scale_out_cooldown": group.scale_out_cooldown, "scale_in_cooldown": group.scale_in_cooldown,
@@ -34,7 +35,8 @@ def group_report(ctx: Context, health: dict[str, str], decisions: int = 5) -> di
         "demand": {"total": round(demand, 2) if demand is not None else None, "per_server": per_server,
                    "source": source},
         "suspended": list(ctx.state.autoscaling_suspended),
-        "controller": controller_state(ctx) if ctx.paths.state_file.exists() else "not running",
+        "controller": ("none (fixed hosts)" if ctx.env.fixed_inventory else
+                       controller_state(ctx) if ctx.paths.state_file.exists() else "not running"),
         # the last changes and held-back changes (rounds skipped under another command's lock are
         # only in `fabula autoscaling ENV decisions`: `lock` already says who holds it)
         "decisions": [d for d in read_decisions(decisions_path(ctx.paths)) if d.get("action") != "skip"][-decisions:],

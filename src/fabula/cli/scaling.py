@@ -28,7 +28,9 @@ def describe_lines(report: dict) -> list[str]:
         now = f"{fmt(demand['total'])} {per} in all"
     else:
         now = "not measured"
-    kind = "autoscaling" if report["configured"] else "fixed (no `autoscaling` in fabula.yml; self-healing only)"
+    kind = ("autoscaling" if report["configured"] else
+            "a fixed inventory (the web hosts of `hosts:`)" if report.get("fixed_inventory") else
+            "fixed (no `autoscaling` in fabula.yml; self-healing only)")
     target = f"target {fmt(report['target'])} {per} per server; " if report["configured"] else ""
     lines = [f"web group: {report['in_service']} in service, desired {report['desired']} "
              f"(min {report['min']}, max {report['max']}), {kind}",

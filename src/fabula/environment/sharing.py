@@ -34,8 +34,8 @@ def take(ctx: Context, store: SharedStore, holder: Holder, as_dict: dict) -> Non
     current = store.acquire(as_dict)
     if current is not None:
         who = Holder.from_json(current)
-        raise FabulaError(f"environment {ctx.env_name} is locked by {who.describe()}, an operator of another "
-                          f"machine ({who.host}): the team's lock is on the environment's hosts",
+        raise FabulaError(f"environment {ctx.env_name} is locked by {who.describe()} (the team's lock, held on "
+                          "the environment's hosts)",
                           "wait until that command ends (the lock goes with it, also if that machine "
                           "is cut off: within a minute)")
     try:

@@ -262,6 +262,11 @@ class Provider(abc.ABC):
         native group (aws: an Auto Scaling group) returns its own."""
         return None
 
+    def release_platform(self) -> str:
+        """Releases are built on this machine: why they run on the servers (said in the build's
+        output); an error naming the difference when they would not."""
+        return "this machine, whose system the servers share"
+
     @abc.abstractmethod
     def check_prerequisites(self) -> None:
         """Raise a PrerequisiteError naming what is missing and how to get it."""

@@ -12,13 +12,14 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
+from fabula import machine_users as users
 from fabula.accounts import Accounts
 from fabula.addressing import address_index, server_addresses
 from fabula.config import EnvironmentConfig
 from fabula.errors import ConfigError, FabulaError, PermissionError_, PrerequisiteError
 from fabula.providers.base import EgressRule, Host, IngressRule, Provider, poll, run_local
 from fabula.providers.haproxy import HAProxyLoadBalancer
-from fabula.providers.local import network, users
+from fabula.providers.local import network
 from fabula.providers.local.host import LocalHost
 from fabula.state import EnvPaths, EnvState
 from fabula.templates import render

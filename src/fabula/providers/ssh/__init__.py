@@ -7,14 +7,16 @@ import ipaddress
 import json
 import shutil
 import socket
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 from typing import TypeVar
 
+from fabula import machine_users
 from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig, SshConfig
 from fabula.errors import FabulaError, PrerequisiteError
-from fabula.providers.base import EgressRule, Host, IngressRule, Provider, SharedStore
+from fabula.providers.base import SYSTEM_PATH, EgressRule, Host, IngressRule, Provider, SharedStore
 from fabula.providers.haproxy import PACKAGES as LB_PACKAGES
 from fabula.providers.haproxy import HAProxyLoadBalancer
 from fabula.providers.ssh import scripts
@@ -99,6 +101,23 @@ class SshProvider(Provider):
                                         for h, f in wrong) + f": fabula needs Debian {scripts.DEBIAN_VERSION}",
                               f"install Debian {scripts.DEBIAN_VERSION} on those hosts, or take them out of "
                               f"`hosts:` in {config_path}")
+
+    def release_platform(self) -> str:
+        """A release is built here (its virtualenv holds compiled wheels): the app's hosts must run
+        the same distribution, architecture and Python as this machine."""
+        here = HostFacts.parse(subprocess.run(["sh", "-c", scripts.FACTS], capture_output=True, text=True,
+                                              env={"PATH": SYSTEM_PATH}).stdout)
+        app_hosts = [h for h in self._all_hosts() if h.role in ("web", "worker")]
+        differ = [(h, f) for h, f in zip(app_hosts, self._each(app_hosts, self.facts), strict=True)
+                  if (f.distribution, f.version, f.architecture, f.python) !=
+                  (here.distribution, here.version, here.architecture, here.python)]
+        if differ:
+            raise FabulaError(f"releases are built on this machine ({here.describe()}), but "
+                              + "; ".join(f"{h.name} runs {f.describe()}" for h, f in differ)
+                              + ": a virtualenv built here would not run there",
+                              "run fabula from a machine like the hosts (e.g. a Debian 12 machine of the same "
+                              "architecture, or the worker host itself)")
+        return f"this machine: it matches the app's hosts ({here.describe()})"
 
     def facts(self, host: SshHost) -> HostFacts:
         if host.name not in self._facts:
@@ -266,7 +285,10 @@ class SshProvider(Provider):
                       str(TREE / self.paths.project), str(TREE), scripts.LOCK])
             return f"host {host.name} ({host.address}): fabula's processes, files, firewall and users"
 
-        return self._each(hosts, remove)
+        removed = self._each(hosts, remove)
+        # the users its releases were built as, on this machine
+        removed += [f"user {name}" for name in machine_users.remove(self.accounts, self.paths.root / ".accounts.lock")]
+        return removed
 
 
 def _ipv4(address: str) -> str:

@@ -97,6 +97,8 @@ done
 SYSADMIN = f"""exec 9>{LOCK}; flock 9
 u=$1 f=$2 keys=$3
 getent passwd "$u" >/dev/null || useradd --create-home --shell /bin/bash --comment "sysadmin (fabula)" "$u" || exit 1
+# no password, but not a locked account: sshd refuses a locked one even its keys (without PAM)
+usermod -p '*' "$u" || exit 1
 h=$(getent passwd "$u" | cut -d: -f6)
 install -d -m 700 -o "$u" -g "$(id -gn "$u")" "$h/.ssh" || exit 1
 t=$(mktemp "$h/.ssh/.authorized_keys.XXXXXX") || exit 1

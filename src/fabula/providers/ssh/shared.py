@@ -27,6 +27,7 @@ HEARTBEAT_TIMEOUT = 60    # seconds without one before the host lets the lock go
 BUSY = 75                 # the lock script's exit status when another holds the lock
 
 # $1 the lock file, $2 the holder file, $3 the holder's record, $4 the line that says "held"
+# (bash's, not sh's: dash's `read` has no timeout)
 LOCK = f"""exec 9>>"$1" || exit 1
 flock -n 9 || {{ cat -- "$2" 2>/dev/null; exit {BUSY}; }}
 umask 077
@@ -63,7 +64,7 @@ class HostStore(SharedStore):
 
     def acquire(self, holder: dict) -> dict | None:
         ready = f"held-{secrets.token_hex(8)}"
-        held, printed = self.host.hold(["sh", "-c", LOCK, "sh", str(self.lock_file), str(self.holder_file),
+        held, printed = self.host.hold(["bash", "-c", LOCK, "bash", str(self.lock_file), str(self.holder_file),
                                         json.dumps(holder), ready], ready)
         if held is None:
             return _record(printed) or {"owner": "another fabula", "command": "?"}

@@ -1,6 +1,8 @@
-"""An environment's system users and group on this machine: made by `create`, removed by
-`destroy`, with useradd/userdel under one lock (two environments created at once would otherwise
-race for /etc/passwd's own lock, and useradd gives up instead of waiting)."""
+"""An environment's system users and group on this machine (the one fabula runs on): its
+servers' users with the local provider, and with every provider the user its releases are built as;
+made by `create`, removed by `destroy`, with useradd/userdel under one lock (two environments
+created at once would otherwise race for /etc/passwd's own lock, and useradd gives up instead of
+waiting)."""
 from __future__ import annotations
 
 import fcntl

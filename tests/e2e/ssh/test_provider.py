@@ -1,0 +1,165 @@
+"""What only the ssh provider has, on a lab of hosts (tests/sshlab.py): SSH admitted by every
+host's firewall from fabula's machine and `admin_sources` only, a firewall that would lock the
+operator out rolled back, sysadmin users made and removed, a second operator (another machine's
+state directory) sharing the first one's lock, state and history, and `destroy` leaving the hosts
+reachable with nothing of fabula's left. The architecture itself is the acceptance suite's
+(tests/acceptance, FABULA_ACCEPTANCE_PROVIDERS=ssh)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fabula.sample import SampleEnvironment, fabula_argv, make_app_repo
+from tests.helpers import wait_for
+from tests.sshlab import ROLES, Lab, sh, ssh_keys, ssh_lab
+
+pytestmark = pytest.mark.e2e
+
+ENV = "prod"
+ADMIN, OUTSIDER = len(ROLES), len(ROLES) + 1   # two more hosts of the lab, not in the inventory
+
+
+def reaches(lab: Lab, source: int, address: str, port: int) -> bool:
+    """Whether host `source` of the lab opens a TCP connection to address:port."""
+    result = sh("ip", "netns", "exec", lab.namespaces[source], "timeout", "3", "bash", "-c",
+                f"exec 3<>/dev/tcp/{address}/{port}", check=False)
+    return result.returncode == 0
+
+
+def users_line(key: Path) -> str:
+    """A sysadmin with a key of her own (not the lab's, which every host's sshd admits)."""
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fbalice", "-f", str(key))
+    public = Path(f"{key}.pub").read_text().strip()
+    return f'    users:\n      - {{name: fbalice, keys: ["{public}"]}}\n'
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[tuple[Lab, SampleEnvironment]]:
+    with ssh_lab(len(ROLES) + 2) as lab:
+        base = Path(tempfile.mkdtemp(prefix="fabula-ssh-", dir="/var/tmp"))
+        base.chmod(0o755)
+        keys = (ssh_keys(lab, 8443, 8080) + f"    admin_sources: [{lab.address(ADMIN)}/32]\n"
+                + users_line(base / "alice"))
+        app = make_app_repo(base / "app", f"ssh-{os.urandom(3).hex()}", ENV, keys, provider="ssh", servers=None)
+        env = SampleEnvironment(app, base / "state", ENV)
+        try:
+            created = env.fabula("create", ENV, timeout=900)
+            assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
+            yield lab, env
+        finally:
+            env.fabula("destroy", ENV, "--yes", timeout=300)
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_ssh_is_admitted_from_fabulas_machine_and_admin_sources_only(world):
+    lab, env = world
+    for i in range(len(ROLES)):
+        address = lab.address(i)
+        with socket.create_connection((address, 22), timeout=5) as conn:   # this machine: fabula's
+            assert conn.recv(8).startswith(b"SSH-2.0")
+        assert reaches(lab, ADMIN, address, 22), f"admin_sources cannot reach ssh on {address}"
+        assert not reaches(lab, OUTSIDER, address, 22), f"an outsider reaches ssh on {address}"
+    # and the hosts of the environment do not reach each other's SSH
+    assert not reaches(lab, 1, lab.address(5), 22)
+    # the load balancer's ports are open to anyone, the web servers' 443 to it only
+    assert reaches(lab, OUTSIDER, lab.address(0), 8443)
+    assert not reaches(lab, OUTSIDER, lab.address(1), 443)
+
+
+def test_a_sysadmin_logs_in_with_her_key_and_has_passwordless_sudo(world):
+    lab, env = world
+    alice = Path(env.app_dir.parent / "alice")
+    result = sh("ssh", "-i", str(alice), "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={lab.known_hosts}",
+                "-o", "BatchMode=yes", f"fbalice@{lab.address(3)}", "sudo", "-n", "id", "-un", check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "root", result.stderr
+
+
+def test_a_second_operator_sees_the_first_ones_lock_state_and_history(world):
+    lab, env = world
+    other = SampleEnvironment(env.app_dir, env.app_dir.parent / "other-operator", ENV)
+    # nothing of this environment on the second machine yet: all of it comes from the hosts
+    assert other.describe()["release"] == env.describe()["release"]
+    history = other.fabula("history", ENV)
+    assert history.returncode == 0 and "create" in history.stdout
+    holder = subprocess.Popen(
+        [*fabula_argv(), "manage", ENV, "--", "shell", "-c", "import time; time.sleep(25)"],
+        cwd=env.app_dir, env={**os.environ, "FABULA_STATE_DIR": str(env.state_dir)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        lock = wait_for(lambda: other.describe().get("lock"), timeout=60, message="the lock seen by the other")
+        assert lock["action"] == "manage" and lock["shared"]
+        refused = other.fabula("maintenance", ENV, "on")
+        assert refused.returncode != 0 and "locked by" in refused.stderr and "manage" in refused.stderr
+    finally:
+        holder.wait(timeout=120)
+    assert holder.returncode == 0
+    # once it ended, the lock is gone for both, and the second operator's change goes through
+    assert other.describe().get("lock") is None
+    assert other.fabula("maintenance", ENV, "off").returncode == 0
+    assert "maintenance" in env.fabula("history", ENV).stdout
+
+
+def test_a_firewall_that_would_lock_the_operator_out_is_rolled_back(world):
+    lab, env = world
+    script = f"""
+import sys
+from pathlib import Path
+from fabula.environment.opening import open_environment
+from fabula.output import Output
+from fabula.roles import firewall_rules
+ctx = open_environment(Path("fabula.yml"), "{ENV}", Output(quiet=True))
+host = ctx.host("db1")
+host.client_address = lambda: "192.0.2.1"   # the host would admit only this address's SSH
+try:
+    ctx.provider.apply_firewall(host, firewall_rules(ctx, ctx.state.servers["db1"]))
+except Exception as exc:
+    print("REFUSED", exc)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=env.app_dir, capture_output=True, text=True,
+                            env={**os.environ, "FABULA_STATE_DIR": str(env.state_dir)}, timeout=120)
+    assert "REFUSED" in result.stdout and "former rules are back" in result.stdout, result.stdout + result.stderr
+    with socket.create_connection((lab.address(5), 22), timeout=5) as conn:
+        assert conn.recv(8).startswith(b"SSH-2.0")
+    assert env.exec("db1", "true").returncode == 0
+
+
+def test_a_fixed_inventory_cannot_scale(world):
+    _, env = world
+    result = env.fabula("scale", ENV, "--desired", "3")
+    assert result.returncode == 2 and "fixed inventory" in result.stderr and "fix:" in result.stderr
+
+
+def test_a_sysadmin_taken_out_of_the_file_is_removed_by_the_next_create(world):
+    lab, env = world
+    config = env.app_dir / "fabula.yml"
+    text = config.read_text()
+    config.write_text(text[:text.index("    users:\n")])
+    created = env.fabula("create", ENV, timeout=600)
+    assert created.returncode == 0, created.stderr
+    assert sh("getent", "passwd", "fbalice", check=False).returncode != 0
+    assert not any("fbalice" in p.name for p in Path("/etc/sudoers.d").iterdir())
+
+
+def test_destroy_leaves_the_hosts_reachable_and_nothing_of_fabulas(world):
+    lab, env = world
+    project = json.loads(env.fabula("describe", ENV, "--json").stdout)["project"]
+    destroyed = env.fabula("destroy", ENV, "--yes", timeout=300)
+    assert destroyed.returncode == 0, destroyed.stderr
+    for i in range(len(ROLES)):
+        with socket.create_connection((lab.address(i), 22), timeout=5) as conn:
+            assert conn.recv(8).startswith(b"SSH-2.0")
+        tables = sh("ip", "netns", "exec", lab.namespaces[i], "nft", "list", "tables").stdout
+        assert "fabula" not in tables, tables
+    assert not Path("/srv/fabula", project).exists()
+    assert sh("getent", "passwd", "fbalice", check=False).returncode != 0
+    # the environment's own users (their comment names the project)
+    assert not [line for line in Path("/etc/passwd").read_text().splitlines() if f"fabula {project}/" in line]
