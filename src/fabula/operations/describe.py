@@ -7,6 +7,7 @@ from fabula.autoscaling.report import group_report
 from fabula.context import Context
 from fabula.db.status import replication
 from fabula.environment import lock
+from fabula.errors import FabulaError
 from fabula.providers.base import Host
 from fabula.roles import ROLES
 from fabula.roles.appserver import APP_PORT, PGBOUNCER_PORT
@@ -42,6 +43,14 @@ def server_report(ctx: Context, name: str, lb_health: dict[str, str]) -> dict:
     if not ctx.provider.server_exists(name):
         report["state"] = "missing"
         return report
+    try:
+        return _running_report(ctx, name, record, expected, report)
+    except FabulaError as exc:   # a host that does not answer (ssh: down, or cut off)
+        report["state"], report["error"] = "unreachable", exc.message
+        return report
+
+
+def _running_report(ctx: Context, name: str, record, expected, report: dict) -> dict:
     states = Supervisor(ctx.host(name)).status()
     if not states:
         report["state"] = "stopped"
@@ -75,7 +84,10 @@ def describe(ctx: Context) -> dict:
     with ThreadPoolExecutor(max_workers=max(len(names), 1)) as pool:
         servers = list(pool.map(lambda n: server_report(ctx, n, health), names))
     primary = ctx.state.one("db-primary")
-    streams = {s["name"]: s for s in replication(ctx, primary.name)} if primary else {}
+    try:
+        streams = {s["name"]: s for s in replication(ctx, primary.name)} if primary else {}
+    except FabulaError:   # the primary does not answer: its row says so
+        streams = {}
     for server in servers:
         if server["role"] == "db-replica":
             stream = streams.get(server["name"], {})

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fabula.sample import SampleEnvironment, fabula_argv, make_app_repo
@@ -136,6 +137,26 @@ def test_a_fixed_inventory_cannot_scale(world):
     _, env = world
     result = env.fabula("scale", ENV, "--desired", "3")
     assert result.returncode == 2 and "fixed inventory" in result.stderr and "fix:" in result.stderr
+
+
+def test_a_dead_host_shows_in_describe_and_create_brings_its_services_back(world):
+    lab, env = world
+    web2 = 2   # the lab's host of web2 (tests/sshlab.py's ROLES order)
+    lab.kill_all(web2)   # sshd and every process of the host: as if it were switched off
+    try:
+        report = env.describe()
+        dead = next(s for s in report["servers"] if s["name"] == "web2")
+        assert dead["state"] == "unreachable" and "web2" in dead["error"]
+        # the load balancer sends everything to web1 meanwhile
+        wait_for(lambda: env.describe()["load_balancer"]["backends"].get("web2") == "DOWN", timeout=30,
+                 message="web2 out of the load balancer")
+        assert httpx.get(env.url + "/", verify=False, timeout=10).status_code == 200
+    finally:
+        lab.start_sshd(web2)
+    created = env.fabula("create", ENV, timeout=600)
+    assert created.returncode == 0, created.stderr
+    back = next(s for s in env.describe()["servers"] if s["name"] == "web2")
+    assert back["state"] == "running" and back["lb"] == "UP"
 
 
 def test_a_sysadmin_taken_out_of_the_file_is_removed_by_the_next_create(world):
