@@ -20,7 +20,7 @@ from fabula.sample import free_ports, local_keys, make_app_repo
 from tests.sshlab import ROLES, ssh_keys, ssh_lab
 
 ENV = "acc"
-PROVIDERS = [p for p in os.environ.get("FABULA_ACCEPTANCE_PROVIDERS", "local").split(",") if p]
+PROVIDERS = [p for p in os.environ.get("FABULA_ACCEPTANCE_PROVIDERS", "local,ssh").split(",") if p]
 
 
 @contextmanager

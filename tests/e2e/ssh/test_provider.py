@@ -3,7 +3,7 @@ host's firewall from fabula's machine and `admin_sources` only, a firewall that 
 operator out rolled back, sysadmin users made and removed, a second operator (another machine's
 state directory) sharing the first one's lock, state and history, and `destroy` leaving the hosts
 reachable with nothing of fabula's left. The architecture itself is the acceptance suite's
-(tests/acceptance, FABULA_ACCEPTANCE_PROVIDERS=ssh)."""
+(tests/acceptance, run for every provider)."""
 from __future__ import annotations
 
 import json
