@@ -98,6 +98,15 @@ def register(app: typer.Typer) -> None:
 
 
     @app.command()
+    def trust(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG) -> None:
+        """Record the host keys of ENV's servers (provider ssh) in its known_hosts file: compare the
+        fingerprints printed with the hosts' own (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`)."""
+        ctx = open_env(cli, config, env, shared=False)   # nothing can be fetched from unknown hosts
+        for line in ctx.provider.trust_host_keys():
+            ctx.out.console.print(line, highlight=False)
+
+
+    @app.command()
     def maintenance(cli: typer.Context, env: EnvArgument, state: Annotated[str, typer.Argument(help="on or off")],
                     config: ConfigOption = DEFAULT_CONFIG) -> None:
         """Turn maintenance mode on (every web server answers 503 with the maintenance page) or off."""

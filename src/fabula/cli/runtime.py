@@ -38,8 +38,9 @@ def cli_environment(cli: typer.Context) -> CliEnvironment:
     return cli.obj if isinstance(cli.obj, CliEnvironment) else CliEnvironment()
 
 
-def open_env(cli: typer.Context, config: Path, env_name: str) -> Context:
-    """Open ENV of fabula.yml for a command, with the CLI's streams, user and state root."""
+def open_env(cli: typer.Context, config: Path, env_name: str, shared: bool = True) -> Context:
+    """Open ENV of fabula.yml for a command, with the CLI's streams, user and state root (and,
+    unless `shared` is False, this machine's copy of a team's environment refreshed)."""
     environment = cli_environment(cli)
     return open_environment(config, env_name, environment.output(), root=environment.state_root,
-                            euid=environment.euid)
+                            euid=environment.euid, shared=shared)

@@ -25,12 +25,13 @@ PROVIDERS: dict[str, ProviderFactory] = {
 
 
 def open_environment(config_path: Path, env_name: str, out: Output, *, root: Path | None = None,
-                     euid: int | None = None) -> Context:
+                     euid: int | None = None, shared: bool = True) -> Context:
     config = load_config(config_path)
     env = config.environment(env_name)
     paths = EnvPaths(root or state_root(), config.project.project, env_name)
     state = EnvState.load(paths) or EnvState(project=paths.project, env=env_name, provider=env.provider)
     provider = PROVIDERS[env.provider](paths, env, state, os.geteuid() if euid is None else euid)
     ctx = Context(config=config, env_name=env_name, env=env, paths=paths, state=state, out=out, provider=provider)
-    sharing.refresh(ctx)  # a team's environment: the state as its hosts have it
+    if shared:
+        sharing.refresh(ctx)  # a team's environment: the state as its hosts have it
     return ctx

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fabula.accounts import Accounts
-from fabula.errors import CommandFailed
+from fabula.errors import CommandFailed, FabulaError
 
 # the PATH of every command fabula runs on a server or starts as a program: never the operator's
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -261,6 +261,12 @@ class Provider(abc.ABC):
         (its own autoscaler, on this provider's servers and load balancer). A provider with a
         native group (aws: an Auto Scaling group) returns its own."""
         return None
+
+    def trust_host_keys(self) -> list[str]:
+        """Record the servers' host keys where the provider checks them (ssh: known_hosts) and
+        say, one line per server, what was recorded or already known."""
+        raise FabulaError(f"provider {self.name} reaches its servers without host keys: there is nothing to trust",
+                          "`fabula trust` is for environments with `provider: ssh`")
 
     def release_platform(self) -> str:
         """Releases are built on this machine: why they run on the servers (said in the build's

@@ -133,6 +133,34 @@ except Exception as exc:
     assert env.exec("db1", "true").returncode == 0
 
 
+def test_trust_records_the_hosts_keys_and_refuses_a_changed_one(world):
+    lab, env = world
+    app = env.app_dir.parent / "trusting-app"
+    shutil.copytree(env.app_dir, app)
+    known = env.app_dir.parent / "trusting-known-hosts"
+    config = app / "fabula.yml"
+    config.write_text(config.read_text().replace(f"known_hosts: {lab.known_hosts}", f"known_hosts: {known}"))
+    operator = SampleEnvironment(app, env.app_dir.parent / "trusting-state", ENV)
+    refused = operator.fabula("describe", ENV)
+    assert refused.returncode != 0 and "fabula trust" in refused.stderr
+    trusted = operator.fabula("trust", ENV)
+    assert trusted.returncode == 0 and trusted.stdout.count("(recorded)") == len(ROLES), trusted.stdout
+    assert sorted(known.read_text().split("\n")) == sorted(
+        line for line in lab.known_hosts.read_text().split("\n") if not line.startswith("["))
+    again = operator.fabula("trust", ENV)
+    assert again.stdout.count("(already known)") == len(ROLES)
+    assert operator.describe()["release"] == env.describe()["release"]
+    # a host whose key changed (reinstalled, or someone in between): refused, never replaced
+    other_key = env.app_dir.parent / "other-host-key"
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key))
+    lines = known.read_text().splitlines()
+    lines[3] = " ".join(lines[3].split()[:1] + Path(f"{other_key}.pub").read_text().split()[:2])
+    known.write_text("\n".join(lines) + "\n")
+    changed = operator.fabula("trust", ENV)
+    assert changed.returncode != 0 and "differs from the one recorded" in changed.stderr
+    assert known.read_text().splitlines()[3] == lines[3]
+
+
 def test_a_fixed_inventory_cannot_scale(world):
     _, env = world
     result = env.fabula("scale", ENV, "--desired", "3")

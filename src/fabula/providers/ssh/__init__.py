@@ -9,8 +9,10 @@ import shutil
 import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
+
+import asyncssh
 
 from fabula import machine_users
 from fabula.accounts import Accounts
@@ -22,7 +24,7 @@ from fabula.providers.haproxy import HAProxyLoadBalancer
 from fabula.providers.ssh import scripts
 from fabula.providers.ssh.scripts import HostFacts
 from fabula.providers.ssh.shared import HostStore
-from fabula.providers.ssh.transport import SshHost, SshPool, SshTarget
+from fabula.providers.ssh.transport import SshHost, SshPool, SshTarget, host_key_error
 from fabula.state import EnvPaths, EnvState
 from fabula.templates import render
 
@@ -102,6 +104,30 @@ class SshProvider(Provider):
                               f"install Debian {scripts.DEBIAN_VERSION} on those hosts, or take them out of "
                               f"`hosts:` in {config_path}")
 
+    def trust_host_keys(self) -> list[str]:
+        """Each host's key as it presents it now, recorded in known_hosts if it is not there; a key
+        that differs from a recorded one is refused (it may be an attack), never replaced."""
+        known = (self.ssh.known_hosts or Path.home() / ".ssh" / "known_hosts")
+        lines, changed = [], []
+        for host in self._all_hosts():
+            key = self.pool.call(self.pool.host_key(host.name, host.target))
+            name = host.target.known_hosts_name()
+            recorded = asyncssh.read_known_hosts(str(known)).match(host.address, host.address, host.target.port)[0] \
+                if known.is_file() else []
+            fingerprint = f"{key.get_algorithm()} {key.get_fingerprint()}"
+            if any(k.public_data == key.public_data for k in recorded):
+                lines.append(f"{host.name} {name}: {fingerprint} (already known)")
+            elif recorded:
+                raise host_key_error(host.name, host.target)
+            else:
+                changed.append(f"{name} {key.export_public_key('openssh').decode().strip()}\n")
+                lines.append(f"{host.name} {name}: {fingerprint} (recorded)")
+        if changed:
+            known.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(known, "a") as fh:
+                fh.writelines(changed)
+        return lines
+
     def release_platform(self) -> str:
         """A release is built here (its virtualenv holds compiled wheels): the app's hosts must run
         the same distribution, architecture and Python as this machine."""
@@ -177,6 +203,27 @@ class SshProvider(Provider):
         self._make_tree(host)
         return host
 
+    def _unit_name(self, host: SshHost) -> str:
+        return f"fabula-{self.paths.tag}-{host.name}.service"
+
+    def _boot_unit(self, host: SshHost) -> None:
+        """Where systemd runs: a unit that, at boot, loads the server's firewall and starts its
+        supervisord (so everything comes back after a reboot). fabula itself starts supervisord
+        the first time (Supervisor.ensure_running); the unit is enabled, not started."""
+        if not self.facts(host).systemd:
+            return
+        conf = host.path("supervisor", "supervisord.conf")
+        unit = (f"# written by fabula: {self.paths.project}/{self.paths.env} {host.name}\n"
+                "[Unit]\nDescription=fabula server " + f"{self.paths.project}/{self.paths.env}/{host.name}\n"
+                "After=network-online.target\nWants=network-online.target\n\n"
+                "[Service]\nType=simple\n"
+                f"ExecStartPre=-/usr/sbin/nft -f {host.path('etc', 'firewall.nft')}\n"
+                f"ExecStart=/usr/bin/supervisord -n -c {conf}\nRestart=on-failure\n\n"
+                "[Install]\nWantedBy=multi-user.target\n")
+        if host.put_file(PurePosixPath("/etc/systemd/system") / self._unit_name(host), unit):
+            host.check(["systemctl", "daemon-reload"])
+            host.check(["systemctl", "enable", self._unit_name(host)])
+
     def _make_tree(self, host: SshHost) -> None:
         host.make_dirs([TREE, TREE / self.paths.project])
         # the environment's tree is open to its group only, as the local provider's directory
@@ -184,6 +231,7 @@ class SshProvider(Provider):
         host.check(["chgrp", self.accounts.group, str(self.env_root)])
         host.make_dirs([host.root])
         host.make_dirs([host.path(d) for d in ("etc", "run", "log", "data", "releases", "tmp")])
+        self._boot_unit(host)
 
     def server_exists(self, name: str) -> bool:
         return name in self.env.hosts or name in self.state.servers
@@ -254,6 +302,11 @@ class SshProvider(Provider):
 
     # -- removal ------------------------------------------------------------------------------
     def _stop_and_remove(self, host: SshHost) -> None:
+        if self.facts(host).systemd:
+            unit = self._unit_name(host)
+            host.run(["systemctl", "disable", unit])
+            host.run(["rm", "-f", f"/etc/systemd/system/{unit}"])
+            host.run(["systemctl", "daemon-reload"])
         host.check(["sh", "-c", scripts.STOP_SERVER, "sh", str(self.env_root), str(host.root)], timeout=120)
         host.check(["sh", "-c", scripts.REMOVE_FIREWALL, "sh", self.table, str(host.path("etc", "firewall.before"))])
         host.check(["rm", "-rf", "--", str(host.root)], timeout=300)

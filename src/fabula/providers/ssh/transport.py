@@ -201,8 +201,8 @@ def host_key_error(name: str, target: SshTarget) -> FabulaError:
             f"if it is right, `ssh-keygen -R '{target.known_hosts_name()}' -f {path}` and record the new one")
     return FabulaError(
         f"{where}: its host key is not in {path}; nothing was run",
-        f"check the server's key fingerprint, then record it: `ssh-keyscan -p {target.port} "
-        f"{target.address} >> {path}`")
+        "record the hosts' keys with `fabula trust ENV` (it prints their fingerprints: compare them with the "
+        f"hosts' own), or `ssh-keyscan -p {target.port} {target.address} >> {path}` after checking it")
 
 
 class _Link:
@@ -351,6 +351,20 @@ class SshPool:
             raise
         link.channels.release()
         return None, seen.decode(errors="replace")
+
+    async def host_key(self, name: str, target: SshTarget) -> asyncssh.SSHKey:
+        """The key the host presents (through the jump host, whose own key must be known)."""
+        jump = target.jump_target()
+        tunnel = await self._connected(f"{name}'s jump host", self._links.setdefault(jump, _Link(jump))) if jump else ()
+        async with self._starts:
+            try:
+                key = await asyncssh.get_server_host_key(target.address, target.port, tunnel=tunnel)
+            except (TimeoutError, OSError, asyncssh.Error) as exc:
+                raise SshUnreachable(f"{name} ({target.address} port {target.port}): {exc or type(exc).__name__}",
+                                     "check that the host is up and that sshd listens there") from None
+        if key is None:
+            raise SshUnreachable(f"{name} ({target.address}): it presented no host key")
+        return key
 
     async def login_line(self, host: SshHost, command: str, timeout: float = 30) -> str:
         """The line `command` prints after a marker, run by the SSH user's login shell itself (for

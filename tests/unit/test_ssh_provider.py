@@ -1,0 +1,116 @@
+"""The ssh provider's pieces that need no host: the inventory as the plan, the facts a host
+reports, a team's lock as the operation sees it, and a fixed inventory's refusal to scale."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from fabula.autoscaling.policy import check_desired
+from fabula.config import load_config
+from fabula.context import Context
+from fabula.environment import history
+from fabula.environment.audit import operation
+from fabula.errors import ConfigError, FabulaError
+from fabula.output import Output
+from fabula.providers.base import SharedStore
+from fabula.providers.ssh.scripts import HostFacts
+from fabula.providers.ssh.shared import _record
+from fabula.state import EnvPaths, EnvState, ServerRecord
+from fabula.topology import plan_servers
+from tests.unit.test_config import write
+from tests.unit.test_config_ssh import SSH
+
+
+def environment(tmp_path: Path):
+    return load_config(write(tmp_path, SSH)).environment("production")
+
+
+def test_the_inventory_is_the_plan_without_the_load_balancers_host(tmp_path: Path):
+    planned = plan_servers(environment(tmp_path), EnvState(project="shop", env="production"))
+    assert sorted(planned) == ["cache1", "db1", "db2", "web1", "web2", "worker1"]
+    assert planned["web1"].address == "10.0.0.11" and planned["db2"].role == "db-replica"
+
+
+def test_a_promoted_replica_keeps_its_role_whatever_the_file_says(tmp_path: Path):
+    state = EnvState(project="shop", env="production")
+    state.servers = {"db1": ServerRecord("db1", "db-replica", "10.0.0.41", rebuild=True),
+                     "db2": ServerRecord("db2", "db-primary", "10.0.0.42")}
+    planned = plan_servers(environment(tmp_path), state)
+    assert (planned["db1"].role, planned["db2"].role) == ("db-replica", "db-primary")
+    assert planned["db1"].rebuild   # what the state knew of it is kept
+
+
+def test_host_facts_are_read_from_one_line():
+    facts = HostFacts.parse("debian 12 amd64 3.11 yes\n")
+    assert (facts.distribution, facts.version, facts.architecture, facts.python, facts.systemd) == (
+        "debian", "12", "amd64", "3.11", True)
+    assert HostFacts.parse("").distribution == "unknown"   # a host that printed nothing
+
+
+def test_the_holder_record_is_found_among_a_noisy_shells_lines():
+    assert _record('welcome!\n{"owner": "alice@laptop", "pid": 7}\n') == {"owner": "alice@laptop", "pid": 7}
+    assert _record("") is None
+    with pytest.raises(FabulaError):
+        _record("garbage that is no record")
+
+
+class BusyStore(SharedStore):
+    """A team's store whose lock another operator holds."""
+
+    def __init__(self):
+        self.pulled = self.pushed = self.released = 0
+
+    def acquire(self, holder: dict) -> dict | None:
+        return {"id": "x", "owner": "bob@desk", "host": "desk", "pid": 42, "pid_start": None, "boot_id": "",
+                "started": "2026-11-30T10:00:00+00:00", "action": "deploy", "command": "fabula deploy prod"}
+
+    def release(self) -> None:
+        self.released += 1
+
+    def holder(self) -> dict | None:
+        return None
+
+    def pull(self, files) -> None:
+        self.pulled += 1
+
+    def push(self, files) -> None:
+        self.pushed += 1
+
+
+class FreeStore(BusyStore):
+    def acquire(self, holder: dict) -> dict | None:
+        return None
+
+
+def context(tmp_path: Path, store: SharedStore) -> Context:
+    paths = EnvPaths(tmp_path / "state", "shop", "production")
+    out = Output(quiet=True, err_console=Console(file=io.StringIO(), width=400))
+    return Context(config=load_config(write(tmp_path, SSH)), env_name="production", env=None, paths=paths,
+                   state=EnvState(project="shop", env="production"), out=out,
+                   provider=SimpleNamespace(shared_store=lambda: store))
+
+
+def test_another_operators_lock_refuses_the_command_naming_them_and_releases_ours(tmp_path: Path):
+    ctx = context(tmp_path, BusyStore())
+    with pytest.raises(FabulaError) as refused, operation(ctx, "maintenance"):
+        pass
+    assert "bob@desk" in str(refused.value) and "fabula deploy prod" in str(refused.value)
+    # this machine's own lock was let go: a command here is not blocked by the refused one
+    free = FreeStore()
+    ctx.provider = SimpleNamespace(shared_store=lambda: free)
+    with operation(ctx, "maintenance"):
+        pass
+    assert (free.pulled, free.pushed, free.released) == (1, 1, 1)
+    assert [r["action"] for r in history.read(ctx.paths)[0]] == ["maintenance"]
+
+
+def test_a_fixed_inventory_cannot_scale(tmp_path: Path):
+    ctx = context(tmp_path, FreeStore())
+    ctx.env = ctx.config.environment("production")
+    with pytest.raises(ConfigError) as refused:
+        check_desired(ctx, 3)
+    assert "fixed inventory" in refused.value.message and "hosts" in (refused.value.hint or "")
