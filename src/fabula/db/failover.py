@@ -55,7 +55,20 @@ def shutdown_checkpoint(ctx: Context, name: str) -> int:
 
 
 def fence(ctx: Context, name: str) -> list[str]:
-    """Make sure a former primary cannot take writes again; return what could not be done."""
+    """Make sure a former primary cannot take writes again; return what could not be done. A host
+    that does not answer (ssh: down, or cut off) is fenced by what the others do: the state marks
+    it for rebuilding, and every PgBouncer is repointed away from it."""
+    try:
+        return _fence_host(ctx, name)
+    except FabulaError as exc:
+        ctx.state.servers[name].rebuild = True
+        ctx.state.servers[name].role = "db-replica"
+        ctx.state.save(ctx.paths)
+        return [f"its host does not answer ({exc.message}): no app server connects to it any more; when it is "
+                f"back, stop its PostgreSQL and run `fabula db reset-replicas {ctx.env_name}`"]
+
+
+def _fence_host(ctx: Context, name: str) -> list[str]:
     host = ctx.host(name)
     problems = []
     supervisor = Supervisor(host)

@@ -5,19 +5,24 @@ from __future__ import annotations
 import time
 
 from fabula.context import Context
+from fabula.errors import FabulaError
 from fabula.roles import postgres
 
 HEARTBEAT_TIMEOUT = 5.0
 
 
 def query(ctx: Context, name: str, sql: str) -> list[list[str]] | None:
-    """Rows of a query run on a database server as postgres; None when it does not answer."""
+    """Rows of a query run on a database server as postgres; None when it does not answer (nor
+    does its host)."""
     host = ctx.host(name)
     if not ctx.provider.server_exists(name):
         return None
-    result = host.run([str(postgres.PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-F", "\t", "-h",
-                       str(postgres.socket_dir(host)), "-U", "postgres", "-d", "postgres", "-c", sql],
-                      user=host.accounts.db, timeout=10)
+    try:
+        result = host.run([str(postgres.PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-F", "\t", "-h",
+                           str(postgres.socket_dir(host)), "-U", "postgres", "-d", "postgres", "-c", sql],
+                          user=host.accounts.db, timeout=10)
+    except FabulaError:   # the host is down or cut off (ssh)
+        return None
     if not result.ok:
         return None
     return [line.split("\t") for line in result.stdout.splitlines() if line]

@@ -187,6 +187,30 @@ def test_a_dead_host_shows_in_describe_and_create_brings_its_services_back(world
     assert back["state"] == "running" and back["lb"] == "UP"
 
 
+def test_emergency_promote_when_the_primary_host_is_switched_off(world):
+    lab, env = world
+    db1 = list(ROLES).index("db1")
+    with httpx.Client(verify=False, timeout=10) as http:
+        assert http.post(env.url + "/api/entries", data={"text": "before the failover"}).status_code == 201
+        lab.kill_all(db1)   # the primary's host, switched off
+        try:
+            promoted = env.fabula("db", "promote", ENV, timeout=300)
+            assert promoted.returncode == 0, promoted.stderr
+            assert "emergency" in promoted.stderr and "does not answer" in promoted.stderr
+            roles = {s["name"]: s["role"] for s in env.servers()}
+            assert (roles["db1"], roles["db2"]) == ("db-replica", "db-primary")
+            # every web server writes to the new primary
+            for _ in range(4):
+                assert http.post(env.url + "/api/entries", data={"text": "after"}).status_code == 201
+        finally:
+            lab.start_sshd(db1)
+    reset = env.fabula("db", "reset-replicas", ENV, timeout=600)
+    assert reset.returncode == 0, reset.stderr
+    replica = next(s for s in env.describe()["servers"] if s["name"] == "db1")
+    assert replica["state"] == "running" and replica["replication"]["state"] == "streaming"
+    assert env.query("SELECT count(*) FROM notes_entry WHERE text = 'after'", "db1") == "4"
+
+
 def test_a_sysadmin_taken_out_of_the_file_is_removed_by_the_next_create(world):
     lab, env = world
     config = env.app_dir / "fabula.yml"
