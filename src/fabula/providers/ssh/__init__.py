@@ -10,7 +10,6 @@ import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
 
 import asyncssh
 
@@ -30,7 +29,6 @@ from fabula.templates import render
 
 TREE = PurePosixPath("/srv/fabula")
 ROLLBACK_AFTER = 90   # seconds: a firewall fabula could not confirm is undone on the host by then
-T = TypeVar("T")
 
 
 class SshProvider(Provider):
@@ -47,7 +45,6 @@ class SshProvider(Provider):
         self.pool = SshPool()
         self._facts: dict[str, HostFacts] = {}
         lb_name, lb = next((n, h) for n, h in env.hosts.items() if h.role == "lb")
-        self.lb_name = lb_name
         platform = self._ssh_host(lb_name, "lb", lb.address)
         self.load_balancer = HAProxyLoadBalancer(platform, env.lb, paths.pki_dir / "ca.pem", paths.project,
                                                  paths.env, public_address=lb.address, bind="0.0.0.0",
