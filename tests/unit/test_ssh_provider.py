@@ -114,3 +114,35 @@ def test_a_fixed_inventory_cannot_scale(tmp_path: Path):
     with pytest.raises(ConfigError) as refused:
         check_desired(ctx, 3)
     assert "fixed inventory" in refused.value.message and "hosts" in (refused.value.hint or "")
+
+
+class CutOffStore(FreeStore):
+    """A free lock whose last holder was cut off (its record left behind)."""
+
+    def __init__(self, host: str):
+        super().__init__()
+        self.left = {"owner": "alice@laptop", "host": host, "pid": 9, "command": "fabula db promote prod"}
+
+    def interrupted(self) -> dict | None:
+        return self.left
+
+
+def test_a_command_cut_off_on_this_machine_leaves_its_state_to_be_sent_not_overwritten(tmp_path: Path):
+    import socket
+    store = CutOffStore(socket.gethostname())
+    ctx = context(tmp_path, store)
+    ctx.paths.make_env_dir()
+    ctx.paths.state_file.write_text('{"project": "shop", "env": "production"}')
+    with operation(ctx, "maintenance"):
+        pass
+    assert (store.pulled, store.pushed) == (0, 2)   # sent on taking the lock, and at the end
+    assert "cut off" in ctx.out.err.file.getvalue()
+
+
+def test_a_command_cut_off_elsewhere_is_named_and_the_store_is_pulled(tmp_path: Path):
+    store = CutOffStore("another-machine")
+    ctx = context(tmp_path, store)
+    with operation(ctx, "maintenance"):
+        pass
+    assert (store.pulled, store.pushed) == (1, 1)
+    assert "alice@laptop" in ctx.out.err.file.getvalue()

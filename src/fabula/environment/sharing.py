@@ -4,6 +4,7 @@ refreshed when a command opens the environment and again once it holds the lock,
 when a changing command ends."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from fabula.context import Context
@@ -39,7 +40,20 @@ def take(ctx: Context, store: SharedStore, holder: Holder, as_dict: dict) -> Non
                           "wait until that command ends (the lock goes with it, also if that machine "
                           "is cut off: within a minute)")
     try:
-        store.pull(shared_files(ctx.paths))
+        cut_off = store.interrupted()
+        if cut_off is not None and cut_off.get("host") == socket.gethostname() and ctx.paths.state_file.exists():
+            # the cut-off command ran here: this machine's files are the newer ones
+            ctx.out.warn(f"the last command on {ctx.env_name}, `{cut_off.get('command')}` (pid {cut_off.get('pid')}), "
+                         "was cut off before it sent its state back: this machine's copy, which it left, is kept "
+                         "and sent")
+            store.push(shared_files(ctx.paths))
+        else:
+            if cut_off is not None:
+                ctx.out.warn(f"the last command on {ctx.env_name}, `{cut_off.get('command')}` by "
+                             f"{cut_off.get('owner')}, was cut off before it sent its state back: what it changed "
+                             f"since it began may be missing here; `fabula create {ctx.env_name}` converges the "
+                             "hosts again")
+            store.pull(shared_files(ctx.paths))
     except BaseException:
         store.release()
         raise

@@ -237,6 +237,11 @@ class SharedStore(abc.ABC):
     def holder(self) -> dict | None:
         """The record of whoever holds the shared lock now, or None."""
 
+    def interrupted(self) -> dict | None:
+        """After acquire(): the record of a holder that was cut off before it released the lock
+        (and so before it sent its files back), or None."""
+        return None
+
     @abc.abstractmethod
     def pull(self, files: dict[str, Path]) -> None:
         """Copy each shared file or folder (name -> this machine's path) that exists over this

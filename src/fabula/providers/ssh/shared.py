@@ -25,12 +25,15 @@ from fabula.providers.ssh.transport import Held, SshHost
 HEARTBEAT = 15            # seconds between the client's heartbeats on the lock's channel
 HEARTBEAT_TIMEOUT = 60    # seconds without one before the host lets the lock go
 BUSY = 75                 # the lock script's exit status when another holds the lock
+INTERRUPTED = "interrupted: "
 
 # $1 the lock file, $2 the holder file, $3 the holder's record, $4 the line that says "held"
 # (bash's, not sh's: dash's `read` has no timeout)
 LOCK = f"""exec 9>>"$1" || exit 1
 flock -n 9 || {{ cat -- "$2" 2>/dev/null; exit {BUSY}; }}
 umask 077
+# a holder's record left behind: its command was cut off before it gave the lock back
+if [ -s "$2" ]; then printf '{INTERRUPTED}'; head -c 4096 -- "$2"; echo; fi
 printf '%s\\n' "$3" > "$2"
 echo "$4"
 while read -r -t {HEARTBEAT_TIMEOUT} _; do :; done
@@ -61,6 +64,10 @@ class HostStore(SharedStore):
         self.lock_file = PurePosixPath(f"/run/fabula-{tag}.lock")
         self.holder_file = PurePosixPath(f"/run/fabula-{tag}.holder")
         self._held: Held | None = None
+        self._interrupted: dict | None = None
+
+    def interrupted(self) -> dict | None:
+        return self._interrupted
 
     def acquire(self, holder: dict) -> dict | None:
         ready = f"held-{secrets.token_hex(8)}"
@@ -68,6 +75,8 @@ class HostStore(SharedStore):
                                         json.dumps(holder), ready], ready)
         if held is None:
             return _record(printed) or {"owner": "another fabula", "command": "?"}
+        left = [line for line in printed.splitlines() if line.startswith(INTERRUPTED)]
+        self._interrupted = _record(left[-1].removeprefix(INTERRUPTED)) if left else None
         self._held = held
         held.every(HEARTBEAT, b"\n")
         return None

@@ -325,10 +325,10 @@ class SshPool:
         return proc.returncode, bytes(out), bytes(err)
 
     async def hold(self, host: SshHost, argv: list[str], ready: str, timeout: float = 30) -> tuple[Held | None, str]:
-        """Start `argv` (as root) and keep it running until the Held is closed: (Held, '') once it
-        prints the line `ready`; (None, what it printed) if it ends first. The channel's end (close(),
-        fabula killed, the connection lost) ends the command on the host too (its stdin closes,
-        and setpriv's parent-death signal)."""
+        """Start `argv` (as root) and keep it running until the Held is closed: (Held, what it
+        printed before) once it prints the line `ready`; (None, what it printed) if it ends first.
+        The channel's end (close(), fabula killed, the connection lost) ends the command on the
+        host too (its stdin closes, and setpriv's parent-death signal)."""
         block = env_block(None)
         marker = f"fabula-{secrets.token_hex(8)}"
         command = remote_command(argv, env_source=len(block), marker=marker, cwd="/",
@@ -343,7 +343,7 @@ class SshPool:
                 while chunk := await proc.stdout.read(CHUNK):
                     seen += demarker.feed(chunk)
                     if ready.encode() + b"\n" in seen:
-                        return Held(self, proc, link), ""
+                        return Held(self, proc, link), seen.split(ready.encode() + b"\n")[0].decode(errors="replace")
                 seen += demarker.end()
                 await proc.wait_closed()
         except BaseException:
