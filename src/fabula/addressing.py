@@ -1,12 +1,12 @@
 """The one rule for servers' addresses in a subnet: which addresses servers get, and how many a
-subnet holds (config.py checks fabula.yml with it; topology.py hands them out)."""
+subnet holds (fabula.config checks fabula.yml with it; topology.py hands them out)."""
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator
 
 FIRST_HOST = 10  # .1 is the host's end of the bridge; .2-.9 are kept free
-# the one rule for how many servers a subnet holds (config.py checks fabula.yml with it): every
+# the one rule for how many servers a subnet holds (fabula.config checks fabula.yml with it): every
 # address from network + FIRST_HOST up to, not including, the broadcast address
 SMALLEST_PREFIX, LARGEST_PREFIX = 28, 16  # a /28 holds 5 servers; a /16 is as large as a subnet may be
 

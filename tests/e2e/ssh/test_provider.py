@@ -109,6 +109,23 @@ def test_a_second_operator_sees_the_first_ones_lock_state_and_history(world):
     assert "maintenance" in env.fabula("history", ENV).stdout
 
 
+def test_a_killed_holder_lets_the_lock_go_and_is_named_by_the_next_command(world):
+    lab, env = world
+    other = SampleEnvironment(env.app_dir, env.app_dir.parent / "other-operator", ENV)
+    holder = subprocess.Popen([*fabula_argv(), "manage", ENV, "--", "shell", "-c", "import time; time.sleep(60)"],
+                              cwd=env.app_dir, env={**os.environ, "FABULA_STATE_DIR": str(env.state_dir)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: other.describe().get("lock"), timeout=60, message="the lock taken")
+    finally:
+        holder.kill()   # SIGKILL: no chance to give the lock back
+        holder.wait(timeout=30)
+    # the host lets the lock go with the killed fabula's connection
+    after = wait_for(lambda: (r := other.fabula("maintenance", ENV, "off")).returncode == 0 and r, timeout=90,
+                     interval=2, message="the lock let go")
+    assert "cut off" in after.stderr and "fabula manage" in after.stderr
+
+
 def test_a_firewall_that_would_lock_the_operator_out_is_rolled_back(world):
     lab, env = world
     script = f"""
