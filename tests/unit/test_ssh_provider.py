@@ -3,6 +3,7 @@ reports, a team's lock as the operation sees it, and a fixed inventory's refusal
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,8 +13,9 @@ from rich.console import Console
 from fabula.autoscaling.policy import check_desired
 from fabula.config import load_config
 from fabula.context import Context
-from fabula.environment import history
+from fabula.environment import history, lock, sharing
 from fabula.environment.audit import operation
+from fabula.environment.lock import Holder
 from fabula.errors import ConfigError, FabulaError
 from fabula.output import Output
 from fabula.providers.base import SharedStore
@@ -121,18 +123,20 @@ class CutOffStore(FreeStore):
 
     def __init__(self, host: str):
         super().__init__()
-        self.left = {"owner": "alice@laptop", "host": host, "pid": 9, "command": "fabula db promote prod"}
+        self.left = {"id": "cutoff000001", "owner": "alice@laptop", "host": host, "pid": 9,
+                     "command": "fabula db promote prod"}
 
     def interrupted(self) -> dict | None:
         return self.left
 
 
-def test_a_command_cut_off_on_this_machine_leaves_its_state_to_be_sent_not_overwritten(tmp_path: Path):
-    import socket
-    store = CutOffStore(socket.gethostname())
+def test_a_command_cut_off_here_leaves_its_state_to_be_sent_not_overwritten(tmp_path: Path):
+    store = CutOffStore("this-machine")
     ctx = context(tmp_path, store)
     ctx.paths.make_env_dir()
     ctx.paths.state_file.write_text('{"project": "shop", "env": "production"}')
+    # its stale lock here was taken over, which recorded it in this state directory's history
+    history.append(ctx.paths, {"id": store.left["id"], "action": "db promote", "outcome": "interrupted"})
     with operation(ctx, "maintenance"):
         pass
     assert (store.pulled, store.pushed) == (0, 2)   # sent on taking the lock, and at the end
@@ -140,9 +144,25 @@ def test_a_command_cut_off_on_this_machine_leaves_its_state_to_be_sent_not_overw
 
 
 def test_a_command_cut_off_elsewhere_is_named_and_the_store_is_pulled(tmp_path: Path):
+    # (another machine, or another state directory of this one: its history has no such record)
     store = CutOffStore("another-machine")
     ctx = context(tmp_path, store)
     with operation(ctx, "maintenance"):
         pass
     assert (store.pulled, store.pushed) == (1, 1)
     assert "alice@laptop" in ctx.out.err.file.getvalue()
+
+
+def test_opening_keeps_the_files_a_command_cut_off_here_left(tmp_path: Path):
+    store = FreeStore()
+    ctx = context(tmp_path, store)
+    ctx.paths.make_env_dir()
+    dead = Holder.from_json({"id": "dead00000001", "owner": "root@here", "host": socket.gethostname(),
+                             "pid": 2 ** 22 + 7, "pid_start": "1", "boot_id": lock.boot_id(), "started": "",
+                             "action": "db promote", "command": "fabula db promote prod"})
+    assert lock.create_exclusively(ctx.paths, dead) and dead.is_stale()
+    sharing.refresh(ctx)
+    assert store.pulled == 0   # kept for the next changing command to send
+    lock.lock_path(ctx.paths).unlink()
+    sharing.refresh(ctx)
+    assert store.pulled == 1

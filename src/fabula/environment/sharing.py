@@ -4,10 +4,10 @@ refreshed when a command opens the environment and again once it holds the lock,
 when a changing command ends."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 from fabula.context import Context
+from fabula.environment import history, lock
 from fabula.environment.lock import Holder
 from fabula.errors import FabulaError
 from fabula.providers.base import SharedStore
@@ -21,9 +21,17 @@ def shared_files(paths: EnvPaths) -> dict[str, Path]:
 
 
 def refresh(ctx: Context) -> None:
-    """This machine's copy made the store's (when the provider has one)."""
+    """This machine's copy made the store's (when the provider has one); not while a command cut
+    off here left its lock behind: the files it left are newer than the store's, and the next
+    changing command sends them (take())."""
     store = ctx.provider.shared_store()
     if store is None:
+        return
+    try:
+        left = lock.read(ctx.paths)
+    except lock.Unreadable:
+        left = None
+    if left is not None and left.is_stale():
         return
     ctx.paths.make_env_dir()
     store.pull(shared_files(ctx.paths))
@@ -41,8 +49,10 @@ def take(ctx: Context, store: SharedStore, holder: Holder, as_dict: dict) -> Non
                           "is cut off: within a minute)")
     try:
         cut_off = store.interrupted()
-        if cut_off is not None and cut_off.get("host") == socket.gethostname() and ctx.paths.state_file.exists():
-            # the cut-off command ran here: this machine's files are the newer ones
+        ran_here = cut_off is not None and history.has_record(ctx.paths, cut_off.get("id", ""))
+        if ran_here and cut_off is not None and ctx.paths.state_file.exists():
+            # the cut-off command ran from this state directory (taking over its stale local lock
+            # recorded it in this history): the files it left here are the newer ones
             ctx.out.warn(f"the last command on {ctx.env_name}, `{cut_off.get('command')}` (pid {cut_off.get('pid')}), "
                          "was cut off before it sent its state back: this machine's copy, which it left, is kept "
                          "and sent")
