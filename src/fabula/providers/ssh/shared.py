@@ -26,6 +26,7 @@ HEARTBEAT = 15            # seconds between the client's heartbeats on the lock'
 HEARTBEAT_TIMEOUT = 60    # seconds without one before the host lets the lock go
 BUSY = 75                 # the lock script's exit status when another holds the lock
 INTERRUPTED = "interrupted: "
+RELEASED = "released"
 
 # $1 the lock file, $2 the holder file, $3 the holder's record, $4 the line that says "held"
 # (bash's, not sh's: dash's `read` has no timeout)
@@ -36,8 +37,11 @@ umask 077
 if [ -s "$2" ]; then printf '{INTERRUPTED}'; head -c 4096 -- "$2"; echo; fi
 printf '%s\\n' "$3" > "$2"
 echo "$4"
-while read -r -t {HEARTBEAT_TIMEOUT} _; do :; done
-rm -f -- "$2"
+# given back (a "{RELEASED}" line): the record goes; the channel's end or silence without it
+# (fabula killed, the connection lost): the record stays, for the next holder to name
+while read -r -t {HEARTBEAT_TIMEOUT} line; do
+  [ "$line" != {RELEASED} ] || {{ rm -f -- "$2"; exit 0; }}
+done
 """
 # $1 the lock file, $2 the holder file: the holder's record while the lock is held
 HOLDER = """exec 9>>"$1" || exit 1
@@ -84,7 +88,7 @@ class HostStore(SharedStore):
     def release(self) -> None:
         if self._held is not None:
             held, self._held = self._held, None
-            held.close()
+            held.close(last=RELEASED.encode() + b"\n")
 
     def holder(self) -> dict | None:
         result = self.host.run(["sh", "-c", HOLDER, "sh", str(self.lock_file), str(self.holder_file)])

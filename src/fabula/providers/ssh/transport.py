@@ -426,13 +426,16 @@ class Held:
 
         self._pool.call(start())
 
-    def close(self) -> None:
-        self._pool.call(self._close())
+    def close(self, last: bytes = b"") -> None:
+        """End the command: `last` written to its stdin, then its end of input."""
+        self._pool.call(self._close(last))
 
-    async def _close(self) -> None:
+    async def _close(self, last: bytes) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
         try:
+            if last:
+                self._proc.stdin.write(last)
             self._proc.stdin.write_eof()
             async with asyncio.timeout(10):
                 await self._proc.wait_closed()
