@@ -43,8 +43,10 @@ while read -r -t {HEARTBEAT_TIMEOUT} line; do
   [ "$line" != {RELEASED} ] || {{ rm -f -- "$2"; exit 0; }}
 done
 """
-# $1 the lock file, $2 the holder file: the holder's record while the lock is held
-HOLDER = """exec 9>>"$1" || exit 1
+# $1 the lock file, $2 the holder file: the holder's record while the lock is held (no lock file:
+# none, and none is made)
+HOLDER = """[ -e "$1" ] || exit 0
+exec 9>>"$1" || exit 1
 if flock -n -s 9; then exit 0; fi
 cat -- "$2" 2>/dev/null
 exit 0
