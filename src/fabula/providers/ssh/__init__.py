@@ -92,8 +92,8 @@ class SshProvider(Provider):
 
     def check_can_create(self, config_path: str) -> None:
         """Every host answers over SSH and runs Debian 12: checked before anything is made."""
-        facts = self._each(self._all_hosts(), self.facts)
-        wrong = [(h, f) for h, f in zip(self._all_hosts(), facts, strict=True)
+        hosts = self._all_hosts()
+        wrong = [(h, f) for h, f in zip(hosts, self._each(hosts, self.facts), strict=True)
                  if (f.distribution, f.version) != ("debian", scripts.DEBIAN_VERSION)]
         if wrong:
             raise FabulaError("; ".join(f"{h.name} ({h.address}) runs {f.distribution} {f.version}"
