@@ -96,8 +96,9 @@ class Lab:
         wait_for(lambda: not sh("ip", "netns", "pids", ns, check=False).stdout.split(), 10,
                  message=f"no process left in {ns}")
 
-    def processes(self, needle: str, comm: str | None = None) -> list[int]:
-        """The machine's processes whose command line holds `needle` (and named `comm`)."""
+    def processes(self, needle: str, comm: str | None = None, at_once: bool = False) -> list[int]:
+        """The machine's processes whose command line holds `needle` (and named `comm`); with
+        `at_once`, only those that were all running at one moment."""
         found = []
         for proc in Path("/proc").iterdir():
             try:
@@ -106,7 +107,19 @@ class Lab:
                     found.append(int(proc.name))
             except OSError:
                 pass
-        return found
+        if not at_once:
+            return found
+        # /proc is read one process at a time, not at one instant: one that ended after it was read
+        # and one that started before the scan's end would be counted together. Those still there
+        # after the scan all ran at the same moment.
+        return [pid for pid in found if _holds(Path(f"/proc/{pid}/cmdline"), needle)]
+
+
+def _holds(cmdline: Path, needle: str) -> bool:
+    try:
+        return needle.encode() in cmdline.read_bytes()
+    except OSError:
+        return False
 
 
 def _sshd_config(lab: Lab, i: int) -> str:

@@ -244,7 +244,7 @@ def test_channels_per_connection_stay_within_the_limit(lab, pool):
     with ThreadPoolExecutor(25) as threads:
         running = [threads.submit(h.run, ["sh", "-c", f"sleep 0.5; echo {i}", token]) for i in range(25)]
         while not all(r.done() for r in running):
-            most = max(most, len(lab.processes(token, comm="sh")))   # not `timeout`, its parent
+            most = max(most, len(lab.processes(token, comm="sh", at_once=True)))   # not `timeout`, its parent
     assert [r.result().stdout for r in running] == [f"{i}\n" for i in range(25)]
     assert 1 < most <= 10   # sshd's default MaxSessions
 
