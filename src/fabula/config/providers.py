@@ -112,7 +112,152 @@ ServerName = Annotated[str, pattern(r"[a-z][a-z0-9-]{0,30}", "a server name (low
 INVENTORY_LIMITS = {"lb": (1, 1), "web": (1, 32), "worker": (0, 1), "cache": (1, 1), "db-primary": (1, 1),
                     "db-replica": (0, 4)}
 
-# each provider's own section, by the name `provider:` gives (one section per provider; the
-# aws provider adds its own)
-PROVIDER_SECTIONS = ("local", "ssh")
+# -- provider: aws -----------------------------------------------------------------------------
+
+# a region's name as AWS spells it: eu-west-1, us-gov-west-1, ap-southeast-5, cn-north-1
+AWS_REGION = r"[a-z]{2}(-[a-z]{3,5})?-[a-z]{4,9}-[0-9]{1,2}"
+VPC_ID = r"vpc-[0-9a-f]{8,17}"
+SUBNET_ID = r"subnet-[0-9a-f]{8,17}"
+AMI_ID = r"ami-[0-9a-f]{8,17}"
+# family (letters, a generation digit, attributes), a size: t3.small, m6i.large, c7gn.16xlarge, mac2-m2.metal
+INSTANCE_TYPE = r"(?P<family>[a-z]+-?[0-9][a-z0-9-]{0,12})\.[a-z0-9]{1,16}"
+ACM_ARN = r"arn:aws(-cn|-us-gov)?:acm:[a-z]{2}(-[a-z]{3,5})?-[a-z]{4,9}-[0-9]{1,2}:[0-9]{12}:certificate/[0-9a-f-]{36}"
+# the smallest VPC that holds two subnets AWS accepts (a /28 each); the largest AWS accepts
+VPC_PREFIXES = (16, 27)
+AWS_RESERVED_PER_SUBNET = 5   # AWS keeps the first four addresses and the last of every subnet
+# what `instance_types` gives each role unless told otherwise (the issue's example)
+DEFAULT_INSTANCE_TYPES = {"web": "t3.small", "worker": "t3.small", "cache": "t3.small",
+                          "db-primary": "m6i.large", "db-replica": "m6i.large"}
+
+
+def aws_subnets(vpc: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Network]:
+    """The two subnets (one per availability zone) fabula carves out of a VPC it makes: the first
+    two of prefix /20, or halves of a VPC smaller than a /19."""
+    first, second, *_ = vpc.subnets(new_prefix=max(vpc.prefixlen + 1, 20))
+    return first, second
+
+
+def aws_capacity(vpc: ipaddress.IPv4Network) -> int:
+    """Instances the two subnets of aws_subnets() hold together."""
+    return sum(subnet.num_addresses - AWS_RESERVED_PER_SUBNET for subnet in aws_subnets(vpc))
+
+
+def _vpc_range(value: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    if not any(value.subnet_of(private) for private in RFC1918):
+        raise ValueError(f"{value} is not a private network: use one inside 10.0.0.0/8, 172.16.0.0/12 or "
+                         "192.168.0.0/16 (RFC 1918), e.g. 10.40.0.0/16")
+    low, high = VPC_PREFIXES
+    if not low <= value.prefixlen <= high:
+        raise ValueError(f"{value}: a prefix length from /{low} to /{high} is expected (AWS makes VPCs of /16 to "
+                         "/28, and fabula splits it into two subnets)")
+    return value
+
+
+def arm64(instance_type: str) -> bool:
+    """Graviton (arm64) types: a `g` among the attributes after the generation (t4g, m7gd, c6gn),
+    and the first generation, a1."""
+    match = re.fullmatch(INSTANCE_TYPE, instance_type, re.ASCII)
+    family = match["family"] if match else instance_type
+    attributes = re.sub(r"^[a-z]+-?[0-9]+", "", family)
+    return "g" in attributes.split("-")[0] or family == "a1"
+
+
+def _bucket_name(value: str) -> str:
+    """S3's rules for a general purpose bucket's name, with dots refused: a dotted name breaks
+    the TLS certificate of virtual-hosted addresses."""
+    rules = [
+        (3 <= len(value) <= 63, "3 to 63 characters"),
+        (re.fullmatch(r"[a-z0-9][a-z0-9-]*[a-z0-9]", value, re.ASCII) is not None,
+         "lower-case letters, digits and '-', beginning and ending with a letter or digit (no dots)"),
+        (not value.startswith(("xn--", "sthree-", "amzn-s3-demo-")), "no prefix xn--, sthree- or amzn-s3-demo-"),
+        (not value.endswith(("-s3alias", "--ol-s3", "--x-s3", "--table-s3")),
+         "no suffix -s3alias, --ol-s3, --x-s3 or --table-s3"),
+    ]
+    broken = [rule for ok, rule in rules if not ok]
+    if broken:
+        raise ValueError(f"an S3 bucket name is expected: {'; '.join(broken)} (got {excerpt(value)})")
+    return value
+
+
+Region = Annotated[str, Field(max_length=30), pattern(AWS_REGION, "an AWS region such as eu-west-1")]
+VpcId = Annotated[str, pattern(VPC_ID, "a VPC id such as vpc-0a1b2c3d4e5f67890")]
+SubnetId = Annotated[str, pattern(SUBNET_ID, "a subnet id such as subnet-0a1b2c3d4e5f67890")]
+AmiId = Annotated[str, pattern(AMI_ID, "an AMI id such as ami-0a1b2c3d4e5f67890")]
+InstanceType = Annotated[str, Field(max_length=40), pattern(INSTANCE_TYPE, "an EC2 instance type such as t3.small")]
+CertificateArn = Annotated[str, Field(max_length=200), pattern(
+    ACM_ARN, "an ACM certificate's ARN (arn:aws:acm:REGION:ACCOUNT:certificate/ID)")]
+BucketName = Annotated[str, Field(max_length=63), AfterValidator(_bucket_name)]
+
+
+class AwsVpc(Strict):
+    """The VPC: one fabula makes (`cidr`) or one that exists (`id` and two or more `subnets` of it,
+    in different availability zones, which fabula adopts and never removes)."""
+
+    cidr: Annotated[ipaddress.IPv4Network, AfterValidator(_vpc_range)] | None = None
+    id: VpcId | None = None
+    subnets: Annotated[list[SubnetId], Field(min_length=2, max_length=6)] | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.cidr is not None and (self.id is not None or self.subnets is not None):
+            raise ValueError("give either `cidr` (a VPC fabula makes) or `id` and `subnets` (one to adopt), "
+                             "not both")
+        if self.cidr is None and self.id is None:
+            raise ValueError("give `cidr` (e.g. {cidr: 10.40.0.0/16}) or `id` and `subnets` of an existing VPC")
+        if self.id is not None and self.subnets is None:
+            raise ValueError("an adopted VPC needs `subnets`: two or more of its subnets, in different "
+                             "availability zones (e.g. [subnet-..., subnet-...])")
+        if self.subnets is not None and len(set(self.subnets)) != len(self.subnets):
+            raise ValueError("subnets: each subnet once")
+        return self
+
+
+class AwsInstanceTypes(Strict):
+    web: InstanceType = DEFAULT_INSTANCE_TYPES["web"]
+    worker: InstanceType = DEFAULT_INSTANCE_TYPES["worker"]
+    cache: InstanceType = DEFAULT_INSTANCE_TYPES["cache"]
+    db_primary: InstanceType = Field(default=DEFAULT_INSTANCE_TYPES["db-primary"], alias="db-primary")
+    db_replica: InstanceType = Field(default=DEFAULT_INSTANCE_TYPES["db-replica"], alias="db-replica")
+
+    def by_role(self) -> dict[str, str]:
+        return {"web": self.web, "worker": self.worker, "cache": self.cache, "db-primary": self.db_primary,
+                "db-replica": self.db_replica}
+
+    @model_validator(mode="after")
+    def _one_architecture(self):
+        # one AMI serves every role (and releases are built for one architecture)
+        kinds = {role: arm64(kind) for role, kind in self.by_role().items()}
+        if len(set(kinds.values())) > 1:
+            arm = sorted(role for role, is_arm in kinds.items() if is_arm)
+            raise ValueError(f"{', '.join(arm)}: Graviton (arm64) instance types beside x86_64 ones: every role "
+                             "runs one AMI, so give all roles types of one architecture")
+        return self
+
+    def architecture(self) -> str:
+        return "arm64" if arm64(self.web) else "amd64"
+
+
+class AwsConfig(Strict):
+    """`provider: aws`: where on AWS the environment is made."""
+
+    region: Region
+    vpc: AwsVpc
+    ami: AmiId | None = Field(default=None, description=(
+        "the image of every instance; default: the current Debian 12 image, from its public SSM parameter"))
+    instance_types: AwsInstanceTypes = AwsInstanceTypes()
+    certificate_arn: CertificateArn | None = Field(default=None, description=(
+        "the load balancer's certificate in ACM; default: lb.certificate and lb.key (or a self-signed one), "
+        "imported into ACM"))
+    state_bucket: BucketName = Field(description="the S3 bucket of the environment's state, lock and history")
+
+    @model_validator(mode="after")
+    def _certificate_in_region(self):
+        if self.certificate_arn is not None and self.certificate_arn.split(":")[3] != self.region:
+            raise ValueError(f"certificate_arn is in region {self.certificate_arn.split(':')[3]}, but a load "
+                             f"balancer in {self.region} needs a certificate of its own region")
+        return self
+
+
+# each provider's own section, by the name `provider:` gives (one section per provider)
+PROVIDER_SECTIONS = ("local", "ssh", "aws")
 

@@ -16,7 +16,16 @@ from pydantic import (
 )
 
 from fabula.addressing import server_capacity
-from fabula.config.providers import INVENTORY_LIMITS, InventoryHost, LocalConfig, ServerName, SshConfig, SysadminUser
+from fabula.config.providers import (
+    INVENTORY_LIMITS,
+    AwsConfig,
+    InventoryHost,
+    LocalConfig,
+    ServerName,
+    SshConfig,
+    SysadminUser,
+    aws_capacity,
+)
 from fabula.config.values import (
     ROLES,
     SLUG,
@@ -110,9 +119,10 @@ class AutoscalingConfig(Strict):
 
 
 class EnvironmentConfig(Strict):
-    provider: Literal["local", "ssh"] = "local"
+    provider: Literal["local", "ssh", "aws"] = "local"
     local: LocalConfig = LocalConfig()
     ssh: SshConfig | None = None
+    aws: AwsConfig | None = None
     production: bool = Field(default=False, description="refuse destructive copies into it without --force")
     db: DatabaseConfig = DatabaseConfig()
     servers: ServerCounts = ServerCounts()
@@ -123,8 +133,8 @@ class EnvironmentConfig(Strict):
     hosts: Annotated[dict[ServerName, InventoryHost], Field(max_length=64)] = Field(
         default_factory=dict, description="`provider: ssh`: the servers, each {role, address}")
     admin_sources: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], Field(max_length=64)] = Field(
-        default_factory=list, description="`provider: ssh`: networks that may reach SSH on every host (besides "
-        "the machine fabula runs on)")
+        default_factory=list, description="`provider: ssh` and `aws`: networks that may reach SSH on every host "
+        "(on ssh, besides the machine fabula runs on)")
     users: Annotated[list[SysadminUser], Field(max_length=64)] = Field(
         default_factory=list, description="`provider: ssh`: sysadmin accounts on every host")
     gunicorn_workers: Annotated[int, Field(ge=1, le=64)] = 2
@@ -184,11 +194,20 @@ class EnvironmentConfig(Strict):
             return data
         provider = data.get("provider", "local")
         # (a list under `hosts` is the former spelling of `domains`)
-        ssh_only = [k for k in ("ssh", "hosts", "admin_sources", "users")
-                    if data.get(k) is not None and not (k == "hosts" and isinstance(data[k], list))]
-        if provider != "ssh" and ssh_only:
-            raise ValueError(f"`{ssh_only[0]}` is a key of `provider: ssh` (this environment's provider is "
+        given = [k for k in ("ssh", "hosts", "admin_sources", "users")
+                 if data.get(k) is not None and not (k == "hosts" and isinstance(data[k], list))]
+        # an aws environment's instances are reached over SSH too, but are made, not listed
+        ssh_only = [k for k in given if provider != "ssh" and not (provider == "aws" and k in ("ssh", "admin_sources"))]
+        if ssh_only:
+            owners = "`provider: ssh` and `provider: aws`" if ssh_only[0] in ("ssh", "admin_sources") else \
+                "`provider: ssh`"
+            raise ValueError(f"`{ssh_only[0]}` is a key of {owners} (this environment's provider is "
                              f"{excerpt(provider)})")
+        if provider != "aws" and data.get("aws") is not None:
+            raise ValueError(f"`aws` is the section of `provider: aws` (this environment's provider is "
+                             f"{excerpt(provider)})")
+        if provider == "aws":
+            return cls._aws_keys(data)
         if provider == "ssh":
             if "local" in data or "subnet" in data:
                 raise ValueError("`local` (and `subnet`) are keys of `provider: local`; an ssh environment's "
@@ -202,6 +221,31 @@ class EnvironmentConfig(Strict):
             if not isinstance(data.get("hosts"), dict) or not data["hosts"]:
                 raise ValueError("`provider: ssh` needs `hosts:`, a mapping of server name to "
                                  "{role, address}, e.g. web1: {role: web, address: 10.0.0.11}")
+        return data
+
+    @classmethod
+    def _aws_keys(cls, data: dict) -> dict:
+        if "local" in data or "subnet" in data:
+            raise ValueError("`local` (and `subnet`) are keys of `provider: local`; an aws environment's "
+                             "addresses are its VPC's (aws: {vpc: {cidr: ...}})")
+        if not isinstance(data.get("aws"), dict):
+            raise ValueError("`provider: aws` needs its `aws:` section: at least region, vpc and state_bucket, "
+                             "e.g. aws: {region: eu-west-1, vpc: {cidr: 10.40.0.0/16}, state_bucket: NAME}")
+        if not data.get("admin_sources"):
+            raise ValueError("`provider: aws` needs `admin_sources`: the networks that may reach the instances' "
+                             "SSH, among them this machine's public address or the jump host's "
+                             "(e.g. admin_sources: [198.51.100.7/32])")
+        data = dict(data)
+        # the load balancer of AWS listens where browsers knock, unless told otherwise
+        lb = data.get("lb")
+        if lb is None or isinstance(lb, dict):
+            data["lb"] = {"https_port": 443, "http_port": 80, **(lb or {})}
+        group = data.get("autoscaling")
+        if isinstance(group, dict):
+            if group.get("metric", "requests") != "requests":
+                raise ValueError("autoscaling.metric: an Auto Scaling group tracks requests per target "
+                                 "(ALBRequestCountPerTarget): use `metric: requests` on `provider: aws`")
+            data["autoscaling"] = {**group, "metric": "requests"}
         return data
 
     @model_validator(mode="after")
@@ -277,6 +321,20 @@ class EnvironmentConfig(Strict):
             raise ValueError(f"subnet {subnet} holds {capacity} server addresses but {needed} are needed "
                              f"({self.servers.total()} servers, and one web server more while one is replaced): "
                              "use a larger subnet (e.g. a /24)")
+        return self
+
+    @model_validator(mode="after")
+    def _aws(self):
+        if self.provider != "aws":
+            return self
+        assert self.aws is not None  # _aws_keys requires the section
+        if self.ssh is None:
+            self.ssh = SshConfig(user="admin")  # the Debian images' own user, with passwordless sudo
+        cidr = self.aws.vpc.cidr
+        if cidr is not None and aws_capacity(cidr) < self.addresses_needed():
+            raise ValueError(f"aws.vpc.cidr: {cidr}'s two subnets hold {aws_capacity(cidr)} instances but "
+                             f"{self.addresses_needed()} are needed (the servers, the web group's max, and one "
+                             "web server more while one is replaced): use a larger VPC, e.g. a /24")
         return self
 
 
