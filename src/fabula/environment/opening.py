@@ -9,6 +9,7 @@ from pathlib import Path
 from fabula.config import EnvironmentConfig, load_config
 from fabula.context import Context
 from fabula.environment import sharing
+from fabula.errors import ConfigError
 from fabula.output import Output
 from fabula.providers.base import Provider
 from fabula.providers.local import LocalProvider
@@ -30,7 +31,12 @@ def open_environment(config_path: Path, env_name: str, out: Output, *, root: Pat
     env = config.environment(env_name)
     paths = EnvPaths(root or state_root(), config.project.project, env_name)
     state = EnvState.load(paths) or EnvState(project=paths.project, env=env_name, provider=env.provider)
-    provider = PROVIDERS[env.provider](paths, env, state, os.geteuid() if euid is None else euid)
+    factory = PROVIDERS.get(env.provider)
+    if factory is None:  # fabula.yml accepts `provider: aws`, whose provider is not wired yet
+        raise ConfigError(f"{config_path}: environments.{env_name}.provider: `{env.provider}` cannot make servers "
+                          "yet (its AWS resources exist in fabula.providers.aws, its provider does not)",
+                          "use `provider: local` or `provider: ssh` for now")
+    provider = factory(paths, env, state, os.geteuid() if euid is None else euid)
     ctx = Context(config=config, env_name=env_name, env=env, paths=paths, state=state, out=out, provider=provider)
     if shared:
         sharing.refresh(ctx)  # a team's environment: the state as its hosts have it
