@@ -21,13 +21,13 @@ from fabula.providers.base import SYSTEM_PATH, EgressRule, Host, IngressRule, Pr
 from fabula.providers.haproxy import PACKAGES as LB_PACKAGES
 from fabula.providers.haproxy import HAProxyLoadBalancer
 from fabula.providers.ssh import scripts
+from fabula.providers.ssh.preparation import TREE, Preparation
 from fabula.providers.ssh.scripts import HostFacts
 from fabula.providers.ssh.shared import HostStore
 from fabula.providers.ssh.transport import SshHost, SshPool, SshTarget, host_key_error
 from fabula.state import EnvPaths, EnvState
 from fabula.templates import render
 
-TREE = PurePosixPath("/srv/fabula")
 ROLLBACK_AFTER = 90   # seconds: a firewall fabula could not confirm is undone on the host by then
 
 
@@ -40,10 +40,10 @@ class SshProvider(Provider):
         assert env.ssh is not None  # EnvironmentConfig gives an ssh environment its section
         self.ssh: SshConfig = env.ssh
         self.accounts = Accounts(paths.tag)
-        self.env_root = TREE / paths.project / paths.env
+        self.preparation = Preparation(paths.project, paths.env, paths.tag, self.accounts)
+        self.env_root = self.preparation.env_root
         self.table = f"fabula-{paths.tag}"
         self.pool = SshPool()
-        self._facts: dict[str, HostFacts] = {}
         lb_name, lb = next((n, h) for n, h in env.hosts.items() if h.role == "lb")
         platform = self._ssh_host(lb_name, "lb", lb.address)
         self.load_balancer = HAProxyLoadBalancer(platform, env.lb, paths.pki_dir / "ca.pem", paths.project,
@@ -143,9 +143,7 @@ class SshProvider(Provider):
         return f"this machine: it matches the app's hosts ({here.describe()})"
 
     def facts(self, host: SshHost) -> HostFacts:
-        if host.name not in self._facts:
-            self._facts[host.name] = HostFacts.parse(host.check(["sh", "-c", scripts.FACTS]).stdout)
-        return self._facts[host.name]
+        return self.preparation.facts(host)
 
     # -- the environment's network: its hosts are there; the load balancer's host is prepared ---
     def allocate_subnet(self) -> str:
@@ -162,9 +160,7 @@ class SshProvider(Provider):
         self._ensure_sysadmins()
 
     def ensure_accounts(self) -> Accounts:
-        comment = f"fabula {self.paths.project}/{self.paths.env}"
-        self._each(self._all_hosts(), lambda h: h.check(
-            ["sh", "-c", scripts.ACCOUNTS, "sh", self.accounts.group, comment, *self.accounts.users().values()]))
+        self._each(self._all_hosts(), self.preparation.ensure_accounts)
         return self.accounts
 
     def _ensure_sysadmins(self) -> None:
@@ -200,35 +196,8 @@ class SshProvider(Provider):
         self._make_tree(host)
         return host
 
-    def _unit_name(self, host: SshHost) -> str:
-        return f"fabula-{self.paths.tag}-{host.name}.service"
-
-    def _boot_unit(self, host: SshHost) -> None:
-        """Where systemd runs: a unit that, at boot, loads the server's firewall and starts its
-        supervisord (so everything comes back after a reboot). fabula itself starts supervisord
-        the first time (Supervisor.ensure_running); the unit is enabled, not started."""
-        if not self.facts(host).systemd:
-            return
-        conf = host.path("supervisor", "supervisord.conf")
-        unit = (f"# written by fabula: {self.paths.project}/{self.paths.env} {host.name}\n"
-                "[Unit]\nDescription=fabula server " + f"{self.paths.project}/{self.paths.env}/{host.name}\n"
-                "After=network-online.target\nWants=network-online.target\n\n"
-                "[Service]\nType=simple\n"
-                f"ExecStartPre=-/usr/sbin/nft -f {host.path('etc', 'firewall.nft')}\n"
-                f"ExecStart=/usr/bin/supervisord -n -c {conf}\nRestart=on-failure\n\n"
-                "[Install]\nWantedBy=multi-user.target\n")
-        if host.put_file(PurePosixPath("/etc/systemd/system") / self._unit_name(host), unit):
-            host.check(["systemctl", "daemon-reload"])
-            host.check(["systemctl", "enable", self._unit_name(host)])
-
     def _make_tree(self, host: SshHost) -> None:
-        host.make_dirs([TREE, TREE / self.paths.project])
-        # the environment's tree is open to its group only, as the local provider's directory
-        host.make_dirs([self.env_root], mode=0o750)
-        host.check(["chgrp", self.accounts.group, str(self.env_root)])
-        host.make_dirs([host.root])
-        host.make_dirs([host.path(d) for d in ("etc", "run", "log", "data", "releases", "tmp")])
-        self._boot_unit(host)
+        self.preparation.make_tree(host)
 
     def server_exists(self, name: str) -> bool:
         return name in self.env.hosts or name in self.state.servers
@@ -238,13 +207,7 @@ class SshProvider(Provider):
 
     def prepare_host(self, host: Host, packages: tuple[str, ...]) -> None:
         sysadmins = ("sudo",) if self.env.users else ()
-        wanted = tuple(dict.fromkeys(scripts.BASE_PACKAGES + sysadmins + packages))
-        result = host.run(["sh", "-c", scripts.INSTALL, "sh", *wanted], timeout=1800)
-        if not result.ok:
-            raise FabulaError(f"{host.name}: installing {' '.join(wanted)} failed:\n{result.stderr.strip()[-2000:]}",
-                              "run `apt-get install` of those packages on the host and read its error")
-        units = [u for p in wanted for u in scripts.UNITS.get(p, ())]
-        host.check(["sh", "-c", scripts.MASK_UNITS, "sh", *units])
+        self.preparation.install(host, sysadmins + packages)
 
     def platform_host(self) -> Host:
         return self.load_balancer.platform
@@ -300,7 +263,7 @@ class SshProvider(Provider):
     # -- removal ------------------------------------------------------------------------------
     def _stop_and_remove(self, host: SshHost) -> None:
         if self.facts(host).systemd:
-            unit = self._unit_name(host)
+            unit = self.preparation.unit_name(host)
             host.run(["systemctl", "disable", unit])
             host.run(["rm", "-f", f"/etc/systemd/system/{unit}"])
             host.run(["systemctl", "daemon-reload"])
