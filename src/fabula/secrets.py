@@ -12,6 +12,10 @@ import os
 import secrets as _random
 import stat
 from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fabula.errors import FabulaError
 from fabula.state import EnvPaths, write_atomically
@@ -87,3 +91,28 @@ def load_or_create(paths: EnvPaths) -> Secrets:
     finally:
         os.close(lock_fd)  # releases the flock
     return Secrets(**{n: values[n] for n in NAMES})
+
+
+SSH_KEY_FILE = "ssh_ed25519"
+
+
+def ssh_key(paths: EnvPaths) -> Path:
+    """The environment's own SSH key (OpenSSH ed25519, 0600 beside the secrets, which a team's
+    shared store carries to every operator), made once under the secrets' lock; its public half
+    is `<path>.pub`. For providers that make their servers and give them a key (aws) when
+    fabula.yml names none (`ssh.key`)."""
+    _private_dir(paths)
+    path = paths.secrets_dir / SSH_KEY_FILE
+    lock_fd = os.open(paths.secrets_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        if not path.is_file():
+            key = ed25519.Ed25519PrivateKey.generate()
+            public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            write_atomically(path.with_name(SSH_KEY_FILE + ".pub"), public + f" fabula-{paths.tag}\n".encode(),
+                             mode=0o644)
+            write_atomically(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                     serialization.NoEncryption()), mode=0o600)
+    finally:
+        os.close(lock_fd)
+    return path

@@ -256,3 +256,25 @@ def ini_value(text: str, key: str) -> str | None:
     """`key = value` of an INI-like file (pgbouncer.ini, supervisor programs), or None."""
     found = re.search(rf"^{re.escape(key)}\s*=\s*(.*)$", text, re.M)
     return found.group(1).strip() if found else None
+
+
+@dataclass
+class FakeAccess:
+    """How the aws provider reaches its instances, in tests: each is a FakeHost (kept per name,
+    made again when its address changes: a new instance), and presents a host key of its own."""
+
+    hosts: dict[str, FakeHost] = field(default_factory=dict)
+    ssh_addresses: dict[str, str] = field(default_factory=dict)   # name -> where fabula would connect
+
+    def host(self, name: str, role: str, ssh_address: str, address: str, root: PurePosixPath,
+             accounts: Accounts) -> Host:
+        host = self.hosts.get(name)
+        if host is None or host.address != address:
+            host = self.hosts[name] = FakeHost(name, role, address, root=str(PurePosixPath(root).parent),
+                                               accounts=accounts)
+        host.role = role
+        self.ssh_addresses[name] = ssh_address
+        return host
+
+    def host_key(self, name: str, ssh_address: str) -> str:
+        return f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA{ssh_address.replace('.', '')}"

@@ -11,17 +11,28 @@ from fabula.context import Context
 from fabula.environment import sharing
 from fabula.errors import ConfigError
 from fabula.output import Output
-from fabula.providers.base import Provider
+from fabula.providers.aws import AwsProvider
+from fabula.providers.base import IngressRule, Provider
 from fabula.providers.local import LocalProvider
 from fabula.providers.ssh import SshProvider
+from fabula.roles import ROLES
 from fabula.state import EnvPaths, EnvState, state_root
 
 ProviderFactory = Callable[[EnvPaths, EnvironmentConfig, EnvState, int], Provider]
+
+
+def role_ingress() -> dict[str, list[IngressRule]]:
+    """Each role's ingress rules, from which the aws provider makes its security groups before
+    any context exists (a context holds the provider): a role's rules are its own, and none of
+    them reads the context it is given."""
+    return {name: role.ingress(None) for name, role in ROLES.items()}  # type: ignore[arg-type]
+
 
 # provider: -> how to make it (fabula.yml's section of the same name configures it)
 PROVIDERS: dict[str, ProviderFactory] = {
     "local": lambda paths, env, state, euid: LocalProvider(paths, env, state, euid=euid),
     "ssh": lambda paths, env, state, euid: SshProvider(paths, env, state, euid=euid),
+    "aws": lambda paths, env, state, euid: AwsProvider(paths, env, state, euid, role_rules=role_ingress()),
 }
 
 
@@ -32,10 +43,9 @@ def open_environment(config_path: Path, env_name: str, out: Output, *, root: Pat
     paths = EnvPaths(root or state_root(), config.project.project, env_name)
     state = EnvState.load(paths) or EnvState(project=paths.project, env=env_name, provider=env.provider)
     factory = PROVIDERS.get(env.provider)
-    if factory is None:  # fabula.yml accepts `provider: aws`, whose provider is not wired yet
-        raise ConfigError(f"{config_path}: environments.{env_name}.provider: `{env.provider}` cannot make servers "
-                          "yet (its AWS resources exist in fabula.providers.aws, its provider does not)",
-                          "use `provider: local` or `provider: ssh` for now")
+    if factory is None:  # the schema names the providers: only a registry out of step with it
+        raise ConfigError(f"{config_path}: environments.{env_name}.provider: no provider `{env.provider}`",
+                          f"use one of {', '.join(sorted(PROVIDERS))}")
     provider = factory(paths, env, state, os.geteuid() if euid is None else euid)
     ctx = Context(config=config, env_name=env_name, env=env, paths=paths, state=state, out=out, provider=provider)
     if shared:

@@ -118,6 +118,10 @@ class Cloud:
     def s3(self) -> Any:
         return self._client("s3")
 
+    @property
+    def sts(self) -> Any:
+        return self._client("sts")
+
     # -- names and tags --------------------------------------------------------------------------
     @property
     def tag_value(self) -> str:

@@ -2,8 +2,8 @@
 a state file, which a crash may have left behind the truth), in dependency order:
 
   the Auto Scaling group (its policies first), listeners, load balancer, target group,
-  instances, launch templates, security-group rules then groups, the imported certificate,
-  the parameters, and the VPC with its subnets and gateway only if fabula made it
+  instances, launch templates, the key pair, security-group rules then groups, the imported
+  certificate, the parameters, and the VPC with its subnets and gateway only if fabula made it
   (an adopted VPC carries no tag of fabula's).
 
 Every step skips what is already gone, so `destroy` can be run again after any failure until
@@ -71,6 +71,10 @@ def _templates(cloud: Cloud) -> list[dict[str, Any]]:
     return list(cloud.ec2.describe_launch_templates(Filters=cloud.filters())["LaunchTemplates"])
 
 
+def _key_pairs(cloud: Cloud) -> list[str]:
+    return [k["KeyName"] for k in cloud.ec2.describe_key_pairs(Filters=cloud.filters())["KeyPairs"]]
+
+
 def _security_groups(cloud: Cloud) -> list[dict[str, Any]]:
     return list(cloud.ec2.describe_security_groups(Filters=cloud.filters())["SecurityGroups"])
 
@@ -99,6 +103,7 @@ def leftovers(cloud: Cloud) -> list[str]:
     left += [f"target group {arn}" for arn in _target_groups(cloud)]
     left += [f"instance {i}" for i in _instances(cloud)]
     left += [f"launch template {t['LaunchTemplateName']}" for t in _templates(cloud)]
+    left += [f"key pair {k}" for k in _key_pairs(cloud)]
     left += [f"security group {g['GroupName']}" for g in _security_groups(cloud)]
     left += [f"certificate {arn}" for arn in _certificates(cloud)]
     left += [f"parameter {parameters.prefix(cloud)}{n}" for n in parameters.names(cloud)]
@@ -146,6 +151,10 @@ def destroy(cloud: Cloud) -> list[str]:
     for template in _templates(cloud):
         if _gone(cloud.ec2.delete_launch_template, LaunchTemplateId=template["LaunchTemplateId"]):
             removed.append(f"launch template {template['LaunchTemplateName']}")
+    for key in _key_pairs(cloud):
+        # (DeleteKeyPair answers success for a missing key: nothing to tell apart)
+        cloud.ec2.delete_key_pair(KeyName=key)
+        removed.append(f"key pair {key}")
     _destroy_security_groups(cloud, removed)
     for arn in _certificates(cloud):
         if _delete(cloud, f"certificate {arn}", ("ResourceInUseException",), cloud.acm.delete_certificate,

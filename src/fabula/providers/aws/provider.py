@@ -1,0 +1,293 @@
+"""`provider: aws`: the control plane of controlplane.py, the fixed roles' instances of
+instances.py reached over the ssh provider's transport (access.py) and prepared by its code
+(ssh/preparation.py), the ALB and the Auto Scaling group as the LoadBalancer and the WebGroup
+(web.py), and the S3 state bucket as the team's shared store (store.py)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fabula import machine_users, pki, secrets
+from fabula.accounts import Accounts
+from fabula.config import EnvironmentConfig, SshConfig
+from fabula.errors import FabulaError, PrerequisiteError
+from fabula.providers.aws import group as web_group
+from fabula.providers.aws import instances, teardown
+from fabula.providers.aws.access import Access, SshAccess
+from fabula.providers.aws.cloud import AwsError, Cloud, translate
+from fabula.providers.aws.controlplane import ControlPlane, ensure_control_plane
+from fabula.providers.aws.hostkeys import RECORD, KnownHosts
+from fabula.providers.aws.instances import FIXED_ROLES, Instance, ssh_address
+from fabula.providers.aws.network import Network, ensure_network, fence, server_groups
+from fabula.providers.aws.statebucket import StateBucket
+from fabula.providers.aws.store import FILES, BucketStore
+from fabula.providers.aws.web import AlbLoadBalancer, AwsWebGroup
+from fabula.providers.base import SYSTEM_PATH, EgressRule, Host, IngressRule, Provider, SharedStore, WebGroup
+from fabula.providers.ssh.preparation import Preparation
+from fabula.providers.ssh.scripts import DEBIAN_VERSION, FACTS, HostFacts
+from fabula.state import EnvPaths, EnvState, write_atomically
+
+AddressChoice = Callable[[Instance, "str | None"], str]
+RoleRules = Mapping[str, Sequence[IngressRule]]
+
+
+class AwsProvider(Provider):
+    name = "aws"
+    load_balancer: AlbLoadBalancer
+
+    def __init__(self, paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int = 0, *,
+                 role_rules: RoleRules, session: Any = None, access: Access | None = None,
+                 address: AddressChoice = ssh_address, sleep: Callable[[float], None] = time.sleep):
+        """`role_rules`: each role's ingress rules, for the security groups (roles are above the
+        providers); `session` a boto3 session (default: the environment's credentials);
+        `access` how instances are reached (default: SSH); `address` which of an instance's
+        addresses fabula connects to (default: ssh_address)."""
+        assert env.aws is not None  # EnvironmentConfig requires the section with `provider: aws`
+        self.paths, self.env, self.state, self.aws = paths, env, state, env.aws
+        self.ssh: SshConfig = env.ssh or SshConfig()
+        self.role_rules, self.address = role_rules, address
+        self.cloud = Cloud.open(paths.project, paths.env, self.aws.region, session=session, sleep=sleep)
+        self.accounts = Accounts(paths.tag)
+        # the security groups are the firewall: the boot unit loads no nftables file
+        self.preparation = Preparation(paths.project, paths.env, paths.tag, self.accounts, firewall=False)
+        self.known_hosts = KnownHosts(self.ssh.known_hosts or Path.home() / ".ssh" / "known_hosts",
+                                      paths.env_dir / RECORD)
+        self._access = access
+        self.load_balancer = AlbLoadBalancer(self.cloud, env.lb.https_port)
+        self.store = BucketStore(StateBucket(self.cloud, self.aws.state_bucket))
+        self._plane: ControlPlane | None = None
+        self._network: Network | None = None
+        self._instances: dict[str, Instance] = {}
+        self._key_name: str | None = None
+
+    @property
+    def access(self) -> Access:
+        if self._access is None:
+            self._access = SshAccess(self.ssh, self._key_file(), self.known_hosts.path)
+        return self._access
+
+    def shared_store(self) -> SharedStore:
+        return self.store
+
+    def web_group(self, ctx: Any) -> WebGroup:
+        return AwsWebGroup(self.cloud, self.load_balancer)
+
+    # -- checks -------------------------------------------------------------------------------------
+    def check_prerequisites(self) -> None:
+        if shutil.which("ssh") is None:
+            raise PrerequisiteError("the OpenSSH client (`ssh`) is missing: `fabula exec` and `logs -f` use it",
+                                    "run `apt-get install openssh-client`")
+        # no call at all without credentials: botocore would search the instance metadata for a while
+        if self.cloud.session.get_credentials() is None:
+            raise PrerequisiteError(f"no AWS credentials for region {self.aws.region}: fabula found none in the "
+                                    "environment, ~/.aws or an instance role",
+                                    "set AWS_PROFILE (or run `aws configure`, or `aws sso login`), then run the "
+                                    "command again")
+        try:
+            self.cloud.sts.get_caller_identity()
+        except (ClientError, BotoCoreError) as exc:
+            error = translate(exc, self.cloud.counter)
+            raise PrerequisiteError(f"the AWS credentials do not work: {error.message}", error.hint) from None
+
+    def release_platform(self) -> str:
+        """Releases are built here: the instances run Debian 12 of the instance types' architecture."""
+        here = HostFacts.parse(subprocess.run(["sh", "-c", FACTS], capture_output=True, text=True,
+                                              env={"PATH": SYSTEM_PATH}).stdout)
+        wanted = ("debian", DEBIAN_VERSION, self.aws.instance_types.architecture())
+        if (here.distribution, here.version, here.architecture) != wanted:
+            raise FabulaError(f"releases are built on this machine ({here.describe()}), but the instances run "
+                              f"Debian {DEBIAN_VERSION} on {wanted[2]}: a virtualenv built here would not "
+                              "run there", "run fabula from a Debian 12 machine of the instances' architecture "
+                              "(e.g. the worker instance)")
+        return f"this machine: it matches the instances ({here.describe()})"
+
+    # -- the control plane -----------------------------------------------------------------------------
+    def allocate_subnet(self) -> str:
+        return ""   # the VPC's subnets are AWS's to give (ensure_network)
+
+    def _key_file(self) -> Path:
+        return self.ssh.key if self.ssh.key is not None else secrets.ssh_key(self.paths)
+
+    def _public_key(self) -> str:
+        public = self._key_file().with_name(self._key_file().name + ".pub")
+        try:
+            return public.read_text().strip()
+        except OSError as exc:
+            raise FabulaError(f"ssh.key: cannot read its public half {public}: {exc.strerror}",
+                              f"make it with `ssh-keygen -y -f {self._key_file()} > {public}`") from None
+
+    def _certificate(self) -> tuple[bytes, bytes] | None:
+        """What to import into ACM: lb.certificate and lb.key, or the environment's self-signed
+        one (made as the local provider's load balancer makes its own, again within 30 days of
+        its expiry); None when aws.certificate_arn names one."""
+        if self.aws.certificate_arn is not None:
+            return None
+        lb = self.env.lb
+        if lb.certificate is not None and lb.key is not None:
+            try:
+                return lb.certificate.read_bytes(), lb.key.read_bytes()
+            except OSError as exc:
+                raise FabulaError(f"lb.certificate/lb.key: cannot read {exc.filename}: {exc.strerror}",
+                                  "point lb.certificate and lb.key at readable PEM files") from None
+        # in the pki folder: a team's shared store carries it, so every operator imports the same
+        cert_file, key_file = self.paths.pki_dir / "lb-cert.pem", self.paths.pki_dir / "lb-key.pem"
+        names = [*self.env.domains, "localhost"]
+        existing = cert_file.read_bytes() if cert_file.is_file() and key_file.is_file() else None
+        if existing is None or pki.needs_renewal(existing, names, max_lifetime=pki.LB_VALIDITY):
+            pair = pki.self_signed(self.cloud.tag_value, names)
+            self.paths.make_env_dir()
+            self.paths.pki_dir.mkdir(mode=0o700, exist_ok=True)
+            write_atomically(key_file, pair.key_pem, mode=0o600)
+            write_atomically(cert_file, pair.cert_pem, mode=0o644)
+        return cert_file.read_bytes(), key_file.read_bytes()
+
+    def ensure_network(self) -> None:
+        values = secrets.load_or_create(self.paths)
+        self._plane = ensure_control_plane(
+            self.cloud, self.env, role_rules=self.role_rules, certificate=self._certificate(),
+            secrets={name: getattr(values, name) for name in secrets.NAMES}, release=self.state.release,
+            key_name=self._key_pair())
+        self._network = self._plane.network
+
+    def _key_pair(self) -> str:
+        """The environment's EC2 key pair, ensured once per command."""
+        if self._key_name is None:
+            self._key_name = instances.ensure_key_pair(self.cloud, self._public_key())
+        return self._key_name
+
+    def _groups(self) -> dict[str, str]:
+        """Each group kind's id: from this command's ensure_network, else found by tag."""
+        if self._plane is not None:
+            return self._plane.security_groups
+        found = self.cloud.ec2.describe_security_groups(Filters=self.cloud.filters())["SecurityGroups"]
+        kinds = {t["Value"]: g["GroupId"] for g in found for t in g.get("Tags", []) if t["Key"] == "fabula:group"}
+        if "common" not in kinds:
+            raise FabulaError(f"environment {self.cloud.tag_value} has no security groups on AWS",
+                              "run `fabula create` first")
+        return kinds
+
+    def _subnets(self) -> Network:
+        if self._network is None:
+            self._network = ensure_network(self.cloud, self.aws.vpc)   # found again: it makes nothing new
+        return self._network
+
+    # -- the fixed roles' instances -----------------------------------------------------------------
+    def ensure_accounts(self) -> Accounts:
+        """The environment's users on the instances that exist (a new one gets them as it is made)."""
+        for name in self.list_servers():
+            self.preparation.ensure_accounts(self.host(name))
+        return self.accounts
+
+    def _find(self, name: str) -> Instance | None:
+        found = instances.find(self.cloud, name)
+        if len(found) > 1:
+            raise AwsError(f"{len(found)} instances are tagged as server {name} of {self.cloud.tag_value}: "
+                           f"{', '.join(i.id for i in found)}",
+                           "terminate the one fabula does not use (fabula never makes two)")
+        if found:
+            self._instances[name] = found[0]
+        return found[0] if found else None
+
+    def _host(self, instance: Instance, name: str, role: str) -> Host:
+        return self.access.host(name, role, self.address(instance, self.ssh.jump), instance.private_ip,
+                                self.preparation.env_root / name, self.accounts)
+
+    def ensure_server(self, name: str, role: str) -> Host:
+        if role not in FIXED_ROLES:
+            raise FabulaError(f"{name}: the web servers of an aws environment are its Auto Scaling group's, not "
+                              "instances fabula makes one by one",
+                              "set the web group's size with `autoscaling:` (or `fabula scale`)")
+        instance = self._find(name)
+        made = instance is None
+        if instance is None:
+            network, groups = self._subnets(), self._groups()
+            image = web_group.resolve_image(self.cloud, self.aws.ami, self.aws.instance_types.architecture())
+            instance = instances.launch(
+                self.cloud, name=name, role=role, image=image,
+                instance_type=self.aws.instance_types.by_role()[role],
+                subnet_id=instances.choose_subnet(role, network, instances.find(self.cloud)),
+                security_group_ids=[groups[kind] for kind in server_groups(role)],
+                key_name=self._key_pair())
+        else:
+            instances.set_role(self.cloud, instance, role)
+        if instance.state != "running":
+            instance = instances.wait_running(self.cloud, instance.id)
+        self._instances[name] = instance
+        record = self.state.servers[name]
+        if record.address != instance.private_ip:
+            record.address = instance.private_ip
+            self.state.save(self.paths)
+        ssh_at = self.address(instance, self.ssh.jump)
+        if made or not self.known_hosts.has(ssh_at):
+            self.known_hosts.add(ssh_at, self.access.host_key(name, ssh_at))
+        host = self._host(instance, name, role)
+        self.preparation.ensure_accounts(host)
+        self.preparation.make_tree(host)
+        return host
+
+    def host(self, name: str) -> Host:
+        record = self.state.servers.get(name)
+        instance = self._instances.get(name) or self._find(name)
+        if instance is None:
+            raise FabulaError(f"server {name} has no instance on AWS", "run `fabula create` to make it again")
+        return self._host(instance, name, record.role if record else instance.role)
+
+    def server_exists(self, name: str) -> bool:
+        return self._find(name) is not None
+
+    def list_servers(self) -> list[str]:
+        """The instances fabula made for the inventory (those the web group launched carry no
+        server name: they are the group's)."""
+        return sorted({i.name for i in instances.find(self.cloud) if i.role in FIXED_ROLES})
+
+    def prepare_host(self, host: Host, packages: tuple[str, ...]) -> None:
+        self.preparation.install(host, packages)
+
+    def platform_host(self) -> Host:
+        workers = self.state.by_role("worker")
+        if not workers:
+            raise FabulaError("an aws environment runs fabula's programs on its worker, and it has none",
+                              "set `servers: {worker: 1}` in fabula.yml and run `fabula create`")
+        return self.host(workers[0].name)
+
+    def apply_firewall(self, host: Host, rules: list[IngressRule | EgressRule]) -> bool:
+        """The security groups are the firewall (their rules were made from every role's by
+        ensure_network): the instance is in its role's groups, or, fenced (awaiting a rebuild),
+        in the group that admits nothing but SSH. Egress is not limited on AWS."""
+        instance = self._instances.get(host.name) or self._find(host.name)
+        if instance is None:
+            raise FabulaError(f"server {host.name} has no instance on AWS", "run `fabula create` to make it again")
+        groups = self._groups()
+        record = self.state.servers.get(host.name)
+        if record is not None and record.rebuild:
+            if instance.security_groups == (groups["fenced"],):
+                return False
+            fence(self.cloud, instance.id, groups)
+            changed = True
+        else:
+            changed = instances.set_groups(self.cloud, instance, [groups[k] for k in server_groups(host.role)])
+        if changed:
+            self._instances.pop(host.name, None)   # its groups changed: described again when asked
+        return changed
+
+    def remove_server(self, name: str) -> None:
+        found = instances.find(self.cloud, name)
+        instances.terminate(self.cloud, [i.id for i in found])
+        self.known_hosts.forget([self.address(i, self.ssh.jump) for i in found])
+        self._instances.pop(name, None)
+
+    def destroy(self) -> list[str]:
+        removed = teardown.destroy(self.cloud)
+        removed += [f"known_hosts entry {name}" for name in self.known_hosts.forget()]
+        # the shared files (a later create of the same name starts afresh); the lock goes with release()
+        if self.store.forget():
+            removed.append(f"s3://{self.aws.state_bucket}/{self.store.bucket.key(FILES)}")
+        # the users its releases were built as, on this machine
+        removed += [f"user {name}" for name in machine_users.remove(self.accounts, self.paths.root / ".accounts.lock")]
+        return removed

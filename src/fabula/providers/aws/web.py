@@ -1,0 +1,172 @@
+"""The web tier on AWS as fabula's interfaces: the ALB's target group as the LoadBalancer (its
+targets are instances, registered by id; their health is the target group's), and the Auto
+Scaling group as the WebGroup.
+
+A backend's name is its inventory record's (the instance's `fabula:server` tag) or, for an
+instance the group launched, its instance id. moto's target health is always `healthy` and knows
+no `draining` (a deregistered target vanishes at once): the e2e harness makes it real.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from fabula.errors import FabulaError
+from fabula.providers.aws import group as web_group
+from fabula.providers.aws.cloud import Cloud, aws_errors, error_code
+from fabula.providers.aws.instances import Instance, find
+from fabula.providers.aws.loadbalancer import HTTPS_PORT
+from fabula.providers.base import Backend, LoadBalancer, WebGroup
+
+# the target group's states as fabula's (HAProxy's words, which the deploy and autoscaler read)
+STATUS = {"healthy": "UP", "draining": "DRAIN", "unused": "MAINT", "initial": "DOWN", "unhealthy": "DOWN",
+          "unavailable": "DOWN"}
+
+
+class AlbLoadBalancer(LoadBalancer):
+    def __init__(self, cloud: Cloud, https_port: int):
+        self.cloud, self.https_port = cloud, https_port
+
+    # -- the ALB and its target group, found by name (made by ensure_control_plane) ---------------
+    def _find(self, describe: Any, key: str, name: str, missing: str) -> dict[str, Any] | None:
+        try:
+            found = describe(Names=[name])[key]
+        except ClientError as exc:
+            if error_code(exc) != missing:
+                raise
+            return None
+        return found[0] if found else None
+
+    def _balancer(self) -> dict[str, Any] | None:
+        return self._find(self.cloud.elbv2.describe_load_balancers, "LoadBalancers", self.cloud.short_name("lb"),
+                          "LoadBalancerNotFound")
+
+    def target_group_arn(self) -> str:
+        group = self._find(self.cloud.elbv2.describe_target_groups, "TargetGroups", self.cloud.short_name("web"),
+                           "TargetGroupNotFound")
+        if group is None:
+            raise FabulaError(f"the target group {self.cloud.short_name('web')} does not exist",
+                              "run `fabula create` first")
+        return str(group["TargetGroupArn"])
+
+    # -- targets ------------------------------------------------------------------------------------
+    def _targets(self) -> dict[str, str]:
+        """Instance id -> the target group's state for it."""
+        descriptions = self.cloud.elbv2.describe_target_health(TargetGroupArn=self.target_group_arn())
+        return {d["Target"]["Id"]: d["TargetHealth"]["State"] for d in descriptions["TargetHealthDescriptions"]}
+
+    def _instances(self, ids: list[str]) -> dict[str, Instance]:
+        return {i.id: i for i in find(self.cloud, ids=ids)} if ids else {}
+
+    def _instance_id(self, name: str, address: str | None = None) -> str:
+        """An instance id for a backend: the inventory's record, an instance id, or the address."""
+        named = find(self.cloud, name)
+        if named:
+            return named[0].id
+        if name.startswith("i-"):
+            return name
+        if address:
+            by_address = [i for i in find(self.cloud) if i.private_ip == address]
+            if by_address:
+                return by_address[0].id
+        raise FabulaError(f"no instance of environment {self.cloud.tag_value} is named {name}",
+                          "run `fabula describe` to see the environment's servers")
+
+    @aws_errors
+    def ensure(self, backends: list[Backend]) -> None:
+        arn = self.target_group_arn()
+        wanted = {self._instance_id(b.name, b.address) for b in backends}
+        have = set(self._targets())
+        if wanted - have:
+            self.cloud.elbv2.register_targets(TargetGroupArn=arn, Targets=[
+                {"Id": i, "Port": HTTPS_PORT} for i in sorted(wanted - have)])
+        if have - wanted:
+            self.cloud.elbv2.deregister_targets(TargetGroupArn=arn, Targets=[
+                {"Id": i, "Port": HTTPS_PORT} for i in sorted(have - wanted)])
+
+    @aws_errors
+    def health(self) -> dict[str, str]:
+        targets = self._targets()
+        names = self._instances(list(targets))
+        return {(names[i].name if i in names else i): STATUS.get(state, "DOWN") for i, state in targets.items()}
+
+    @aws_errors
+    def drain(self, name: str) -> None:
+        self.cloud.elbv2.deregister_targets(TargetGroupArn=self.target_group_arn(), Targets=[
+            {"Id": self._instance_id(name), "Port": HTTPS_PORT}])
+
+    @aws_errors
+    def ready(self, name: str) -> None:
+        self.cloud.elbv2.register_targets(TargetGroupArn=self.target_group_arn(), Targets=[
+            {"Id": self._instance_id(name), "Port": HTTPS_PORT}])
+
+    @aws_errors
+    def active_requests(self, name: str) -> int:
+        # the ALB publishes no per-target count of requests in flight: while AWS says `draining`
+        # some may be, and once the target is gone (its deregistration delay over) none are
+        return 1 if self._targets().get(self._instance_id(name)) == "draining" else 0
+
+    @aws_errors
+    def stats(self) -> dict[str, dict[str, str]]:
+        return {name: {"scur": "0", "req_rate": "0", "status": status} for name, status in self.health().items()}
+
+    @aws_errors
+    def is_running(self) -> bool:
+        balancer = self._balancer()
+        return balancer is not None and balancer.get("State", {}).get("Code") == "active"
+
+    @aws_errors
+    def url(self) -> str:
+        balancer = self._balancer()
+        if balancer is None:
+            raise FabulaError(f"the load balancer {self.cloud.short_name('lb')} does not exist",
+                              "run `fabula create` first")
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        return f"https://{balancer['DNSName']}{port}/"
+
+
+class AwsWebGroup(WebGroup):
+    """The Auto Scaling group: its members are named by instance id (it names them, not fabula)."""
+
+    def __init__(self, cloud: Cloud, load_balancer: AlbLoadBalancer):
+        self.cloud, self.load_balancer = cloud, load_balancer
+
+    def _group(self) -> dict[str, Any] | None:
+        found = self.cloud.autoscaling.describe_auto_scaling_groups(
+            AutoScalingGroupNames=[web_group.group_name(self.cloud)])["AutoScalingGroups"]
+        return found[0] if found else None
+
+    @aws_errors
+    def desired(self) -> int:
+        group = self._group()
+        return int(group["DesiredCapacity"]) if group else 0
+
+    @aws_errors
+    def members(self) -> list[str]:
+        group = self._group()
+        return sorted(i["InstanceId"] for i in (group or {}).get("Instances", [])
+                      if i.get("LifecycleState") not in ("Terminating", "Terminated"))
+
+    @aws_errors
+    def set_desired(self, count: int) -> dict:
+        before, members = self.desired(), set(self.members())
+        if self._group() is None:
+            raise FabulaError(f"the web group {web_group.group_name(self.cloud)} does not exist",
+                              "run `fabula create` first")
+        web_group.set_desired(self.cloud, count)
+        after = set(self.members())
+        changed: dict[str, Any] = {"from": before, "to": count}
+        if after - members:
+            changed["launched"] = sorted(after - members)
+        if members - after:
+            changed["retired"] = sorted(members - after)
+        return changed
+
+    @aws_errors
+    def health(self) -> dict[str, str]:
+        members = set(self.members())
+        return {name: status for name, status in self.load_balancer.health().items() if name in members}
+
+    def release(self) -> str | None:
+        return web_group.group_template(self.cloud)
