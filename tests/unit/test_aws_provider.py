@@ -302,3 +302,12 @@ def test_the_policys_calls_on_change_are_calls_the_code_makes():
         service, operation = call.split(".")
         method = re.sub(r"(?<!^)(?=[A-Z])", "_", operation).lower()
         assert f".{method}(" in source, f"{call} is in the policy, but no code of the aws provider calls it"
+
+
+def test_create_is_refused_before_anything_is_made_while_the_web_tier_is_not_built(aws: None, tmp_path: Path):
+    p = provider(tmp_path)
+    with pytest.raises(FabulaError) as refused:
+        p.check_can_create("fabula.yml")
+    assert "provider: aws cannot create an environment yet" in refused.value.message
+    assert "provider: ssh" in (refused.value.hint or "")
+    assert live() == [] and p.cloud.counter.total() == 0

@@ -16,7 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fabula import machine_users, pki, secrets
 from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig, SshConfig
-from fabula.errors import FabulaError, PrerequisiteError
+from fabula.errors import ConfigError, FabulaError, PrerequisiteError
 from fabula.providers.aws import group as web_group
 from fabula.providers.aws import instances, teardown
 from fabula.providers.aws.access import Access, SshAccess
@@ -79,6 +79,15 @@ class AwsProvider(Provider):
         return AwsWebGroup(self.cloud, self.load_balancer)
 
     # -- checks -------------------------------------------------------------------------------------
+    def check_can_create(self, config_path: str) -> None:
+        # the control plane and the fixed instances are built, but not yet the web tier (the group's
+        # instances converged over SSH and registered once healthy): refused before anything is
+        # made rather than leaving a paid, half-made environment
+        raise ConfigError(f"{config_path}: provider: aws cannot create an environment yet: its web tier (the "
+                          "Auto Scaling group's instances, converged over SSH) is not built",
+                          "use `provider: ssh` with EC2 instances you made, or `provider: local`, until the "
+                          "aws provider is finished")
+
     def check_prerequisites(self) -> None:
         if shutil.which("ssh") is None:
             raise PrerequisiteError("the OpenSSH client (`ssh`) is missing: `fabula exec` and `logs -f` use it",
