@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import abc
+import shutil
 import subprocess
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from fabula.accounts import Accounts
 from fabula.errors import CommandFailed, FabulaError
@@ -250,6 +253,33 @@ class SharedStore(abc.ABC):
     @abc.abstractmethod
     def push(self, files: dict[str, Path]) -> None:
         """Replace the shared copies by this machine's files and folders (those that exist)."""
+
+
+def pack_shared(files: dict[str, Path], archive: IO[bytes]) -> None:
+    """The shared files and folders of this machine that exist, as a tar stream (name -> path)."""
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for name, local in files.items():
+            if local.exists():
+                tar.add(local, arcname=name)
+
+
+def unpack_shared(archive: IO[bytes], files: dict[str, Path]) -> None:
+    """Put the shared copies of a tar stream made by pack_shared over this machine's files and
+    folders (root's only); a name the stream does not hold leaves this machine's copy as it is."""
+    with tempfile.TemporaryDirectory(prefix="fabula-shared-") as tmp:
+        unpacked = Path(tmp)
+        with tarfile.open(fileobj=archive) as tar:
+            tar.extractall(unpacked, filter="data")
+        for name, local in files.items():
+            source = unpacked / name
+            if source.is_dir():
+                shutil.rmtree(local, ignore_errors=True)
+                shutil.copytree(source, local)
+                local.chmod(0o700)
+            elif source.is_file():
+                local.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, local)
+                local.chmod(0o600)
 
 
 class Provider(abc.ABC):

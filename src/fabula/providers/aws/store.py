@@ -7,9 +7,6 @@ overwrite each other's changes."""
 from __future__ import annotations
 
 import io
-import shutil
-import tarfile
-import tempfile
 import threading
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from botocore.exceptions import ClientError
 
 from fabula.providers.aws.cloud import aws_errors, error_code
 from fabula.providers.aws.statebucket import StateBucket
-from fabula.providers.base import SharedStore
+from fabula.providers.base import SharedStore, pack_shared, unpack_shared
 
 FILES = "shared.tar"
 HEARTBEAT = 20      # seconds between the holder's heartbeats
@@ -87,29 +84,13 @@ class BucketStore(SharedStore):
         if stored is None:
             return
         self._etag = stored.etag
-        with tempfile.TemporaryDirectory(prefix="fabula-shared-") as tmp:
-            unpacked = Path(tmp)
-            with tarfile.open(fileobj=io.BytesIO(stored.data)) as tar:
-                tar.extractall(unpacked, filter="data")
-            for name, local in files.items():
-                source = unpacked / name
-                if source.is_dir():
-                    shutil.rmtree(local, ignore_errors=True)
-                    shutil.copytree(source, local)
-                    local.chmod(0o700)
-                elif source.is_file():
-                    local.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(source, local)
-                    local.chmod(0o600)
+        unpack_shared(io.BytesIO(stored.data), files)
 
     @aws_errors
     def push(self, files: dict[str, Path]) -> None:
         self.bucket.ensure_bucket()
         data = io.BytesIO()
-        with tarfile.open(fileobj=data, mode="w") as tar:
-            for name, local in files.items():
-                if local.exists():
-                    tar.add(local, arcname=name)
+        pack_shared(files, data)
         self._etag = self.bucket.write(FILES, data.getvalue(), replacing=self._etag)
 
 

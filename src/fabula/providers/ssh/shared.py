@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
-import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
 from fabula.errors import FabulaError
-from fabula.providers.base import SharedStore
+from fabula.providers.base import SharedStore, pack_shared, unpack_shared
 from fabula.providers.ssh.transport import Held, SshHost
 
 HEARTBEAT = 15            # seconds between the client's heartbeats on the lock's channel
@@ -105,33 +103,20 @@ class HostStore(SharedStore):
             raise FabulaError(f"{self.host.name}: cannot read the environment's shared files in {self.folder}: "
                               f"{packed.stderr.strip()[-500:]}")
         with tempfile.TemporaryDirectory(prefix="fabula-shared-") as tmp:
-            archive, unpacked = Path(tmp) / "shared.tar", Path(tmp) / "files"
+            archive = Path(tmp) / "shared.tar"
             try:
                 self.host.fetch(remote, archive)
             finally:
                 self.host.run(["rm", "-f", "--", str(remote)])
-            unpacked.mkdir()
-            with tarfile.open(archive) as tar:
-                tar.extractall(unpacked, filter="data")
-            for name, local in files.items():
-                source = unpacked / name
-                if source.is_dir():
-                    shutil.rmtree(local, ignore_errors=True)
-                    shutil.copytree(source, local)
-                    local.chmod(0o700)
-                elif source.is_file():
-                    local.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(source, local)
-                    local.chmod(0o600)
+            with open(archive, "rb") as stream:
+                unpack_shared(stream, files)
 
     def push(self, files: dict[str, Path]) -> None:
         remote = PurePosixPath(f"/run/fabula-push-{secrets.token_hex(6)}.tar")
         with tempfile.TemporaryDirectory(prefix="fabula-shared-") as tmp:
             archive = Path(tmp) / "shared.tar"
-            with tarfile.open(archive, mode="w") as tar:
-                for name, local in files.items():
-                    if local.exists():
-                        tar.add(local, arcname=name)
+            with open(archive, "wb") as stream:
+                pack_shared(files, stream)
             self.host.push(archive, remote)
         self.host.check(["sh", "-c", UNPACK, "sh", str(self.folder), str(remote)])
 
