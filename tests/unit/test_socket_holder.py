@@ -35,12 +35,13 @@ def test_the_socket_survives_its_server_killed_and_a_waiting_client_is_served(tm
                                "--", sys.executable, "-c", SERVER])
     try:
         first = wait_for(lambda: ask(port), timeout=20, message="the first server answering")
-        assert pidfile.read_text().strip() == first
+        # the holder writes the pid once the server is started, which may answer before that
+        wait_for(lambda: pidfile.read_text().strip() == first, timeout=10, message="the pidfile naming it")
         os.killpg(int(first), signal.SIGKILL)  # the server's whole process group: not the holder
         # connecting at once is not refused: the connection waits in the backlog
         second = ask(port)
         assert second != first and holder.poll() is None
-        assert pidfile.read_text().strip() == second
+        wait_for(lambda: pidfile.read_text().strip() == second, timeout=10, message="the pidfile naming the new one")
     finally:
         holder.send_signal(signal.SIGTERM)
         holder.wait(timeout=20)
