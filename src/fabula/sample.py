@@ -54,6 +54,7 @@ class SampleEnvironment:
 
     def __init__(self, app_dir: Path, state_dir: Path, name: str):
         self.app_dir, self.state_dir, self.name = app_dir, state_dir, name
+        self._url: str | None = None
 
     def fabula(self, *args: str, timeout: float = 600) -> Run:
         return run_fabula(*args, cwd=self.app_dir, state_dir=self.state_dir, timeout=timeout)
@@ -69,7 +70,11 @@ class SampleEnvironment:
 
     @property
     def url(self) -> str:
-        return self.describe()["url"].rstrip("/")
+        # the load balancer's address is the environment's for its whole life: asked once (a
+        # `describe` is a process and a look at every server, seconds in a loop of requests)
+        if self._url is None:
+            self._url = self.describe()["url"].rstrip("/")
+        return self._url
 
     @property
     def project(self) -> str:

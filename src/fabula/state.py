@@ -121,6 +121,11 @@ class EnvPaths:
         return self.env_dir / "servers"
 
     @property
+    def trash_dir(self) -> Path:
+        """Where a destroyed environment's files wait for their removal in the background."""
+        return self.root / ".trash"
+
+    @property
     def wheel_cache(self) -> Path:
         return self.root / "cache" / "uv"
 

@@ -75,6 +75,9 @@ def test_destroy_leaves_nothing_behind(environment):
     result = environment.fabula("destroy", ENV, "--yes")
     assert result.returncode == 0, result.stderr
     assert leftovers(environment) == []
+    # its files were moved out of the way at once; their removal finishes in the background
+    trash = environment.state_dir / ".trash"
+    wait_for(lambda: not any(trash.iterdir()), timeout=60, message="the destroyed files removed")
     assert not link_exists(bridge)  # the environment's bridge is gone
     assert route_device(web1) != bridge
     with socket.socket() as sock:
