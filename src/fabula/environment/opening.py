@@ -11,10 +11,8 @@ from fabula.context import Context
 from fabula.environment import sharing
 from fabula.errors import ConfigError
 from fabula.output import Output
-from fabula.providers.aws import AwsProvider
 from fabula.providers.base import IngressRule, Provider
 from fabula.providers.local import LocalProvider
-from fabula.providers.ssh import SshProvider
 from fabula.roles import ROLES
 from fabula.state import EnvPaths, EnvState, state_root
 
@@ -28,11 +26,23 @@ def role_ingress() -> dict[str, list[IngressRule]]:
     return {name: role.ingress(None) for name, role in ROLES.items()}  # type: ignore[arg-type]
 
 
+# The remote providers are imported when an environment needs one: boto3 and asyncssh are half a
+# second of the start of every command, `describe` of a local environment included.
+def _ssh(paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int) -> Provider:
+    from fabula.providers.ssh import SshProvider
+    return SshProvider(paths, env, state, euid=euid)
+
+
+def _aws(paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int) -> Provider:
+    from fabula.providers.aws import AwsProvider
+    return AwsProvider(paths, env, state, euid, role_rules=role_ingress())
+
+
 # provider: -> how to make it (fabula.yml's section of the same name configures it)
 PROVIDERS: dict[str, ProviderFactory] = {
     "local": lambda paths, env, state, euid: LocalProvider(paths, env, state, euid=euid),
-    "ssh": lambda paths, env, state, euid: SshProvider(paths, env, state, euid=euid),
-    "aws": lambda paths, env, state, euid: AwsProvider(paths, env, state, euid, role_rules=role_ingress()),
+    "ssh": _ssh,
+    "aws": _aws,
 }
 
 
