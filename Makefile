@@ -36,7 +36,7 @@ destroy-demo: venv
 test: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy src/fabula
-	FABULA_SSLYZE=$(CURDIR)/$(SSLYZE_VENV)/bin/sslyze $(VENV)/bin/pytest -v
+	FABULA_SSLYZE=$(CURDIR)/$(SSLYZE_VENV)/bin/sslyze $(VENV)/bin/pytest -v --durations=30
 
 unit: venv
 	$(VENV)/bin/pytest -v tests/unit
