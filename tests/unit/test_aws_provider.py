@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import botocore.session
 import pytest
-from moto import mock_aws
 
 from fabula.config.schema import EnvironmentConfig
 from fabula.errors import FabulaError, PrerequisiteError
@@ -26,25 +24,13 @@ from fabula.providers.base import Backend
 from fabula.roles import ROLES
 from fabula.state import EnvPaths, EnvState, ServerRecord
 from fabula.testing import FakeAccess, FakeHost
+from tests.unit.conftest import AWS_REGION
 
-REGION = "eu-west-1"
+REGION = AWS_REGION
 RELEASE = "0123456789ab"
 README = Path(__file__).resolve().parents[2] / "README.md"
 FIXED = {"worker1": "worker", "cache1": "cache", "db1": "db-primary", "db2": "db-replica"}
 ROLE_RULES = {name: role.ingress(None) for name, role in ROLES.items()}  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """moto in this process, with fake credentials: nothing can reach a real account."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
-                 "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    with mock_aws():
-        yield
 
 
 def image() -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -16,7 +15,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from moto import mock_aws
 
 from fabula.config.schema import EnvironmentConfig
 from fabula.providers.aws import group as web_group
@@ -27,23 +25,11 @@ from fabula.providers.aws.loadbalancer import TLS_POLICY, ensure_certificate, en
 from fabula.providers.aws.network import ensure_network, ensure_security_groups, planned_permissions
 from fabula.providers.aws.statebucket import StateBucket, StateConflict
 from fabula.roles import ROLES
+from tests.unit.conftest import AWS_REGION
 
-REGION = "eu-west-1"
+REGION = AWS_REGION
 SECRET = "s3cr3t-value-never-shown"
 RELEASE = "0123456789ab"
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """moto in this process, with fake credentials: nothing can reach a real account."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
-                 "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    with mock_aws():
-        yield
 
 
 def cloud(project: str = "shop", env: str = "production") -> Cloud:

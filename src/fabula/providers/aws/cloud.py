@@ -192,6 +192,17 @@ def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+def described(describe: Any, key: str, missing: str, **names: Any) -> list[dict[str, Any]]:
+    """What a describe call by name finds: AWS answers a name it does not know with the error
+    `missing` rather than an empty list."""
+    try:
+        return list(describe(**names)[key])
+    except ClientError as exc:
+        if error_code(exc) != missing:
+            raise
+        return []
+
+
 def is_not_found(exc: ClientError) -> bool:
     """The resource is gone (or never was): what a re-run of destroy meets."""
     code = error_code(exc)

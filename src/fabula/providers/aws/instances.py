@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
-
-from fabula.providers.aws.cloud import AwsError, Cloud, aws_errors, error_code
+from fabula.providers.aws.cloud import AwsError, Cloud, aws_errors, described
 from fabula.providers.aws.group import ROOT_VOLUME_GIB
 from fabula.providers.aws.network import Network
 
@@ -85,12 +83,7 @@ def ensure_key_pair(cloud: Cloud, public_key: str) -> str:
     imported again when the key changed (AWS cannot replace a key pair's material in place)."""
     name = cloud.name("key")
     digest = hashlib.sha256(public_key.strip().encode()).hexdigest()
-    try:
-        found = cloud.ec2.describe_key_pairs(KeyNames=[name])["KeyPairs"]
-    except ClientError as exc:
-        if error_code(exc) != "InvalidKeyPair.NotFound":
-            raise
-        found = []
+    found = described(cloud.ec2.describe_key_pairs, "KeyPairs", "InvalidKeyPair.NotFound", KeyNames=[name])
     if found:
         tags = {t["Key"]: t["Value"] for t in found[0].get("Tags") or []}
         if not cloud.owns(found[0].get("Tags")):

@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fabula.providers.aws.cloud import AwsError, Cloud, aws_errors, error_code
+from fabula.providers.aws.cloud import AwsError, Cloud, aws_errors, described
 
 HTTPS_PORT = 443   # the web servers' nginx
 # TLS 1.3 and 1.2 only, forward-secret ciphers: the ALB's counterpart of Mozilla's "intermediate"
@@ -108,12 +107,7 @@ def _check_owned(cloud: Cloud, arn: str, what: str) -> None:
 def ensure_target_group(cloud: Cloud, vpc_id: str) -> str:
     elbv2 = cloud.elbv2
     name = cloud.short_name("web")
-    try:
-        groups = elbv2.describe_target_groups(Names=[name])["TargetGroups"]
-    except ClientError as exc:
-        if error_code(exc) != "TargetGroupNotFound":
-            raise
-        groups = []
+    groups = described(elbv2.describe_target_groups, "TargetGroups", "TargetGroupNotFound", Names=[name])
     if groups:
         group = groups[0]
         arn = str(group["TargetGroupArn"])
@@ -142,12 +136,7 @@ def ensure_load_balancer(cloud: Cloud, subnet_ids: Sequence[str], security_group
     """The ALB (internet-facing, IPv4) in the subnets, with the lb group: (its ARN, its DNS name)."""
     elbv2 = cloud.elbv2
     name = cloud.short_name("lb")
-    try:
-        found = elbv2.describe_load_balancers(Names=[name])["LoadBalancers"]
-    except ClientError as exc:
-        if error_code(exc) != "LoadBalancerNotFound":
-            raise
-        found = []
+    found = described(elbv2.describe_load_balancers, "LoadBalancers", "LoadBalancerNotFound", Names=[name])
     if not found:
         created = elbv2.create_load_balancer(
             Name=name, Subnets=list(subnet_ids), SecurityGroups=[security_group_id], Scheme="internet-facing",

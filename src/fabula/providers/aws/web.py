@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from fabula.errors import FabulaError
 from fabula.providers.aws import group as web_group
-from fabula.providers.aws.cloud import Cloud, aws_errors, error_code
+from fabula.providers.aws.cloud import Cloud, aws_errors, described
 from fabula.providers.aws.instances import Instance, find
 from fabula.providers.aws.loadbalancer import HTTPS_PORT
 from fabula.providers.base import Backend, LoadBalancer, WebGroup
@@ -30,12 +28,7 @@ class AlbLoadBalancer(LoadBalancer):
 
     # -- the ALB and its target group, found by name (made by ensure_control_plane) ---------------
     def _find(self, describe: Any, key: str, name: str, missing: str) -> dict[str, Any] | None:
-        try:
-            found = describe(Names=[name])[key]
-        except ClientError as exc:
-            if error_code(exc) != missing:
-                raise
-            return None
+        found = described(describe, key, missing, Names=[name])
         return found[0] if found else None
 
     def _balancer(self) -> dict[str, Any] | None:
