@@ -153,6 +153,9 @@ class EnvState:
     provider: str = "local"
     subnet: str | None = None
     servers: dict[str, ServerRecord] = field(default_factory=dict)
+    # servers taken out of the plan (a host removed from `hosts:`) until `create` has removed
+    # them: their records are how they are reached, and found again after a crash
+    leaving: dict[str, ServerRecord] = field(default_factory=dict)
     release: str | None = None
     migrated_release: str | None = None
     previous_release: str | None = None   # what `fabula rollback` returns to
@@ -178,7 +181,8 @@ class EnvState:
             return None
         raw = json.loads(paths.state_file.read_text())
         check_owner(paths, raw)
-        raw["servers"] = {name: ServerRecord(**rec) for name, rec in raw.get("servers", {}).items()}
+        for key in ("servers", "leaving"):
+            raw[key] = {name: ServerRecord(**rec) for name, rec in raw.get(key, {}).items()}
         return cls(**raw)
 
     def reload(self, paths: EnvPaths) -> None:

@@ -1,15 +1,18 @@
 """Each server's process supervisor (supervisord): the programs a role runs, and their state.
 
-Provider-neutral: it only writes files and runs supervisorctl on a Host.
+Provider-neutral: it only writes files and runs supervisorctl on a Host; how supervisord is started
+is the Host's to say (Host.start_supervisord: under the server's service manager where the provider
+made one, directly otherwise).
 """
 from __future__ import annotations
 
 import shlex
 import time
+import xmlrpc.client
 from dataclasses import dataclass, field
 
 from fabula.errors import FabulaError
-from fabula.providers.base import Host
+from fabula.providers.base import Host, poll
 from fabula.templates import render
 
 RUNNING = "RUNNING"
@@ -26,6 +29,11 @@ STARTRETRIES = 10
 # It costs a bash that sleeps in `read -t` (no fork) and ~0.1% of a CPU per supervisord.
 WAKEUP = "fabula-wakeup"
 WAKEUP_INTERVAL = 0.2
+# seconds a supervisord started by the host's service manager (which returns before it answers)
+# may take until supervisorctl reaches it
+START_WAIT = 30
+# supervisord's XML-RPC faults (supervisor/xmlrpc.py Faults) that supervisorctl does not count as errors
+BAD_NAME, ALREADY_STARTED, NOT_RUNNING = 10, 60, 70
 
 
 @dataclass(frozen=True)
@@ -63,17 +71,49 @@ def wakeup_program() -> Program:
     return Program(WAKEUP, ["bash", "-c", script], logged=False)
 
 
+class Unavailable(FabulaError):
+    """supervisord does not answer on the server's socket (not started, gone, the host away)."""
+
+
+class SupervisorFault(FabulaError):
+    """supervisord refused a call (its XML-RPC fault: `code`, e.g. NOT_RUNNING)."""
+
+    def __init__(self, code: int, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.code = code
+
+
 class Supervisor:
     def __init__(self, host: Host):
         self.host = host
         self.conf = host.path("supervisor", "supervisord.conf")
         self.programs_dir = host.path("supervisor", "programs")
+        self.socket = host.path("run", "supervisor.sock")   # supervisord.conf.j2's unix_http_server
 
-    def ctl(self, *args: str, timeout: float = 120):
-        return self.host.run(["supervisorctl", "-c", str(self.conf), *args], timeout=timeout)
+    def rpc(self, method: str, *params, timeout: float = 120):
+        """supervisord's XML-RPC method supervisor.METHOD, as supervisorctl calls it, with curl on
+        the server (supervisorctl's start-up alone takes 0.3-1 s of CPU, and create, deploy and
+        describe ask each server dozens of times). Raises Unavailable, or SupervisorFault."""
+        body = xmlrpc.client.dumps(tuple(params), f"supervisor.{method}", allow_none=True)
+        result = self.host.run(["curl", "-sS", "--max-time", str(int(timeout)), "--unix-socket", str(self.socket),
+                                "-H", "Content-Type: text/xml", "-H", "Expect:", "--data-binary", "@-",
+                                "http://localhost/RPC2"], input=body, timeout=timeout + 10)
+        if not result.ok or not result.stdout.lstrip().startswith("<?xml"):
+            raise Unavailable(f"{self.host.name}: supervisord does not answer on {self.socket}: "
+                              f"{(result.stderr or result.stdout).strip()[-300:] or f'exit {result.returncode}'}")
+        try:
+            (value,), _ = xmlrpc.client.loads(result.stdout)
+        except xmlrpc.client.Fault as fault:
+            what = " ".join([method, *map(str, params)])
+            raise SupervisorFault(fault.faultCode, f"{self.host.name}: supervisord refuses {what}: {fault.faultString}",
+                                  f"see `fabula logs <env> {self.host.name}`") from None
+        return value
 
     def is_running(self) -> bool:
-        return self.ctl("pid", timeout=15).stdout.strip().isdigit()
+        try:
+            return isinstance(self.rpc("getPID", timeout=15), int)
+        except (Unavailable, SupervisorFault):
+            return False
 
     def ensure_running(self) -> None:
         self.host.make_dirs([self.host.path("supervisor"), self.programs_dir, self.host.path("log"),
@@ -83,10 +123,20 @@ class Supervisor:
         wakeup = render_program(wakeup_program(), str(self.host.path("log")))
         added = self.host.put_file(self.programs_dir / f"{WAKEUP}.conf", wakeup)
         if not self.is_running():
-            self.host.check(["supervisord", "-c", str(self.conf)])
+            start = self.host.start_supervisord
+            if start is not None and start():
+                self._wait_started()
+            else:
+                # it daemonizes once its socket listens: supervisorctl reaches it when this returns
+                self.host.check(["supervisord", "-c", str(self.conf)])
         if added:  # a supervisord started before this program existed
-            self.ctl("reread")
-            self.ctl("update")
+            self.update()
+
+    def _wait_started(self) -> None:
+        if not poll(self.is_running, START_WAIT, interval=0.2):
+            raise FabulaError(f"{self.host.name}: supervisord was started but does not answer after {START_WAIT} s",
+                              f"see {self.host.path('log', 'supervisord.log')} and the host's journal "
+                              "(`journalctl -e`) on the host")
 
     def apply(self, programs: list[Program]) -> set[str]:
         """Install exactly these programs; start new ones and restart changed ones. Returns those."""
@@ -101,25 +151,56 @@ class Supervisor:
         known = self.status()
         missing = {p.name for p in programs if p.name not in known}
         if changed or missing:
-            self.ctl("reread")
-            self.ctl("update")
+            self.update()
         return changed | missing
 
-    def status(self) -> dict[str, str]:
-        """Program name -> supervisor state (RUNNING, STARTING, BACKOFF, FATAL, STOPPED...)."""
-        result = self.ctl("status", timeout=15)
-        states = {}
-        for line in result.stdout.splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and not line.startswith(("unix://", "error")):
-                states[parts[0]] = parts[1]
-        return states
+    def update(self) -> None:
+        """supervisorctl's `update`: the program files read again; groups removed, replaced, added."""
+        added, changed, removed = self.rpc("reloadConfig")[0]
+        for group in removed + changed:
+            self.rpc("stopProcessGroup", group, timeout=300)
+            self.rpc("removeProcessGroup", group)
+        for group in changed + added:
+            self.rpc("addProcessGroup", group, timeout=300)
 
-    def restart(self, name: str) -> None:
-        self.host.check(["supervisorctl", "-c", str(self.conf), "restart", name], timeout=300)
+    def status(self) -> dict[str, str]:
+        """Program name -> supervisor state (RUNNING, STARTING, BACKOFF, FATAL, STOPPED...); none
+        when supervisord does not answer."""
+        try:
+            return {info["name"]: info["statename"] for info in self.rpc("getAllProcessInfo", timeout=15)}
+        except Unavailable:
+            return {}
+
+    def start(self, name: str, timeout: float = 120) -> None:
+        """Start `name` and wait until it has run startsecs; one already running is left as it is."""
+        self._ignoring((ALREADY_STARTED,), "startProcess", name, timeout=timeout)
+
+    def stop(self, name: str, timeout: float = 120) -> None:
+        """Stop `name` and wait until it has exited; one not running, or not there (e.g. a fenced
+        primary's PostgreSQL), is left as it is."""
+        self._ignoring((NOT_RUNNING, BAD_NAME), "stopProcess", name, timeout=timeout)
+
+    def restart(self, name: str, timeout: float = 300) -> None:
+        self.stop(name, timeout)
+        self.start(name, timeout)
 
     def signal(self, name: str, sig: str) -> None:
-        self.host.check(["supervisorctl", "-c", str(self.conf), "signal", sig, name])
+        self.rpc("signalProcess", name, sig)
+
+    def shutdown(self) -> None:
+        """supervisord stops its programs and exits (nothing to do if it does not answer)."""
+        try:
+            self.rpc("shutdown", timeout=60)
+        except Unavailable:
+            return
+        poll(lambda: not self.is_running(), 60, interval=0.2)
+
+    def _ignoring(self, faults: tuple[int, ...], method: str, name: str, timeout: float) -> None:
+        try:
+            self.rpc(method, name, timeout=timeout)
+        except SupervisorFault as exc:
+            if exc.code not in faults:
+                raise
 
     def wait_running(self, names: list[str], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -4,21 +4,26 @@ the commands run on it and keeps its files in memory, a load balancer, and a pro
     host = FakeHost("cache1", "cache", "10.0.0.12")
     Cache().converge(ctx, host)
     assert host.files[host.path("etc", "redis", "redis.conf")].owner == host.accounts.cache
-    assert ["supervisorctl", "-c", ..., "update"] in host.commands
+    assert "reloadConfig" in rpc_methods(host)
 
 A command's result comes from the first of `host.answers` whose argv prefix matches, else from a
-built-in answer for what fabula itself runs (supervisorctl, health probes, readlink...), else
+built-in answer for what fabula itself runs (supervisord's XML-RPC, health probes, readlink...), else
 success with no output.
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from fabula.accounts import Accounts
 from fabula.providers.base import (
+    SYSTEM_PATH,
     Backend,
     EgressRule,
     FileState,
@@ -118,8 +123,8 @@ class FakeHost(Host):
             for path in argv[6:]:
                 self.dirs[PurePosixPath(path)] = FileState(mode, owner)
             return Result(0, "", "")
-        if argv[0] == "supervisorctl":
-            return self._supervisorctl(argv[3:])
+        if argv[0] == "curl" and "--unix-socket" in argv:
+            return self._supervisord(self.calls[-1])
         if argv[0] == "curl":
             return Result(0, "200", "")
         if argv[:2] == ["mv", "-T"]:
@@ -144,13 +149,62 @@ class FakeHost(Host):
                 found[path.stem] = file.data.decode()
         return found
 
-    def _supervisorctl(self, args: list[str]) -> Result:
-        if args[:1] == ["pid"]:
-            return Result(0, "4242\n", "")
-        if args[:1] == ["status"]:
-            lines = [f"{name:<32} RUNNING   pid 4{n}, uptime 0:00:05" for n, name in enumerate(sorted(self.programs()))]
-            return Result(0, "\n".join(lines) + "\n", "")
-        return Result(0, "", "")
+    def _supervisord(self, call: Call) -> Result:
+        """supervisord's XML-RPC answer (Supervisor.rpc): every program written is running."""
+        method, params = rpc_request(call) or ("", ())
+        value: Any = True
+        if method == "getPID":
+            value = 4242
+        elif method == "getAllProcessInfo":
+            value = [{"name": name, "group": name, "statename": "RUNNING", "description": f"pid 4{n}, uptime 0:00:05"}
+                     for n, name in enumerate(sorted(self.programs()))]
+        elif method == "reloadConfig":
+            value = [[sorted(self.programs()), [], []]]
+        return Result(0, xmlrpc.client.dumps((value,), methodresponse=True, allow_none=True), "")
+
+
+def rpc_request(call: Call) -> tuple[str, tuple] | None:
+    """The supervisord method (without `supervisor.`) and parameters of a command Supervisor.rpc
+    ran, else None: what a test asks of a FakeHost's calls."""
+    if call.argv[:1] != ["curl"] or "--unix-socket" not in call.argv or not call.input:
+        return None
+    params, method = xmlrpc.client.loads(call.input)
+    return (method or "").removeprefix("supervisor."), params
+
+
+def rpc_methods(host: FakeHost) -> list[str | None]:
+    """Per command run on `host`, in order: the supervisord method it called, else None."""
+    return [(rpc_request(c) or (None,))[0] for c in host.calls]
+
+
+class MachineHost(FakeHost):
+    """A FakeHost whose commands and files are this machine's own, run as the user running the
+    tests (a command for another user is refused), each call still recorded: for code whose
+    commands must really work (the hosts' shell scripts, supervisord)."""
+
+    def run(self, argv, *, user=None, env=None, input=None, timeout=120) -> Result:
+        assert user is None, "MachineHost runs commands as the tests' own user only"
+        argv = [str(a) for a in argv]
+        self.calls.append(Call(argv, user, env, input))
+        proc = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout,
+                              env={"PATH": SYSTEM_PATH})
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def read(self, path) -> bytes | None:
+        return Path(path).read_bytes() if Path(path).exists() else None
+
+    def write(self, path, data: bytes, *, mode: int, owner: str) -> None:
+        Path(path).write_bytes(data)
+        os.chmod(path, mode)
+
+    def stat(self, path) -> FileState | None:
+        return FileState(Path(path).stat().st_mode & 0o7777, "root") if Path(path).exists() else None
+
+    def push(self, local: Path, path, *, mode=0o600, owner="root") -> None:
+        self.write(path, Path(local).read_bytes(), mode=mode, owner=owner)
+
+    def fetch(self, path, local: Path) -> None:
+        Path(local).write_bytes(Path(path).read_bytes())
 
 
 class FakeLoadBalancer(LoadBalancer):

@@ -435,6 +435,7 @@ KEY_PATHS = [
     ("environments", "testing", "lb", "certificate"), ("environments", "testing", "lb", "key"),
     ("environments", "testing", "servers"), ("environments", "testing", "servers", "web"),
     ("environments", "testing", "db"), ("environments", "testing", "db", "backups"),
+    ("environments", "testing", "db", "backups_host"),
     ("environments", "testing", "autoscaling"), ("environments", "testing", "autoscaling", "max"),
     ("environments", "testing", "autoscaling", "target"), ("environments", "testing", "gunicorn_workers"),
     ("environments", "staging"), ("environments", "testing", "production"), ("unknown",),

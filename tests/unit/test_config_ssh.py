@@ -91,3 +91,50 @@ def test_hosts_as_a_list_is_still_read_as_domains(tmp_path: Path):
     text = SSH.replace("provider: ssh", "provider: local").split("    ssh:")[0] + "    hosts: [shop.example.com]\n"
     env = load_config(write(tmp_path, text)).environment("production")
     assert env.domains == ["shop.example.com"] and env.hosts == {}
+
+
+def with_backups(db: str) -> str:
+    return SSH.replace("    lb: {https_port: 443", f"    db: {db}\n    lb: {{https_port: 443")
+
+
+def test_backups_kept_on_a_host_of_the_inventory(tmp_path: Path):
+    env = load_config(write(tmp_path, with_backups("{backups_host: db2}"))).environment("production")
+    assert (env.db.backups_host, env.db.backups) == ("db2", None)
+    # db.backups is then the folder on that host: not made nor checked on this machine (a folder
+    # here that others may write to would be refused as a folder of this machine's backups)
+    open_here = tmp_path / "open"
+    open_here.mkdir()
+    open_here.chmod(0o777)
+    env = load_config(write(tmp_path, with_backups(f"{{backups_host: db1, backups: {open_here}/b}}"))
+                      ).environment("production")
+    assert env.db.backups == open_here / "b" and not (open_here / "b").exists()
+    assert "writable by others" in error_for(tmp_path, with_backups(f"{{backups: {open_here}/b}}"))
+
+
+@pytest.mark.parametrize(("db", "expected"), [
+    ("{backups_host: db9}", "db9 is not a host of `hosts:`"),
+    ("{backups_host: lb1}", "lb1 is the load balancer's host, the one the internet reaches"),
+    ("{backups_host: 'db 2'}", "a server name"),
+    ("{backups_host: db2, backups: backups}", "an absolute path on the backups host"),
+    ("{backups_host: db2, backups: /etc/fabula}", "system directory"),
+    ("{backups_host: db2, backups: /srv/x/../../etc}", "without `..`"),
+    ("{backups_host: db2, backups: /srv/fabula/shop/production}", "inside fabula's tree on the hosts"),
+])
+def test_a_wrong_backups_host_is_refused_naming_the_key(tmp_path: Path, db: str, expected: str):
+    message = error_for(tmp_path, with_backups(db))
+    assert expected in message
+    key = "db.backups" if "backups:" in db else "db.backups_host"
+    assert f"fix: correct `environments.production.{key}`" in message
+
+
+def test_a_backups_host_is_refused_on_another_provider(tmp_path: Path):
+    text = """\
+project: shop
+app: {wsgi: shop.wsgi:application, settings: shop.settings}
+environments:
+  staging:
+    db: {backups_host: db2}
+"""
+    message = error_for(tmp_path, text)
+    assert "`db.backups_host` is a key of `provider: ssh`" in message and "local" in message
+    assert "fix: correct `environments.staging.db.backups_host`" in message

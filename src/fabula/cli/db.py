@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
 
     @db_app.command("backup")
     def backup_(cli: typer.Context, env: EnvArgument, config: ConfigOption = DEFAULT_CONFIG,
-                to: Annotated[Path | None, typer.Option("--to", help="file or folder")] = None) -> None:
+                to: Annotated[Path | None, typer.Option("--to", help="file or folder of this machine")] = None) -> None:
         """Back up the app's database (pg_dump custom format, from the primary)."""
         ctx = open_env(cli, config, env)
         out = ctx.out
@@ -116,7 +116,11 @@ def register(app: typer.Typer) -> None:
 
     @db_app.command("restore")
     def restore_(cli: typer.Context,
-                 env: EnvArgument, backup_file: Annotated[Path, typer.Argument(help="a backup file")],
+                 env: EnvArgument,
+                 backup_file: Annotated[str, typer.Argument(help=(
+                     "a backup file; where the environment keeps its backups on a host (db.backups_host), "
+                     "a backup's name as `fabula db backups` lists it (./NAME for a file here)"),
+                     metavar="FILE|NAME")],
                  config: ConfigOption = DEFAULT_CONFIG,
                  force: Annotated[bool, typer.Option("--force",
                                                      help="restore another database's backup")] = False) -> None:

@@ -59,10 +59,17 @@ def _hint(error: ErrorDetails, key: str, shown: str) -> str:
     return f"correct `{key}` in {shown}"
 
 
+def _location(error: ErrorDetails) -> tuple:
+    """Where the error is: its model's place, and the key of that model a validator named (key_error)."""
+    key = (error.get("ctx") or {}).get("key")
+    return tuple(error["loc"]) + (tuple(key.split(".")) if isinstance(key, str) and key else ())
+
+
 def _validation_error(exc: ValidationError, shown: str) -> ConfigError:
     errors = exc.errors()
     lines, hints = [], []
     for e in errors[:MAX_ERRORS]:
+        e["loc"] = _location(e)
         key = _key_path(e["loc"])
         lines.append(f"{shown}: {key}: {_explain(e)}" if e["loc"] else f"{shown}: {_explain(e)}")
         hints.append(_hint(e, key, shown) if e["loc"] else f"correct {shown} as said above")

@@ -7,7 +7,7 @@ import re
 import stat
 from pathlib import Path
 
-from fabula.config.providers import SshConfig
+from fabula.config.providers import HOST_TREE, SshConfig
 from fabula.config.schema import AppConfig, EnvironmentConfig, LoadedConfig
 from fabula.config.values import MAX_PEM_BYTES, PYTHON_NAME, SYSTEM_DIRS, SYSTEM_TREES, shown_path
 from fabula.config.yamlfile import read_regular_file
@@ -109,6 +109,22 @@ def _check_backups(value: Path) -> str | None:
     return None
 
 
+def _check_host_backups(value: Path) -> str | None:
+    """db.backups with db.backups_host: a folder on that host, checked as a path here (the host
+    itself checks the folder when a backup is made: a real folder, root's, writable by no one else)."""
+    if not value.is_absolute():
+        return f"{shown_path(value)}: an absolute path on the backups host is expected, e.g. /var/backups/polls"
+    if ".." in value.parts:
+        return f"{shown_path(value)}: a path without `..` is expected"
+    if _system_directory(value):
+        return f"{shown_path(value)} is a system directory, or inside one: fabula would own it"
+    if _inside(value, Path(HOST_TREE)) or value == Path(HOST_TREE):
+        return (f"{shown_path(value)} is inside fabula's tree on the hosts ({HOST_TREE}), whose environment folders "
+                f"`destroy` removes: leave db.backups out (backups go to {HOST_TREE}/backups/<project>/<env>), "
+                "or choose a folder of your own")
+    return None
+
+
 def _check_tls_pair(env: EnvironmentConfig, base: Path, shown: str, name: str) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -170,7 +186,8 @@ def check_machine(loaded: LoadedConfig, shown: str) -> None:
             problems.append(("app.python", problem))
     for name, env in loaded.project.environments.items():
         if env.db.backups is not None:
-            problem = _check_backups(env.db.backups)
+            check = _check_host_backups if env.db.backups_host else _check_backups
+            problem = check(env.db.backups)
             if problem:
                 problems.append((f"environments.{name}.db.backups", problem))
     if problems:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -42,6 +43,11 @@ class LocalConfig(Strict):
     bind: Annotated[ipaddress.IPv4Address, AfterValidator(_unicast)] = Field(
         default=ipaddress.IPv4Address("127.0.0.1"), description="the machine's address the load balancer listens on")
 
+
+# fabula's tree on every host reached over SSH (providers/ssh/preparation.py's TREE): each
+# environment's folder is <tree>/<project>/<env>, removed whole by `destroy`; the backups kept on a
+# host (db.backups_host) are in <tree>/backups/<project>/<env>, which outlives it
+HOST_TREE = PurePosixPath("/srv/fabula")
 
 USER_NAME = r"[a-z_][a-z0-9_-]{0,31}"
 # a "[user@]host[:port]" ProxyJump

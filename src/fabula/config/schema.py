@@ -38,6 +38,7 @@ from fabula.config.values import (
     Slug,
     Strict,
     excerpt,
+    key_error,
 )
 from fabula.errors import ConfigError
 
@@ -92,8 +93,12 @@ class DatabaseConfig(Strict):
     synchronous: bool = Field(default=False, description=(
         "a commit returns only once a replica has it: no acknowledged write is lost in a failover, "
         "but writes wait for the replica (and stop while no replica is streaming)"))
-    backups: SafePath | None = Field(default=None, description="folder for `fabula db backup` (an absolute "
-                                     "path); default <state root>/backups/<project>-<env>")
+    backups: SafePath | None = Field(default=None, description=(
+        "folder of `fabula db backup` (an absolute path): on this machine, default <state root>/backups/"
+        "<project>/<env>; with `backups_host`, on that host, default /srv/fabula/backups/<project>/<env>"))
+    backups_host: ServerName | None = Field(default=None, description=(
+        "`provider: ssh`: the host of `hosts:` that keeps the backups (not the load balancer's); "
+        "default: this machine"))
 
 
 class AutoscalingConfig(Strict):
@@ -274,6 +279,25 @@ class EnvironmentConfig(Strict):
             raise ValueError("users: each name once")
         # the counts the rest of fabula plans with, from the inventory
         self.servers = ServerCounts.model_validate({role: len(by_role[role]) for role in ROLES})
+        return self
+
+    @model_validator(mode="after")
+    def _backups_host(self):
+        name = self.db.backups_host
+        if name is None:
+            return self
+        if self.provider != "ssh":
+            raise key_error("db.backups_host", f"`db.backups_host` is a key of `provider: ssh` (this "
+                            f"environment's provider is {self.provider}, whose backups are kept on this machine, "
+                            "in `db.backups`)")
+        behind = sorted(n for n, h in self.hosts.items() if h.role != "lb")
+        if name not in self.hosts:
+            raise key_error("db.backups_host", f"{name} is not a host of `hosts:`: name the one that keeps the "
+                            f"backups (one of: {', '.join(behind)})")
+        if self.hosts[name].role == "lb":
+            raise key_error("db.backups_host", f"{name} is the load balancer's host, the one the internet "
+                            "reaches: a dump holds every row of the app's data, so it is kept on a host behind "
+                            f"it (one of: {', '.join(behind)})")
         return self
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
 )
+from pydantic_core import PydanticCustomError
 
 ROLES = ("web", "worker", "cache", "db-primary", "db-replica")
 # patterns are matched whole (re.fullmatch, ASCII only): "testing\n" is not a name
@@ -131,6 +132,12 @@ DottedCallable = Annotated[str, Field(max_length=255),
 DottedName = Annotated[str, Field(max_length=255), pattern(DOTTED_NAME, "a Python module path like `pkg.settings`")]
 HostName = Annotated[str, Field(max_length=253), AfterValidator(_host_name)]
 
+
+
+def key_error(key: str, message: str) -> PydanticCustomError:
+    """An error of a model's validator that belongs to one of its keys (`key`, dotted, e.g.
+    "db.backups_host"): the message and its `fix:` line name that key, not the whole model."""
+    return PydanticCustomError("value_error", "{message}", {"message": message, "key": key})
 
 
 class Strict(BaseModel):

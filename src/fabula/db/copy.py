@@ -45,5 +45,6 @@ def copy_database(source: Context, target: Context, force: bool = False) -> str:
             tempfile.TemporaryDirectory(prefix="fabula-copy-", dir=source.paths.root) as tmp:
         op.details["source"] = source.env_name
         with op.phase("backup of the source"):
-            dump = backup(source, to=Path(tmp) / f"{source.env_name}.dump")
+            dump = Path(tmp) / f"{source.env_name}.dump"
+            backup(source, to=dump)   # a file of this machine, wherever the source keeps its backups
         return restore(target, dump, force=True, migrate=lambda: migrate_target(target))

@@ -9,6 +9,7 @@ replica by `reset-replicas`. No step is left to the operator.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 
@@ -19,7 +20,7 @@ from fabula.environment.audit import operation
 from fabula.environment.firewall import apply_firewalls
 from fabula.errors import FabulaError
 from fabula.roles import ROLES, postgres
-from fabula.supervisor import Supervisor
+from fabula.supervisor import Supervisor, Unavailable
 
 
 def choose_replica(ctx: Context, name: str | None) -> str:
@@ -72,11 +73,13 @@ def _fence_host(ctx: Context, name: str) -> list[str]:
     host = ctx.host(name)
     problems = []
     supervisor = Supervisor(host)
-    supervisor.ctl("stop", "postgresql", timeout=90)
+    with contextlib.suppress(Unavailable):   # a host switched off: fenced by its firewall below
+        supervisor.stop("postgresql", timeout=90)
     # without its program, nothing restarts it; with standby.signal, were it started anyway it
     # would come up read-only; `rebuild` keeps create from treating it as a primary
     host.run(["rm", "-f", str(supervisor.programs_dir / "postgresql.conf")])
-    supervisor.ctl("update")
+    with contextlib.suppress(Unavailable):
+        supervisor.update()
     if postgres.is_initialized(host):
         host.run(["touch", str(postgres.data_dir(host) / "standby.signal")], user=host.accounts.db)
     ctx.state.servers[name].rebuild = True
@@ -108,7 +111,7 @@ def _promote(ctx: Context, old: str, new: str, op) -> dict:
     if planned:
         ctx.out.step(old, "planned failover: fencing the primary (clean shutdown)")
         with op.phase("fence and catch up"):
-            Supervisor(ctx.host(old)).ctl("stop", "postgresql", timeout=120)
+            Supervisor(ctx.host(old)).stop("postgresql", timeout=120)
             final = shutdown_checkpoint(ctx, old)
             wait_replayed(ctx, new, final, old)
     else:
@@ -147,7 +150,8 @@ def wait_replayed(ctx: Context, replica: str, target: int, old: str, timeout: fl
             return
         if time.monotonic() > deadline:
             # the replica is behind: bring the primary back rather than lose writes
-            Supervisor(ctx.host(old)).ctl("start", "postgresql")
+            with contextlib.suppress(Unavailable, FabulaError):   # the error below says what to do
+                Supervisor(ctx.host(old)).start("postgresql")
             raise FabulaError(f"{replica} has not replayed the primary's last writes after {timeout:.0f}s; "
                               f"{old} was restarted as the primary and nothing was changed",
                               f"check `fabula db status {ctx.env_name}`")

@@ -1,8 +1,8 @@
 """`fabula create`: bring up the whole architecture, idempotently.
 
-Order (as FabulAWS does it): servers and firewalls; then the databases, the cache and the
-release build side by side; then the worker, which runs migrations; then the web servers; the
-load balancer last, so web servers take traffic only once the schema is in place.
+Order: servers and firewalls; then the databases, the cache and the release build side by
+side; then the worker, which runs migrations, and the web servers beside it; the load balancer
+last, so web servers take traffic only once the schema is in place.
 """
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ def create(ctx: Context) -> None:
         with op.phase("servers"):
             ctx.state.web_desired = desired_for_create(ctx.env, ctx.state)  # the web group's count
             ctx.state.web_desired_config = ctx.env.web_group().desired
-            ctx.state.servers = plan_servers(ctx.env, ctx.state)
+            planned = plan_servers(ctx.env, ctx.state)
+            ctx.state.leaving.update({n: r for n, r in ctx.state.servers.items() if n not in planned})
+            ctx.state.servers = planned
             ctx.state.save(ctx.paths)  # recorded before anything is made, so `destroy` can always find it
             ctx.provider.ensure_accounts()
             ctx.secrets = secrets.load_or_create(ctx.paths)
@@ -104,14 +106,16 @@ def create(ctx: Context) -> None:
 
         workers = [ctx.host(s.name) for s in ctx.state.by_role("worker")]
         webs = [ctx.host(s.name) for s in ctx.state.by_role("web")]
-        with op.phase("worker"):  # the migrations run here, before any web server takes traffic
-            in_parallel(ctx, workers, lambda h: converge(ctx, h))
-            if not workers:
-                migrate_on = webs[0]
-                ROLES["web"].converge(ctx, migrate_on)
-                migrate(ctx, migrate_on)
-        with op.phase("web"):
-            in_parallel(ctx, webs, lambda h: converge(ctx, h))
+        if workers:
+            # the worker runs the migrations; the web servers start beside it (they take no
+            # traffic until the load balancer below, and their health check needs no database)
+            with op.phase("worker+web"):
+                in_parallel(ctx, workers + webs, lambda h: converge(ctx, h))
+        else:
+            with op.phase("web"):  # the migrations run on the first, before any takes traffic
+                ROLES["web"].converge(ctx, webs[0])
+                migrate(ctx, webs[0])
+                in_parallel(ctx, webs[1:], lambda h: converge(ctx, h))
 
         with op.phase("load balancer"):
             ctx.provider.load_balancer.ensure([Backend(h.name, h.address, HTTPS_PORT) for h in webs])
@@ -142,8 +146,14 @@ def wait_in_service(ctx: Context, names: list[str]) -> None:
 
 
 def remove_surplus(ctx: Context) -> None:
-    """Servers that exist on the machine but are no longer in the plan (fewer web servers asked)."""
+    """Servers that exist but are no longer in the plan (fewer web servers asked, a host taken
+    out of `hosts:`); the state forgets them only once they are removed."""
     for name in ctx.provider.list_servers():
         if name not in ctx.state.servers:
             ctx.out.step(name, "removing (no longer in fabula.yml)")
             ctx.provider.remove_server(name)
+            ctx.state.leaving.pop(name, None)
+            ctx.state.save(ctx.paths)
+    if ctx.state.leaving:
+        ctx.state.leaving.clear()
+        ctx.state.save(ctx.paths)

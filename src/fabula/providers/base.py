@@ -72,6 +72,12 @@ class Host(abc.ABC):
     address: str
     root: PurePosixPath   # the server's private directory: configs, data, logs, releases
     accounts: Accounts    # the environment's own system users, that its services run as
+    # How Supervisor.ensure_running starts the server's supervisord when it is not running. None:
+    # directly (`supervisord -c CONF`, which daemonizes). A provider whose servers have a service
+    # manager sets its own on its hosts, which starts it there and returns True (ssh: through the
+    # server's systemd unit, which brings it back if it dies and after a reboot), or returns False
+    # where the host has none, for the direct start.
+    start_supervisord: Callable[[], bool] | None = None
 
     # -- the transport ---------------------------------------------------------------------
     @abc.abstractmethod

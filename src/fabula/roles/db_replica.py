@@ -40,7 +40,7 @@ class DatabaseReplica(Role):
         record = ctx.state.servers[host.name]
         if record.rebuild and postgres.is_initialized(host):
             ctx.out.step(host.name, f"rebuilding as a replica of {primary.name}")
-            Supervisor(host).ctl("stop", "postgresql", timeout=90)
+            Supervisor(host).stop("postgresql", timeout=90)
             host.check(["rm", "-rf", str(postgres.data_dir(host))])
         if not postgres.is_initialized(host):
             self._base_backup(ctx, host)

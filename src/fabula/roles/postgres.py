@@ -90,7 +90,7 @@ def start(host: Host, config_changed: bool) -> None:
     supervisor = Supervisor(host)
     started = supervisor.apply([program(host)])
     if supervisor.status().get("postgresql") != "RUNNING":
-        supervisor.ctl("start", "postgresql", timeout=120)  # e.g. stopped for a rebuild
+        supervisor.start("postgresql", timeout=120)  # e.g. stopped for a rebuild
     wait_ready(host)
     if config_changed and not started:
         psql(host, "SELECT pg_reload_conf()")

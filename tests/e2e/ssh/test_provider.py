@@ -6,6 +6,7 @@ reachable with nothing of fabula's left. The architecture itself is the acceptan
 (tests/acceptance, run for every provider)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fabula.sample import SampleEnvironment, fabula_argv, make_app_repo
+from fabula.sample import SampleEnvironment, fabula_argv, free_ports, local_keys, make_app_repo
 from tests.helpers import wait_for
 from tests.sshlab import ROLES, Lab, sh, ssh_keys, ssh_lab
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.e2e
 
 ENV = "prod"
 ADMIN, OUTSIDER = len(ROLES), len(ROLES) + 1   # two more hosts of the lab, not in the inventory
+SPARE = len(ROLES) + 2   # one the inventory gains, then loses
 
 
 def reaches(lab: Lab, source: int, address: str, port: int) -> bool:
@@ -45,7 +47,7 @@ def users_line(key: Path) -> str:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[tuple[Lab, SampleEnvironment]]:
-    with ssh_lab(len(ROLES) + 2) as lab:
+    with ssh_lab(len(ROLES) + 3) as lab:
         base = Path(tempfile.mkdtemp(prefix="fabula-ssh-", dir="/var/tmp"))
         base.chmod(0o755)
         keys = (ssh_keys(lab, 8443, 8080) + f"    admin_sources: [{lab.address(ADMIN)}/32]\n"
@@ -205,6 +207,33 @@ def test_a_dead_host_shows_in_describe_and_create_brings_its_services_back(world
     assert back["state"] == "running" and back["lb"] == "UP"
 
 
+def test_a_host_taken_out_of_hosts_is_removed_by_the_next_create(world):
+    lab, env = world
+    config = env.app_dir / "fabula.yml"
+    original = config.read_text()
+    web3 = f"      web3: {{role: web, address: {lab.address(SPARE)}}}\n"
+    config.write_text(original.replace("    hosts:\n", "    hosts:\n" + web3))
+    try:
+        created = env.fabula("create", ENV, timeout=600)
+        assert created.returncode == 0, created.stderr
+        assert env.describe()["load_balancer"]["backends"].get("web3") == "UP"
+    finally:
+        config.write_text(original)
+    tree = Path("/srv/fabula", env.describe()["project"], ENV, "web3")
+    assert tree.is_dir()
+    created = env.fabula("create", ENV, timeout=600)
+    assert created.returncode == 0, created.stderr
+    assert "web3" in created.stderr and "no longer in fabula.yml" in created.stderr
+    report = env.describe()
+    assert "web3" not in {s["name"] for s in report["servers"]}
+    assert "web3" not in report["load_balancer"]["backends"]
+    assert httpx.get(env.url + "/", verify=False, timeout=10).status_code == 200
+    # nothing of the server's is left on its host: no process, no firewall, no tree
+    assert not lab.processes(f"{tree}/")
+    assert "fabula" not in sh("ip", "netns", "exec", lab.namespaces[SPARE], "nft", "list", "tables").stdout
+    assert not tree.exists()
+
+
 def test_emergency_promote_when_the_primary_host_is_switched_off(world):
     lab, env = world
     db1 = list(ROLES).index("db1")
@@ -227,6 +256,61 @@ def test_emergency_promote_when_the_primary_host_is_switched_off(world):
     replica = next(s for s in env.describe()["servers"] if s["name"] == "db1")
     assert replica["state"] == "running" and replica["replication"]["state"] == "streaming"
     assert env.query("SELECT count(*) FROM notes_entry WHERE text = 'after'", "db1") == "4"
+
+
+def test_db_copy_brings_the_hosts_rows_into_a_local_environment(world):
+    _, env = world
+    config = env.app_dir / "fabula.yml"
+    original = config.read_text()
+    https, http = free_ports(2)
+    config.write_text(original + "  staging:\n    provider: local\n"
+                      "    servers: {web: 1, worker: 1, cache: 1, db-primary: 1, db-replica: 0}\n"
+                      + local_keys(https, http))
+    staging = SampleEnvironment(env.app_dir, env.state_dir, "staging")
+    text = f"from-the-hosts-{os.urandom(4).hex()}"
+    try:
+        created = staging.fabula("create", "staging", timeout=900)
+        assert created.returncode == 0, created.stderr
+        posted = httpx.post(env.url + "/api/entries", data={"text": text}, verify=False, timeout=10)
+        assert posted.status_code == 201
+        copied = env.fabula("db", "copy", ENV, "staging", timeout=600)
+        assert copied.returncode == 0, copied.stderr
+        assert staging.query(f"SELECT count(*) FROM notes_entry WHERE text = '{text}'") == "1"
+        # and served by the local environment's web tier
+        served = httpx.get(f"{staging.url}/api/entries/{posted.json()['id']}", verify=False, timeout=10)
+        assert served.json()["text"] == text
+    finally:
+        destroyed = staging.fabula("destroy", "staging", "--yes", timeout=300)
+        config.write_text(original)
+    assert destroyed.returncode == 0, destroyed.stderr
+
+
+def test_backups_kept_on_a_host_are_listed_and_restored_from_there(world):
+    lab, env = world
+    config = env.app_dir / "fabula.yml"
+    original = config.read_text()
+    config.write_text(original.replace("    hosts:\n", "    db: {backups_host: db2}\n    hosts:\n"))
+    folder = Path("/srv/fabula/backups", env.project, ENV)   # on db2 (the lab's hosts share one disk)
+    text = f"backed-up-{os.urandom(4).hex()}"
+    try:
+        env.query(f"INSERT INTO notes_entry (text, server, created) VALUES ('{text}', 't', now())")
+        made = env.fabula("db", "backup", ENV, timeout=300)
+        assert made.returncode == 0, made.stderr
+        listed = json.loads(env.fabula("db", "backups", ENV, "--json").stdout)
+        assert len(listed) == 1 and listed[0]["path"].startswith("db2:")
+        name = listed[0]["name"]
+        assert {p.name for p in folder.iterdir()} == {name, name + ".json"}
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in folder.iterdir())
+        assert not any(Path(env.state_dir).rglob("*.dump"))   # nothing kept on fabula's machine
+        env.query(f"DELETE FROM notes_entry WHERE text = '{text}'")
+        restored = env.fabula("db", "restore", ENV, name, timeout=600)
+        assert restored.returncode == 0, restored.stderr
+        assert env.query(f"SELECT count(*) FROM notes_entry WHERE text = '{text}'") == "1"
+    finally:
+        config.write_text(original)
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        with contextlib.suppress(OSError):   # the hosts' backups folder, if no other environment's is there
+            folder.parent.parent.rmdir()
 
 
 def test_a_sysadmin_taken_out_of_the_file_is_removed_by_the_next_create(world):

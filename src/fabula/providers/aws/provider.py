@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +205,11 @@ class AwsProvider(Provider):
         return found[0] if found else None
 
     def _host(self, instance: Instance, name: str, role: str) -> Host:
-        return self.access.host(name, role, self.address(instance, self.ssh.jump), instance.private_ip,
+        host = self.access.host(name, role, self.address(instance, self.ssh.jump), instance.private_ip,
                                 self.preparation.env_root / name, self.accounts)
+        # the instance's supervisord runs under its systemd unit, as on the ssh provider's hosts
+        host.start_supervisord = partial(self.preparation.start_supervisord, host)
+        return host
 
     def ensure_server(self, name: str, role: str) -> Host:
         if role not in FIXED_ROLES:

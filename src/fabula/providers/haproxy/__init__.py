@@ -152,7 +152,7 @@ class HAProxyLoadBalancer(LoadBalancer):
 
     def stop(self) -> None:
         if self.is_running():
-            self.supervisor.ctl("shutdown", timeout=60)
+            self.supervisor.shutdown()
         # the holder stops HAProxy on its way out; a HAProxy whose holder was killed runs on alone
         self.platform.run(["sh", "-c", STOP_LEFTOVER, "sh", str(self.dir / "haproxy.pid")], timeout=40)
 

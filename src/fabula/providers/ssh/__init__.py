@@ -1,6 +1,8 @@
 """The ssh provider: the servers are existing Debian 12 hosts of the inventory (`hosts:`), reached
 over SSH (providers/ssh/transport.py); fabula's tree on each is /srv/fabula/<project>/<env>/<server>/,
-its firewall an nftables table of its own, and the load balancer HAProxy on the `lb` host."""
+its supervisord run by a systemd unit where systemd runs (started again if it dies, and at boot;
+providers/ssh/preparation.py) and directly where it does not, its firewall an nftables table of its
+own, and the load balancer HAProxy on the `lb` host."""
 from __future__ import annotations
 
 import ipaddress
@@ -9,6 +11,7 @@ import shutil
 import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import asyncssh
@@ -61,13 +64,17 @@ class SshProvider(Provider):
                          known_hosts=self.ssh.known_hosts, jump=self.ssh.jump)
 
     def _ssh_host(self, name: str, role: str, address: str) -> SshHost:
-        return self.pool.host(name, role, self._target(address), self.env_root / name, self.accounts)
+        host = self.pool.host(name, role, self._target(address), self.env_root / name, self.accounts)
+        # where systemd runs, the server's supervisord is started through its unit (asked lazily:
+        # making a host object connects to nothing)
+        host.start_supervisord = partial(self.preparation.start_supervisord, host)
+        return host
 
     def _all_hosts(self) -> list[SshHost]:
         """Every host of the inventory, the load balancer's included, and any the state still
         records (a host removed from fabula.yml, until `create` or `destroy` clears it)."""
         hosts = {name: self._ssh_host(name, h.role, h.address) for name, h in self.env.hosts.items()}
-        for name, record in self.state.servers.items():
+        for name, record in (self.state.leaving | self.state.servers).items():
             if name not in hosts and record.address:
                 hosts[name] = self._ssh_host(name, record.role, record.address)
         return list(hosts.values())
@@ -184,7 +191,7 @@ class SshProvider(Provider):
 
     # -- servers ------------------------------------------------------------------------------
     def host(self, name: str) -> Host:
-        record = self.state.servers[name]
+        record = self.state.servers.get(name) or self.state.leaving[name]
         return self._ssh_host(name, record.role, record.address)
 
     def ensure_server(self, name: str, role: str) -> Host:
@@ -200,10 +207,11 @@ class SshProvider(Provider):
         self.preparation.make_tree(host)
 
     def server_exists(self, name: str) -> bool:
-        return name in self.env.hosts or name in self.state.servers
+        return name in self.env.hosts or name in self.state.servers or name in self.state.leaving
 
     def list_servers(self) -> list[str]:
-        return sorted({n for n, h in self.env.hosts.items() if h.role != "lb"} | set(self.state.servers))
+        return sorted({n for n, h in self.env.hosts.items() if h.role != "lb"} | set(self.state.servers)
+                      | set(self.state.leaving))
 
     def prepare_host(self, host: Host, packages: tuple[str, ...]) -> None:
         sysadmins = ("sudo",) if self.env.users else ()
@@ -259,46 +267,63 @@ class SshProvider(Provider):
                               f"not get in ({exc}); the former rules are back",
                               "check `admin_sources` and `ssh.port` in fabula.yml") from None
         host.check(["sh", "-c", scripts.CANCEL_ROLLBACK, "sh", str(saved)])
+        # what the server's unit loads when it (re)starts: only a ruleset that let SSH in
+        host.check(["cp", "--", str(host.path("etc", "firewall.nft")), str(host.path("etc", "firewall.confirmed"))])
 
     # -- removal ------------------------------------------------------------------------------
     def _stop_and_remove(self, host: SshHost) -> None:
-        if self.facts(host).systemd:
-            unit = self.preparation.unit_name(host)
-            host.run(["systemctl", "disable", unit])
-            host.run(["rm", "-f", f"/etc/systemd/system/{unit}"])
-            host.run(["systemctl", "daemon-reload"])
+        # where systemd runs, its unit first: `systemctl stop` returns once supervisord and its
+        # programs are gone, and nothing starts them again; STOP_SERVER then stops a supervisord
+        # started directly (no systemd) and kills whatever else still runs from the server's tree
+        self.preparation.remove_boot_unit(host)
         host.check(["sh", "-c", scripts.STOP_SERVER, "sh", str(self.env_root), str(host.root)], timeout=120)
         host.check(["sh", "-c", scripts.REMOVE_FIREWALL, "sh", self.table, str(host.path("etc", "firewall.before"))])
         host.check(["rm", "-rf", "--", str(host.root)], timeout=300)
 
     def remove_server(self, name: str) -> None:
+        """A server taken out of `hosts:`: its tree, firewall and processes, and the environment's
+        users and files on its host unless the environment still has more there."""
         host = self.host(name)
         assert isinstance(host, SshHost)
         self._stop_and_remove(host)
+        others = host.run(["find", str(self.env_root), "-mindepth", "1", "-maxdepth", "1", "-type", "d"])
+        if not others.ok or others.stdout.strip():
+            return  # the environment has more on this host (another of its servers, its shared files)
+        self._remove_environment(host)
+
+    def _leave(self, host: SshHost) -> str:
+        """Everything of the environment's on `host`; the host stays reachable over SSH."""
+        self._stop_and_remove(host)
+        return self._remove_environment(host)
+
+    def _remove_environment(self, host: SshHost) -> str:
+        """The environment's users, sysadmins and tree on `host`, once its server there is gone."""
+        made = json.loads(host.read_file(self.env_root / "sysadmins.json") or b"[]")
+        for name in made:
+            host.check(["sh", "-c", scripts.REMOVE_SYSADMIN, "sh", name, self._sudoers(name)])
+        host.check(["sh", "-c", scripts.REMOVE_ACCOUNTS, "sh", self.accounts.group,
+                    *self.accounts.users().values()], timeout=60)
+        host.check(["rm", "-rf", "--", str(self.env_root)], timeout=300)
+        # the team lock's files (the lock this command holds goes with its channel)
+        host.run(["rm", "-f", "--", str(self.store.lock_file), str(self.store.holder_file)])
+        # fabula's tree and its host-wide lock, if no other environment is there
+        host.run(["sh", "-c", 'rmdir -- "$1" "$2" 2>/dev/null && rm -f -- "$3"; exit 0', "sh",
+                  str(TREE / self.paths.project), str(TREE), scripts.LOCK])
+        return f"host {host.name} ({host.address}): fabula's processes, files, firewall and users"
 
     def destroy(self) -> list[str]:
         """Everything fabula put on the hosts: processes, files, firewall tables, the users it
         made; the hosts stay reachable over SSH (their own sshd and login users are not fabula's)."""
         hosts = self._all_hosts()
+        # the load balancer's supervisord first: it runs the autoscaler, which could add a server.
+        # Where systemd runs it, through its unit (a `supervisorctl shutdown` would have it
+        # started again, with the autoscaler, RESTART_SEC later)
+        lb = self.load_balancer.platform
+        assert isinstance(lb, SshHost)
+        self.preparation.stop_supervisord(lb)
         if self.load_balancer.is_running():
             self.load_balancer.stop()
-
-        def remove(host: SshHost) -> str:
-            self._stop_and_remove(host)
-            made = json.loads(host.read_file(self.env_root / "sysadmins.json") or b"[]")
-            for name in made:
-                host.check(["sh", "-c", scripts.REMOVE_SYSADMIN, "sh", name, self._sudoers(name)])
-            host.check(["sh", "-c", scripts.REMOVE_ACCOUNTS, "sh", self.accounts.group,
-                        *self.accounts.users().values()], timeout=60)
-            host.check(["rm", "-rf", "--", str(self.env_root)], timeout=300)
-            # the team lock's files (the lock this command holds goes with its channel)
-            host.run(["rm", "-f", "--", str(self.store.lock_file), str(self.store.holder_file)])
-            # fabula's tree and its host-wide lock, if no other environment is there
-            host.run(["sh", "-c", 'rmdir -- "$1" "$2" 2>/dev/null && rm -f -- "$3"; exit 0', "sh",
-                      str(TREE / self.paths.project), str(TREE), scripts.LOCK])
-            return f"host {host.name} ({host.address}): fabula's processes, files, firewall and users"
-
-        removed = self._each(hosts, remove)
+        removed = self._each(hosts, self._leave)
         # the users its releases were built as, on this machine
         removed += [f"user {name}" for name in machine_users.remove(self.accounts, self.paths.root / ".accounts.lock")]
         return removed

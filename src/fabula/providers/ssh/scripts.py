@@ -8,7 +8,7 @@ from dataclasses import dataclass
 DEBIAN_VERSION = "12"
 # what every host needs besides its role's packages: fabula's supervisor and firewall, and the
 # tools the transport and the roles' scripts use
-BASE_PACKAGES = ("supervisor", "nftables", "util-linux", "procps", "python3", "tar", "gzip")
+BASE_PACKAGES = ("supervisor", "curl", "nftables", "util-linux", "procps", "python3", "tar", "gzip")
 # the distribution's own service units of the packages fabula runs itself: they would hold the
 # ports of fabula's services (nginx on 80, PostgreSQL on 5432...)
 UNITS = {"nginx-light": ("nginx",), "nginx": ("nginx",), "haproxy": ("haproxy",), "pgbouncer": ("pgbouncer",),
@@ -145,7 +145,8 @@ rm -f "$2" "$2.pid"
 """
 
 # $1 the environment's tree, $2 the server's directory: its supervisord stopped, and every process
-# still running from the server's directory killed
+# still running from the server's directory killed. Where systemd runs supervisord, its unit is
+# stopped first (Preparation.remove_boot_unit): a supervisord this shut down would come back
 STOP_SERVER = """tree=$1 dir=$2
 conf=$dir/supervisor/supervisord.conf
 [ ! -f "$conf" ] || supervisorctl -c "$conf" shutdown >/dev/null 2>&1
