@@ -4,9 +4,11 @@
 # kept from starting at install time.
 set -euo pipefail
 # openssh-server for its sshd binary only: the ssh provider's tests start their own sshd in each
-# test namespace (tests/e2e/ssh); the machine's own ssh service is kept off (below)
+# test namespace (tests/e2e/ssh); the machine's own ssh service is kept off (below); wrk for
+# bench/throughput.py's load
 PACKAGES=(haproxy nginx-light pgbouncer redis-server rabbitmq-server postgresql-15 postgresql-client-15
-          nftables supervisor iproute2 util-linux git curl ca-certificates openssh-server openssh-client socat sudo)
+          nftables supervisor iproute2 util-linux git curl ca-certificates openssh-server openssh-client socat sudo
+          wrk)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

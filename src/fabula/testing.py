@@ -65,6 +65,7 @@ class FakeHost(Host):
         self.answers: list[tuple[list[str], Answer]] = []
         self.copied: list[tuple[Path, PurePosixPath]] = []
         self._links: dict[str, str] = {}  # symbolic links made with `ln -sfn`: path -> target
+        self.supervisord_down = False   # after a shutdown, until `supervisord` starts it again
 
     # -- what a test looks at -------------------------------------------------------------
     @property
@@ -123,6 +124,8 @@ class FakeHost(Host):
             for path in argv[6:]:
                 self.dirs[PurePosixPath(path)] = FileState(mode, owner)
             return Result(0, "", "")
+        if argv[0] == "supervisord":
+            self.supervisord_down = False
         if argv[0] == "curl" and "--unix-socket" in argv:
             return self._supervisord(self.calls[-1])
         if argv[0] == "curl":
@@ -153,7 +156,11 @@ class FakeHost(Host):
         """supervisord's XML-RPC answer (Supervisor.rpc): every program written is running."""
         method, params = rpc_request(call) or ("", ())
         value: Any = True
-        if method == "getPID":
+        if self.supervisord_down:
+            return Result(7, "", "curl: (7) Couldn't connect to server")
+        if method == "shutdown":
+            self.supervisord_down = True
+        elif method == "getPID":
             value = 4242
         elif method == "getAllProcessInfo":
             value = [{"name": name, "group": name, "statename": "RUNNING", "description": f"pid 4{n}, uptime 0:00:05"}

@@ -1,13 +1,13 @@
 """`fabula create`: bring up the whole architecture, idempotently.
 
 Order: servers and firewalls; then the databases, the cache and the release build side by
-side; then the worker, which runs migrations, and the web servers beside it; the load balancer
-last, so web servers take traffic only once the schema is in place.
+side, each app server starting as soon as what it needs is there (a web server: its release; the
+worker, which runs the migrations: the databases too); the load balancer last, so web servers take
+traffic only once the schema is in place.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from fabula import pki, release, secrets
@@ -18,7 +18,8 @@ from fabula.db.topology import apply_synchronous
 from fabula.deploy.group import wait_healthy
 from fabula.environment.audit import operation
 from fabula.environment.firewall import apply_firewalls
-from fabula.errors import ConfigError, FabulaError
+from fabula.errors import ConfigError
+from fabula.parallel import at_once, results
 from fabula.providers.base import Backend, Host
 from fabula.roles import ROLES
 from fabula.roles.web import HTTPS_PORT
@@ -33,20 +34,6 @@ def check_subnet_unchanged(ctx: Context) -> None:
         raise ConfigError(f"{ctx.config.path}: environments.{ctx.env_name}.subnet: {ctx.env_name} was created "
                           f"in {have}; its servers cannot move to {wanted}",
                           f"set subnet back to {have}, or `fabula destroy {ctx.env_name}` and create it again")
-
-
-def in_parallel(ctx: Context, items: list, action: Callable) -> list:
-    """Run `action` on each item at once; if any fail, raise one error naming each failure."""
-    if not items:
-        return []
-    with ThreadPoolExecutor(max_workers=len(items)) as pool:
-        futures = [pool.submit(action, item) for item in items]
-    errors = [e for e in (f.exception() for f in futures) if e is not None]
-    if errors:
-        if len(errors) == 1:
-            raise errors[0]
-        raise FabulaError("\n".join(str(e) for e in errors))
-    return [f.result() for f in futures]
 
 
 def create(ctx: Context) -> None:
@@ -82,13 +69,13 @@ def create(ctx: Context) -> None:
                 ctx.provider.prepare_host(host, ROLES[record.role].packages)
                 ctx.hosts[record.name] = host
             apply_firewalls(ctx)
-            in_parallel(ctx, list(ctx.hosts.values()), lambda h: Supervisor(h).ensure_running())
+            at_once(list(ctx.hosts.values()), lambda h: Supervisor(h).ensure_running())
             ctx.out.step("servers", f"{len(servers)} up: "
                          + ", ".join(f"{s.name} {s.address}" for s in servers))
 
         def databases() -> None:
             converge(ctx, ctx.host(ctx.state.require("db-primary").name))
-            in_parallel(ctx, [ctx.host(r.name) for r in ctx.state.by_role("db-replica")],
+            at_once([ctx.host(r.name) for r in ctx.state.by_role("db-replica")],
                         lambda h: converge(ctx, h))
             apply_synchronous(ctx)
 
@@ -101,21 +88,31 @@ def create(ctx: Context) -> None:
             ctx.release = kept or release.build(ctx)
             op.details["to_release"] = ctx.release.id
 
-        with op.phase("databases+cache+build"):
-            in_parallel(ctx, [databases, cache, build], lambda job: job())
-
         workers = [ctx.host(s.name) for s in ctx.state.by_role("worker")]
         webs = [ctx.host(s.name) for s in ctx.state.by_role("web")]
-        if workers:
-            # the worker runs the migrations; the web servers start beside it (they take no
-            # traffic until the load balancer below, and their health check needs no database)
-            with op.phase("worker+web"):
-                in_parallel(ctx, workers + webs, lambda h: converge(ctx, h))
-        else:
+        # each app server starts as soon as what it needs is there, not after the slowest (RabbitMQ):
+        # a web server needs its release (its health check needs no database, and it takes no
+        # traffic before the load balancer below, which waits for the migrations); the worker
+        # needs the databases too, for the migrations it runs (Celery reaches the broker once up)
+        with op.phase("databases+cache+build+app servers"), \
+                ThreadPoolExecutor(max_workers=3 + len(workers) + len(webs)) as pool:
+            primary, release_built = pool.submit(databases), pool.submit(build)
+            jobs = [primary, release_built, pool.submit(cache)]
+
+            def app_server(host: Host) -> None:
+                release_built.result()
+                if host.role == "worker":
+                    primary.result()
+                converge(ctx, host)
+
+            if workers:
+                jobs += [pool.submit(app_server, h) for h in workers + webs]
+            results(jobs)
+        if not workers:
             with op.phase("web"):  # the migrations run on the first, before any takes traffic
                 ROLES["web"].converge(ctx, webs[0])
                 migrate(ctx, webs[0])
-                in_parallel(ctx, webs[1:], lambda h: converge(ctx, h))
+                at_once(webs[1:], lambda h: converge(ctx, h))
 
         with op.phase("load balancer"):
             ctx.provider.load_balancer.ensure([Backend(h.name, h.address, HTTPS_PORT) for h in webs])

@@ -10,7 +10,6 @@ import json
 import shutil
 import socket
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path, PurePosixPath
 
@@ -20,6 +19,7 @@ from fabula import machine_users
 from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig, SshConfig
 from fabula.errors import FabulaError, PrerequisiteError
+from fabula.parallel import at_once
 from fabula.providers.base import SYSTEM_PATH, EgressRule, Host, IngressRule, Provider, SharedStore
 from fabula.providers.haproxy import PACKAGES as LB_PACKAGES
 from fabula.providers.haproxy import HAProxyLoadBalancer
@@ -81,15 +81,8 @@ class SshProvider(Provider):
 
     def _each(self, hosts: list[SshHost], action) -> list:
         """`action` on every host at once; one error naming every host that failed."""
-        with ThreadPoolExecutor(max_workers=max(len(hosts), 1)) as pool:
-            futures = [(h, pool.submit(action, h)) for h in hosts]
-        failed = [(h, f.exception()) for h, f in futures if f.exception() is not None]
-        if len(failed) == 1:
-            raise failed[0][1]  # type: ignore[misc]
-        if failed:
-            raise FabulaError("\n".join(f"{h.name}: {e}" for h, e in failed),
-                              "fix what each host's message says, then run the command again")
-        return [f.result() for _, f in futures]
+        return at_once(hosts, action, name=lambda h: h.name,
+                       hint="fix what each host's message says, then run the command again")
 
     # -- checks -----------------------------------------------------------------------------
     def check_prerequisites(self) -> None:

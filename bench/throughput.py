@@ -1,0 +1,178 @@
+"""Requests per second of the sample app through fabula's stack, as two ratios measured side by
+side in one run, with wrk (keep-alive connections):
+
+1. a small JSON view (`/api/info`) through the load balancer, 2 web servers behind it (HAProxy's
+   TLS, then each server's nginx TLS, then gunicorn) ÷ the same view from one web server's
+   gunicorn directly (127.0.0.1:8000 in its namespace, wrk there too);
+2. a view doing one query (`GET /api/entries`: a count) with Django's default CONN_MAX_AGE = 0, so a
+   new database connection per request: through the web server's PgBouncer (as fabula runs the
+   app) ÷ straight to PostgreSQL over TLS. For the second, a copy of the server's gunicorn (same
+   release, user, settings and workers) listens on 127.0.0.1:8001 with DATABASE_URL set to the
+   primary's port 5432 (sslmode=require); both are loaded from inside the web server's namespace,
+   in alternating rounds.
+
+Run as root: `.venv/bin/python bench/throughput.py [--duration 10] [--connections 16] [--rounds 2]`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from harness import (
+    BenchError,
+    Environment,
+    interrupt_on_signals,
+    load_average,
+    remove_unless_left,
+    require_root,
+    save_results,
+    table,
+    temp_base,
+    wait_for,
+)
+
+ENV = "bench"
+DIRECT_PORT = 8001
+# what Django wants of a request that did not come through nginx (ALLOWED_HOSTS, the proxy's TLS header)
+HEADERS = ["-H", "Host: 127.0.0.1", "-H", "X-Forwarded-Proto: https"]
+
+
+def wrk(url: str, seconds: int, connections: int, netns: str | None = None, headers: list[str] = ()) -> dict:
+    """wrk's requests/s and the requests that were not 2xx/3xx or failed."""
+    argv = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", *headers, url]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rps is None:
+        raise BenchError(f"wrk printed no figure:\n{out}")
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"rps": float(rps.group(1)), "bad": int(bad.group(1)) if bad else 0,
+            "socket_errors": sum(map(int, errors.groups())) if errors else 0}
+
+
+def gunicorn_master(env: Environment, server: str) -> int:
+    """The pid of the server's gunicorn master (the gunicorn process whose parent is not one)."""
+    root = str(env.env_dir / "servers" / server).encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+            if b"gunicorn" in cmdline and root in cmdline and b"--bind" in cmdline:
+                parent = (Path("/proc") / (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] / "cmdline")
+                if b"gunicorn" not in parent.read_bytes():
+                    return int(proc.name)
+        except OSError:
+            continue
+    raise BenchError(f"no gunicorn master of {server} found")
+
+
+def start_direct_copy(env: Environment, server: str) -> subprocess.Popen:
+    """The server's gunicorn again, on DIRECT_PORT, its DATABASE_URL the primary's PostgreSQL."""
+    pid = gunicorn_master(env, server)
+    proc = Path("/proc") / str(pid)
+    argv = (proc / "cmdline").read_bytes().decode().split("\0")[:-1]
+    argv[argv.index("--bind") + 1] = f"127.0.0.1:{DIRECT_PORT}"
+    variables = dict(line.split("=", 1) for line in (proc / "environ").read_bytes().decode().split("\0") if "=" in line)
+    direct = f"postgres://app:{env.app_password()}@{env.address(env.primary())}:5432/{env.db}?sslmode=require"
+    if not variables.get("DATABASE_URL", "").startswith("postgres://app:"):
+        raise BenchError("the server's gunicorn has no DATABASE_URL of the app's user")
+    variables["DATABASE_URL"] = direct
+    status = (proc / "status").read_text()
+    uid = re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)   # type: ignore[union-attr]
+    gid = re.search(r"^Gid:\s+(\d+)", status, re.M).group(1)   # type: ignore[union-attr]
+    command = ["ip", "netns", "exec", env.netns(server), "setpriv", f"--reuid={uid}", f"--regid={gid}",
+               "--clear-groups", "--", *argv]
+    copy = subprocess.Popen(command, env=variables, cwd=os.readlink(proc / "cwd"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+    def serving() -> bool:
+        if copy.poll() is not None:
+            raise BenchError(f"the direct gunicorn exited: {copy.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        probe = subprocess.run(["ip", "netns", "exec", env.netns(server), "curl", "-s", "-o", "/dev/null",
+                                "-w", "%{http_code}", *HEADERS, f"http://127.0.0.1:{DIRECT_PORT}/api/entries"],
+                               capture_output=True, text=True)
+        return probe.stdout == "200"
+    wait_for(serving, timeout=60, message="the direct gunicorn serving /api/entries")
+    return copy
+
+
+def stop(copy: subprocess.Popen) -> None:
+    try:
+        os.killpg(copy.pid, signal.SIGTERM)
+        copy.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(copy.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per comparison")
+    args = parser.parse_args()
+    require_root("throughput.py")
+    interrupt_on_signals()
+    if subprocess.run(["sh", "-c", "command -v wrk"], capture_output=True).returncode:
+        print("error: wrk is missing\n  fix: run `make setup` (it installs Debian's wrk)", file=sys.stderr)
+        return 2
+    console = Console()
+    base = temp_base("fabula-bench-throughput-")
+    env = Environment.new(base, f"bthru-{secrets.token_hex(2)}", ENV,
+                          servers="{web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 0}")
+    copy = None
+    try:
+        created = env.fabula("create", ENV, timeout=1200)
+        if created.returncode:
+            raise BenchError(f"create failed (rc {created.returncode}):\n{created.stderr[-3000:]}")
+        web = env.netns("web1")
+        copy = start_direct_copy(env, "web1")
+        d, c = args.duration, args.connections
+        runs: dict[str, list[dict]] = {"lb": [], "gunicorn": [], "pgbouncer": [], "postgresql": []}
+        for _ in range(args.rounds):   # alternating, so that drift in the machine's load hits both sides
+            runs["lb"].append(wrk(f"{env.url}/api/info", d, c))
+            runs["gunicorn"].append(wrk("http://127.0.0.1:8000/api/info", d, c, web, HEADERS))
+            runs["pgbouncer"].append(wrk("http://127.0.0.1:8000/api/entries", d, c, web, HEADERS))
+            runs["postgresql"].append(wrk(f"http://127.0.0.1:{DIRECT_PORT}/api/entries", d, c, web, HEADERS))
+        mean = {k: sum(r["rps"] for r in v) / len(v) for k, v in runs.items()}
+        failed = {k: sum(r["bad"] + r["socket_errors"] for r in v) for k, v in runs.items()}
+        rows = table(f"requests/s, wrk -t2 -c{c} -d{d}s, {args.rounds} alternating rounds (load {load_average()})",
+                     ["path", "requests/s", "each round", "failed", "ratio"], left=["path"])
+        rows.add_row("/api/info through the load balancer (2 web servers)", f"{mean['lb']:.0f}",
+                     " ".join(f"{r['rps']:.0f}" for r in runs["lb"]), str(failed["lb"]),
+                     f"{mean['lb'] / mean['gunicorn']:.2f}")
+        rows.add_row("/api/info from web1's gunicorn directly", f"{mean['gunicorn']:.0f}",
+                     " ".join(f"{r['rps']:.0f}" for r in runs["gunicorn"]), str(failed["gunicorn"]), "1")
+        rows.add_row("/api/entries (a query, CONN_MAX_AGE=0) through PgBouncer", f"{mean['pgbouncer']:.0f}",
+                     " ".join(f"{r['rps']:.0f}" for r in runs["pgbouncer"]), str(failed["pgbouncer"]),
+                     f"{mean['pgbouncer'] / mean['postgresql']:.2f}")
+        rows.add_row("/api/entries straight to PostgreSQL over TLS", f"{mean['postgresql']:.0f}",
+                     " ".join(f"{r['rps']:.0f}" for r in runs["postgresql"]), str(failed["postgresql"]), "1")
+        console.print(rows)
+        console.print(f"load balancer ÷ gunicorn: {mean['lb'] / mean['gunicorn']:.2f} (goal ≥ 0.85); "
+                      f"PgBouncer ÷ PostgreSQL: {mean['pgbouncer'] / mean['postgresql']:.2f} (goal ≥ 3)")
+        save_results("throughput", {"runs": runs, "mean": mean, "failed": failed,
+                                    "lb_ratio": mean["lb"] / mean["gunicorn"],
+                                    "pgbouncer_ratio": mean["pgbouncer"] / mean["postgresql"],
+                                    "duration": d, "connections": c, "when": time.time()})
+        return 0
+    finally:
+        if copy is not None:
+            stop(copy)
+        problem = env.destroy(attempts=2)
+        left = remove_unless_left(base, [env])
+        if problem or left:
+            console.print(f"[red]cleanup: {problem or ''} {' '.join(left)}[/red]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
