@@ -345,6 +345,14 @@ def as_postgres() -> list[str]:
     return ["setpriv", "--reuid=postgres", f"--regid={gid}", "--init-groups"]
 
 
+def as_owner_of(path: Path) -> list[str]:
+    """A command prefix that runs the rest as the user and group owning `path`: e.g. an
+    environment's own database user, who alone may use its PostgreSQL socket folder (0700) and
+    whom pg_ident maps to the `postgres` role."""
+    info = os.stat(path)
+    return ["setpriv", f"--reuid={info.st_uid}", f"--regid={info.st_gid}", "--clear-groups"]
+
+
 def field_of(pattern: str, text: str, cast: Callable[[str], Any] = float, default: Any = None) -> Any:
     """A figure of pgbench's output: the first group of `pattern`, cast; `default` if absent (or
     BenchError if there is no default)."""

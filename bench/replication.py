@@ -96,7 +96,7 @@ from harness import (
     REPO,
     RESULTS_DIR,
     BenchError,
-    as_postgres,
+    as_owner_of,
     console,
     environment_processes,
     field_of,
@@ -144,9 +144,10 @@ class Env(harness.Environment):
     destroyed: bool = False
 
     def psql_rows(self, server: str, sql: str, database: str | None = None) -> list[str]:
-        """Run SQL as postgres over a database server's unix socket, inside its namespace."""
-        argv = ["ip", "netns", "exec", self.netns(server), *as_postgres(), PSQL, "-X", "-q", "-A", "-t",
-                "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir(server)), "-U", "postgres",
+        """Run SQL as postgres over a database server's unix socket, inside its namespace (as the
+        environment's database user, the socket folder's owner)."""
+        argv = ["ip", "netns", "exec", self.netns(server), *as_owner_of(self.socket_dir(server)), PSQL,
+                "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir(server)), "-U", "postgres",
                 "-d", database or self.db, "-c", sql]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=clean_env(),
                               stdin=subprocess.DEVNULL)
@@ -249,9 +250,9 @@ class LagSampler(threading.Thread):
         self.backend: int | None = None
         self.overhead_cores: float | None = None
         self.stop_event = threading.Event()
-        argv = ["ip", "netns", "exec", env.netns(server), *as_postgres(), PSQL, "-X", "-q", "-A", "-t",
-                "-F", "\t", "-v", "ON_ERROR_STOP=1", "-h", str(env.socket_dir(server)), "-U", "postgres",
-                "-d", "postgres"]
+        argv = ["ip", "netns", "exec", env.netns(server), *as_owner_of(env.socket_dir(server)), PSQL,
+                "-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1", "-h", str(env.socket_dir(server)),
+                "-U", "postgres", "-d", "postgres"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, bufsize=1, env=clean_env())
 
