@@ -127,7 +127,7 @@ class Supervisor:
             if start is not None and start():
                 self._wait_started()
             else:
-                # it daemonizes once its socket listens: supervisorctl reaches it when this returns
+                # it daemonizes once its socket listens: it answers when this returns
                 self.host.check(["supervisord", "-c", str(self.conf)])
         if added:  # a supervisord started before this program existed
             self.update()
