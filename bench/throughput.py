@@ -32,6 +32,7 @@ from harness import (
     Environment,
     interrupt_on_signals,
     load_average,
+    proc_stat,
     remove_unless_left,
     require_root,
     save_results,
@@ -67,10 +68,9 @@ def gunicorn_master(env: Environment, server: str) -> int:
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
-            if b"gunicorn" in cmdline and root in cmdline and b"--bind" in cmdline:
-                parent = (Path("/proc") / (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] / "cmdline")
-                if b"gunicorn" not in parent.read_bytes():
-                    return int(proc.name)
+            stat = proc_stat(proc.name) if b"gunicorn" in cmdline and root in cmdline and b"--bind" in cmdline else None
+            if stat is not None and b"gunicorn" not in Path(f"/proc/{stat[1]}/cmdline").read_bytes():
+                return int(proc.name)
         except OSError:
             continue
     raise BenchError(f"no gunicorn master of {server} found")

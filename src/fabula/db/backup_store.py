@@ -33,6 +33,14 @@ DIR_MODE, FILE_MODE = 0o700, 0o600  # a dump holds every row of the app's data: 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}" + re.escape(SUFFIX), re.ASCII)
 
 
+def require_space(free: int, size: int, where: str, fix: str) -> None:
+    """Refuse a backup of a database of `size` bytes where `free` bytes are left (a dump is
+    smaller than the database: its size is the safe bound)."""
+    if free < size:
+        raise FabulaError(f"not enough space for the backup {where}: {free // 2**20} MiB free, up to "
+                          f"{size // 2**20} MiB needed (nothing was written)", fix)
+
+
 class BackupStore(abc.ABC):
     """A folder of backups: `prepare` checks a new one can be made, `work_dir` is this machine's
     private folder the dump is fetched into, `publish` gives the finished dump its name."""
@@ -120,11 +128,8 @@ class LocalFolder(BackupStore):
         private_dir(self.folder, own=self.own)
         if os.path.lexists(target) or os.path.lexists(target.with_name(target.name + ".json")):
             raise FabulaError(f"{target} exists already; nothing was written", "pass --to a new file's path")
-        free = shutil.disk_usage(self.folder).free
-        if free < size:  # a dump is smaller than the database; the database's size is the safe bound
-            raise FabulaError(f"not enough space for the backup in {self.folder}: {free // 2**20} MiB free, up to "
-                              f"{size // 2**20} MiB needed (nothing was written)",
-                              "free some space or pass --to PATH on another disk")
+        require_space(shutil.disk_usage(self.folder).free, size, f"in {self.folder}",
+                      "free some space or pass --to PATH on another disk")
 
     def work_dir(self) -> Path:
         # beside the target (one filesystem, for link(2)), 0700: no one sees the file before it
@@ -225,16 +230,11 @@ class HostFolder(BackupStore):
             raise FabulaError(f"{self.host.name}: {result.stderr.strip()[-500:]}; nothing was written",
                               "correct the folder on the host (root's, mode 0700), or db.backups in fabula.yml")
         kib = result.stdout.strip()
-        free = int(kib) * 1024 if kib.isdigit() else 0
-        if free < size:
-            raise FabulaError(f"not enough space for the backup in {self.host.name}:{self.folder}: {free // 2**20} "
-                              f"MiB free, up to {size // 2**20} MiB needed (nothing was written)",
-                              "free some space on the host, or point db.backups at another disk of it")
-        here = shutil.disk_usage(self.scratch).free
-        if here < size:
-            raise FabulaError(f"not enough space for the backup on its way through this machine, in {self.scratch}: "
-                              f"{here // 2**20} MiB free, up to {size // 2**20} MiB needed (nothing was written)",
-                              "free some space here, or pass --to PATH on another disk (a folder of this machine)")
+        require_space(int(kib) * 1024 if kib.isdigit() else 0, size, f"in {self.host.name}:{self.folder}",
+                      "free some space on the host, or point db.backups at another disk of it")
+        require_space(shutil.disk_usage(self.scratch).free, size,
+                      f"on its way through this machine, in {self.scratch}",
+                      "free some space here, or pass --to PATH on another disk (a folder of this machine)")
 
     def work_dir(self) -> Path:
         return Path(tempfile.mkdtemp(prefix=".backup-", dir=self.scratch))
