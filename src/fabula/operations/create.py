@@ -15,6 +15,7 @@ from fabula.autoscaling.controller import start_controller
 from fabula.autoscaling.policy import desired_for_create
 from fabula.context import Context
 from fabula.db.topology import apply_synchronous
+from fabula.deploy import native
 from fabula.deploy.group import wait_healthy
 from fabula.environment.audit import operation
 from fabula.environment.firewall import apply_firewalls
@@ -62,10 +63,13 @@ def create(ctx: Context) -> None:
     # the lock is taken only after the checks above: bad input must leave nothing behind
     with operation(ctx, "create") as op:
         op.details["from_release"] = ctx.state.release
+        # the platform's own web group (an Auto Scaling group) launches the web servers: they are
+        # not planned as servers, but brought up from the release once it is built
+        group = ctx.provider.web_group(ctx)
         with op.phase("servers"):
             ctx.state.web_desired = desired_for_create(ctx.env, ctx.state)  # the web group's count
             ctx.state.web_desired_config = ctx.env.web_group().desired
-            ctx.state.servers = plan_servers(ctx.env, ctx.state)
+            ctx.state.servers = plan_servers(ctx.env, ctx.state, native_web_group=group is not None)
             ctx.state.save(ctx.paths)  # recorded before anything is made, so `destroy` can always find it
             ctx.provider.ensure_accounts()
             ctx.secrets = secrets.load_or_create(ctx.paths)
@@ -103,7 +107,10 @@ def create(ctx: Context) -> None:
             in_parallel(ctx, [databases, cache, build], lambda job: job())
 
         workers = [ctx.host(s.name) for s in ctx.state.by_role("worker")]
-        webs = [ctx.host(s.name) for s in ctx.state.by_role("web")]
+        webs = [] if group is not None else [ctx.host(s.name) for s in ctx.state.by_role("web")]
+        if group is not None:
+            with op.phase("web group"):  # its instances, out of the load balancer until converged
+                webs = native.bring_up(ctx, group, ctx.require_release())
         with op.phase("worker"):  # the migrations run here, before any web server takes traffic
             in_parallel(ctx, workers, lambda h: converge(ctx, h))
             if not workers:
@@ -117,7 +124,7 @@ def create(ctx: Context) -> None:
             ctx.provider.load_balancer.ensure([Backend(h.name, h.address, HTTPS_PORT) for h in webs])
             wait_in_service(ctx, [h.name for h in webs])
         built = ctx.require_release()
-        for record in servers:
+        for record in ctx.state.servers.values():
             if record.role in ("web", "worker"):
                 record.release = built.id
         ctx.state.release = built.id
@@ -126,6 +133,9 @@ def create(ctx: Context) -> None:
         if ctx.env.fixed_inventory:
             ctx.out.step("web group", f"fixed inventory of {len(webs)} web host(s): no autoscaler (hosts are not "
                          "fabula's to make or replace)")
+        elif group is not None:
+            ctx.out.step("web group", f"the platform's own group of {len(webs)} web server(s): its scaling policy "
+                         "keeps its size, not fabula's autoscaler")
         else:
             with op.phase("autoscaler"):  # keeps the web group at its size and healthy from now on
                 start_controller(ctx)
