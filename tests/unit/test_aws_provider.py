@@ -9,6 +9,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -23,7 +24,7 @@ from fabula.providers.aws.instances import Instance, ssh_address
 from fabula.providers.aws.policy import ON_CHANGE, iam_actions, policy_document
 from fabula.providers.aws.provider import AwsProvider
 from fabula.providers.base import Backend
-from fabula.roles import ROLES
+from fabula.roles import ROLES, postgres
 from fabula.state import EnvPaths, EnvState, ServerRecord
 from fabula.testing import FakeAccess, FakeHost
 
@@ -144,6 +145,16 @@ def test_a_web_role_is_not_an_instance_fabula_makes(aws: None, tmp_path: Path):
     p.ensure_network()
     with pytest.raises(FabulaError, match="Auto Scaling group"):
         p.ensure_server("web1", "web")
+
+
+def test_the_databases_admit_the_app_servers_from_anywhere_in_the_vpc(aws: None, tmp_path: Path):
+    """The group's instances get addresses of AWS's choosing: pg_hba admits the VPC's range (the
+    security groups admit only web and worker), recorded in the state like a local subnet."""
+    p = provider(tmp_path)
+    p.ensure_network()
+    assert p.state.subnet == "10.40.0.0/16"
+    assert EnvState.load(p.paths).subnet == "10.40.0.0/16"   # type: ignore[union-attr]
+    assert postgres.client_networks(SimpleNamespace(state=p.state), ("web", "worker")) == ["10.40.0.0/16"]
 
 
 def test_the_address_fabula_connects_to(aws: None, tmp_path: Path):

@@ -172,6 +172,12 @@ class AwsProvider(Provider):
             secrets={name: getattr(values, name) for name in secrets.NAMES}, release=self.state.release,
             key_name=self._key_pair())
         self._network = self._plane.network
+        # the Auto Scaling group's instances get addresses of AWS's choosing, anywhere in the VPC:
+        # what admits the app servers (pg_hba: roles/postgres.client_networks) is its range, as
+        # the local provider's subnet; the security groups are what admits only web and worker
+        if self.state.subnet != self._network.cidr:
+            self.state.subnet = self._network.cidr
+            self.state.save(self.paths)
 
     def _key_pair(self) -> str:
         """The environment's EC2 key pair, ensured once per command."""
