@@ -10,16 +10,20 @@ if TYPE_CHECKING:
 
 # the order servers are named and numbered in; databases first, web servers last
 NAME_PREFIX = {"db-primary": "db", "db-replica": "db", "cache": "cache", "worker": "worker", "web": "web"}
-def plan_servers(env: EnvironmentConfig, state: EnvState) -> dict[str, ServerRecord]:
+def plan_servers(env: EnvironmentConfig, state: EnvState, native_web_group: bool = False) -> dict[str, ServerRecord]:
     """Keep the servers the state already has (same name and address), add what the counts ask
     for, and leave out the surplus (highest numbers first). A fixed inventory (`hosts:`) is the
-    plan itself."""
+    plan itself. With `native_web_group` the platform's group makes the web servers: none is
+    planned, and the records of its members are kept as they are (the web tier follows the group)."""
     if env.fixed_inventory:
         return inventory_servers(env, state)
     wanted = env.servers.by_role()
     if state.web_desired is not None:  # the web group's desired count (`fabula scale`, the autoscaler)
         wanted["web"] = state.web_desired
     planned: dict[str, ServerRecord] = {}
+    if native_web_group:
+        wanted.pop("web", None)
+        planned.update({s.name: s for s in state.by_role("web")})
     for role, count in wanted.items():
         existing = sorted(state.by_role(role), key=lambda s: _number(s.name))
         planned.update({s.name: s for s in existing[:count]})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -21,7 +22,7 @@ from fabula.providers.aws.instances import Instance, ssh_address
 from fabula.providers.aws.policy import ON_CHANGE, iam_actions, policy_document
 from fabula.providers.aws.provider import AwsProvider
 from fabula.providers.base import Backend
-from fabula.roles import ROLES
+from fabula.roles import ROLES, postgres
 from fabula.state import EnvPaths, EnvState, ServerRecord
 from fabula.testing import FakeAccess, FakeHost
 from tests.unit.conftest import AWS_REGION
@@ -130,6 +131,16 @@ def test_a_web_role_is_not_an_instance_fabula_makes(aws: None, tmp_path: Path):
     p.ensure_network()
     with pytest.raises(FabulaError, match="Auto Scaling group"):
         p.ensure_server("web1", "web")
+
+
+def test_the_databases_admit_the_app_servers_from_anywhere_in_the_vpc(aws: None, tmp_path: Path):
+    """The group's instances get addresses of AWS's choosing: pg_hba admits the VPC's range (the
+    security groups admit only web and worker), recorded in the state like a local subnet."""
+    p = provider(tmp_path)
+    p.ensure_network()
+    assert p.state.subnet == "10.40.0.0/16"
+    assert EnvState.load(p.paths).subnet == "10.40.0.0/16"   # type: ignore[union-attr]
+    assert postgres.client_networks(SimpleNamespace(state=p.state), ("web", "worker")) == ["10.40.0.0/16"]
 
 
 def test_the_address_fabula_connects_to(aws: None, tmp_path: Path):
@@ -261,6 +272,9 @@ def lifecycle(tmp_path: Path) -> list[str]:
     p.load_balancer.ensure([Backend(m, "", 443) for m in group.members()])
     p.load_balancer.drain(group.members()[0])
     p.load_balancer.ready(group.members()[0])
+    group.suspend(["scaling", "healing"], True)
+    group.suspend(["scaling", "healing"], False)
+    group.terminate(group.members()[0])   # a deploy's retired instance: the desired count decremented
     p.load_balancer.stats()
     p.load_balancer.url()
     p.state.servers["db1"].rebuild = True
@@ -290,10 +304,9 @@ def test_the_policys_calls_on_change_are_calls_the_code_makes():
         assert f".{method}(" in source, f"{call} is in the policy, but no code of the aws provider calls it"
 
 
-def test_create_is_refused_before_anything_is_made_while_the_web_tier_is_not_built(aws: None, tmp_path: Path):
+def test_create_is_no_longer_refused(aws: None, tmp_path: Path):
+    # the web tier is built (deploy/native.py, tests/unit/test_aws_web_tier.py): nothing to refuse,
+    # and asking makes no call
     p = provider(tmp_path)
-    with pytest.raises(FabulaError) as refused:
-        p.check_can_create("fabula.yml")
-    assert "provider: aws cannot create an environment yet" in refused.value.message
-    assert "provider: ssh" in (refused.value.hint or "")
+    p.check_can_create("fabula.yml")
     assert live() == [] and p.cloud.counter.total() == 0

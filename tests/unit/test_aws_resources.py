@@ -255,6 +255,7 @@ def test_an_adopted_vpc_is_used_and_never_removed(aws: None):
     env = environment(image(), vpc={"id": vpc_id, "subnets": subnets})
     plane = ensure(c, env, certificate())
     assert plane.network.vpc_id == vpc_id and not plane.network.made
+    assert plane.network.cidr == "10.50.0.0/16"   # what pg_hba admits (the group's instances are anywhere in it)
     teardown.destroy(c)
     assert teardown.leftovers(c) == []
     assert ec2.describe_vpcs(VpcIds=[vpc_id])["Vpcs"] and len(ec2.describe_subnets(SubnetIds=subnets)["Subnets"]) == 2

@@ -19,18 +19,31 @@ from fabula.context import Context, Release
 from fabula.deploy.group import launch_or_remove
 from fabula.output import Output
 from fabula.pki import CertificateAuthority
-from fabula.providers.base import Backend, WebGroup
+from fabula.providers.base import Backend, Member, NativeWebGroup, WebGroup
 from fabula.state import EnvPaths, EnvState
 from fabula.testing import FakeProvider
 from fabula.topology import plan_servers
 from tests.unit.test_roles import SECRETS
 
 
-class NativeGroup(WebGroup):
-    """A platform's own group (as an Auto Scaling group would be): records what it is asked."""
+class NativeGroup(NativeWebGroup):
+    """A platform's own group (as an Auto Scaling group would be): records what it is asked; its
+    running members are web1..web3 (i-0abc, just launched, is not running yet)."""
 
     def __init__(self):
         self.asked: list[int] = []
+
+    def launch_from(self, release: str) -> bool:
+        return False
+
+    def wait_members(self, count: int, timeout: float) -> list[Member]:
+        return [Member(f"web{n}", f"10.0.0.{10 + n}", "abcdef012345") for n in (1, 2, 3)]
+
+    def terminate(self, name: str) -> None:
+        raise AssertionError("nothing is terminated here")
+
+    def suspend(self, processes: list[str], suspend: bool) -> None:
+        self.asked.append(-1)
 
     def desired(self) -> int:
         return 7
@@ -127,6 +140,9 @@ def test_a_providers_own_group_is_used_instead_of_fabulas(ctx):
 def test_fabula_scale_goes_through_the_providers_own_group(ctx, monkeypatch):
     native = NativeGroup()
     ctx.provider = NativeProvider(native, state=ctx.state)
+    release_dir = ctx.paths.releases_dir / "abcdef012345"   # the launch configuration, built
+    release_dir.mkdir(parents=True)
+    (release_dir / "release.json").write_text('{"commit": "abcdef0123456789"}')
     monkeypatch.setattr(scaling, "open_env", lambda cli, config, env: ctx)
     app = typer.Typer()
     scaling.register(app)

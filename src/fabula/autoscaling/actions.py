@@ -16,10 +16,12 @@ from fabula import release as releases
 from fabula.autoscaling.log import decisions_path, log_decision
 from fabula.autoscaling.policy import PROCESSES, check_desired, current_desired, failing
 from fabula.context import Context, Release
+from fabula.deploy import native
 from fabula.deploy.group import launch_or_remove, retire_web_server
 from fabula.environment import lock
 from fabula.environment.audit import Operation, operation
 from fabula.errors import ConfigError, FabulaError
+from fabula.providers.base import NativeWebGroup
 from fabula.state import EnvPaths
 
 # -- the lock ----------------------------------------------------------------------------------
@@ -171,6 +173,31 @@ def scale(ctx: Context, desired: int) -> dict:
     return {"from": before, "to": desired, **done}
 
 
+def scale_native(ctx: Context, group: NativeWebGroup, desired: int) -> dict:
+    """`fabula scale` on the platform's own group: its desired count set, and each instance it
+    launches converged and put in service (one it retires is drained by the platform: the group
+    is attached to the load balancer)."""
+    check_desired(ctx, desired)
+    started = time.monotonic()
+    with group_operation(ctx, "scale") as op:
+        release = launch_configuration(ctx)
+        result = group.set_desired(desired)
+        entry = {"action": "scale", "by": lock.owner(), "from": result["from"], "to": desired,
+                 "reason": f"`fabula scale --desired {desired}`"}
+        try:
+            converged = native.admit(ctx, group, desired, release)
+        except BaseException as exc:
+            log_decision(decisions_path(ctx.paths), {**entry, "outcome": "failed", "error": str(exc).splitlines()[0],
+                                                     "seconds": round(time.monotonic() - started, 1)})
+            raise
+        if converged:  # what the group launched and fabula converged (the platform may take a while to say)
+            result["launched"] = converged
+        op.details.update(from_desired=result["from"], to_desired=desired, converged=converged)
+        log_decision(decisions_path(ctx.paths), {**entry, "outcome": "ok", "launched": converged,
+                                                 "seconds": round(time.monotonic() - started, 1)})
+    return result
+
+
 def set_suspended(ctx: Context, suspend: bool, processes: list[str] | None) -> list[str]:
     """Suspend or resume the autoscaler's processes (all by default); returns those suspended."""
     processes = processes or list(PROCESSES)
@@ -181,6 +208,9 @@ def set_suspended(ctx: Context, suspend: bool, processes: list[str] | None) -> l
         current = set(ctx.state.autoscaling_suspended)
         current = current | set(processes) if suspend else current - set(processes)
         ctx.state.autoscaling_suspended = [p for p in PROCESSES if p in current]
+        group = ctx.provider.web_group(ctx)
+        if group is not None:  # the platform's group acts on its own: its processes are the ones to hold
+            group.suspend(ctx.state.autoscaling_suspended if suspend else processes, suspend)
         ctx.state.save(ctx.paths)
         op.details["suspended"] = ", ".join(ctx.state.autoscaling_suspended) or "none"
         log_decision(decisions_path(ctx.paths), {

@@ -3,7 +3,7 @@ it has one (an Auto Scaling group on AWS), else ManagedWebGroup, fabula's own au
 made of the functions the commands used directly until now."""
 from __future__ import annotations
 
-from fabula.autoscaling.actions import scale
+from fabula.autoscaling.actions import scale, scale_native
 from fabula.autoscaling.policy import current_desired
 from fabula.context import Context
 from fabula.deploy.group import web_names
@@ -37,3 +37,11 @@ class ManagedWebGroup(WebGroup):
 
 def web_group(ctx: Context) -> WebGroup:
     return ctx.provider.web_group(ctx) or ManagedWebGroup(ctx)
+
+
+def set_desired(ctx: Context, count: int) -> dict:
+    """`fabula scale`: the group's desired count set and reached, its new servers in service."""
+    group = ctx.provider.web_group(ctx)
+    if group is None:
+        return ManagedWebGroup(ctx).set_desired(count)
+    return scale_native(ctx, group, count)

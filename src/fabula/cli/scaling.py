@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from fabula.autoscaling.actions import set_suspended
-from fabula.autoscaling.group import web_group
+from fabula.autoscaling.group import set_desired
 from fabula.autoscaling.log import decisions_path, read_decisions
 from fabula.autoscaling.policy import check_desired, fmt, unit
 from fabula.cli.options import DEFAULT_CONFIG, ConfigOption, EnvArgument
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         out = ctx.out
         check_desired(ctx, desired)  # bad input: nothing is touched, not even the lock
         ctx.provider.check_prerequisites()
-        result = web_group(ctx).set_desired(desired)
+        result = set_desired(ctx, desired)
         if as_json:
             out.json(result)
             return

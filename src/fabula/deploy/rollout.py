@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fabula import release as releases
 from fabula.context import Context, Release
-from fabula.deploy import in_place
+from fabula.deploy import in_place, native
 from fabula.deploy.group import (
     bring_into_service,
     launch_or_remove,
@@ -214,11 +214,17 @@ def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, p
                           reason=plan.reason)
         ctx.out.step("deploy", f"{plan.strategy} deploy of {new.id}: {plan.reason}"
                      + (" (in place: a fixed inventory)" if ctx.env.fixed_inventory else ""))
+        group = ctx.provider.web_group(ctx)
         if ctx.env.fixed_inventory:  # the web group cannot make servers: each host takes the release
             if plan.strategy == "serial":
                 in_place.serial(ctx, op, new, plan.replace, migrate_and_update_workers)
             else:
                 in_place.full(ctx, op, new, plan.replace, update_workers)
+        elif group is not None:  # the platform's own group launches the new servers from `new`'s template
+            if plan.strategy == "serial":
+                native.serial(ctx, op, group, new, plan.replace, migrate_and_update_workers)
+            else:
+                native.full(ctx, op, group, new, plan.replace, update_workers)
         elif plan.strategy == "serial":
             serial(ctx, op, new, plan.replace)
         else:

@@ -15,6 +15,7 @@ from fabula.autoscaling.controller import start_controller
 from fabula.autoscaling.policy import desired_for_create
 from fabula.context import Context
 from fabula.db.topology import apply_synchronous
+from fabula.deploy import native
 from fabula.deploy.group import wait_healthy
 from fabula.environment.audit import operation
 from fabula.environment.firewall import apply_firewalls
@@ -49,10 +50,13 @@ def create(ctx: Context) -> None:
     # the lock is taken only after the checks above: bad input must leave nothing behind
     with operation(ctx, "create") as op:
         op.details["from_release"] = ctx.state.release
+        # the platform's own web group (an Auto Scaling group) launches the web servers: they are
+        # not planned as servers, but brought up from the release once it is built
+        group = ctx.provider.web_group(ctx)
         with op.phase("servers"):
             ctx.state.web_desired = desired_for_create(ctx.env, ctx.state)  # the web group's count
             ctx.state.web_desired_config = ctx.env.web_group().desired
-            planned = plan_servers(ctx.env, ctx.state)
+            planned = plan_servers(ctx.env, ctx.state, native_web_group=group is not None)
             ctx.state.leaving.update({n: r for n, r in ctx.state.servers.items() if n not in planned})
             ctx.state.servers = planned
             ctx.state.save(ctx.paths)  # recorded before anything is made, so `destroy` can always find it
@@ -89,7 +93,8 @@ def create(ctx: Context) -> None:
             op.details["to_release"] = ctx.release.id
 
         workers = [ctx.host(s.name) for s in ctx.state.by_role("worker")]
-        webs = [ctx.host(s.name) for s in ctx.state.by_role("web")]
+        # the platform's web group launches its instances from the built release: they join after
+        webs = [] if group is not None else [ctx.host(s.name) for s in ctx.state.by_role("web")]
         # each app server starts as soon as what it needs is there, not after the slowest (RabbitMQ):
         # a web server needs its release (its health check needs no database, and it takes no
         # traffic before the load balancer below, which waits for the migrations); the worker
@@ -108,6 +113,11 @@ def create(ctx: Context) -> None:
             if workers:
                 jobs += [pool.submit(app_server, h) for h in workers + webs]
             results(jobs)
+        if group is not None:
+            with op.phase("web group"):  # its instances, out of the load balancer until converged
+                webs = native.bring_up(ctx, group, ctx.require_release())
+                if workers:  # else the web phase below converges them, migrating on the first
+                    at_once(webs, lambda h: converge(ctx, h))
         if not workers:
             with op.phase("web"):  # the migrations run on the first, before any takes traffic
                 ROLES["web"].converge(ctx, webs[0])
@@ -118,7 +128,7 @@ def create(ctx: Context) -> None:
             ctx.provider.load_balancer.ensure([Backend(h.name, h.address, HTTPS_PORT) for h in webs])
             wait_in_service(ctx, [h.name for h in webs])
         built = ctx.require_release()
-        for record in servers:
+        for record in ctx.state.servers.values():
             if record.role in ("web", "worker"):
                 record.release = built.id
         ctx.state.release = built.id
@@ -127,6 +137,9 @@ def create(ctx: Context) -> None:
         if ctx.env.fixed_inventory:
             ctx.out.step("web group", f"fixed inventory of {len(webs)} web host(s): no autoscaler (hosts are not "
                          "fabula's to make or replace)")
+        elif group is not None:
+            ctx.out.step("web group", f"the platform's own group of {len(webs)} web server(s): its scaling policy "
+                         "keeps its size, not fabula's autoscaler")
         else:
             with op.phase("autoscaler"):  # keeps the web group at its size and healthy from now on
                 start_controller(ctx)

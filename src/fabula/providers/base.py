@@ -228,6 +228,45 @@ class WebGroup(abc.ABC):
         """The launch configuration's release id; None before the environment is created."""
 
 
+@dataclass(frozen=True)
+class Member:
+    """A web server of a platform's own group, as the platform launched it."""
+
+    name: str             # the platform's name for it (an instance id): fabula's name for the server too
+    address: str          # its private address
+    release: str | None   # the release of the launch configuration it was launched from
+
+
+class NativeWebGroup(WebGroup):
+    """A platform's own group (on AWS, an Auto Scaling group): the platform launches and
+    terminates its web servers; fabula converges each over SSH with the same role code as on
+    every provider (deploy/native.py), through the provider's ensure_server and load balancer.
+    A member is named by the platform (its name is fabula's record of it)."""
+
+    @abc.abstractmethod
+    def launch_from(self, release: str) -> bool:
+        """The release's launch configuration (made once per release), and the group launching
+        its next web servers from it (the group made, at its desired count, if missing); True if
+        the group changed."""
+
+    @abc.abstractmethod
+    def wait_members(self, count: int, timeout: float) -> list[Member]:
+        """The group's members once exactly `count` of them are running and in service in the
+        group (not the load balancer: fabula's business); an error naming what is missing after
+        `timeout` seconds."""
+
+    @abc.abstractmethod
+    def terminate(self, name: str) -> None:
+        """Terminate a member (drained before, by the caller), the desired count decremented:
+        the group launches no replacement."""
+
+    @abc.abstractmethod
+    def suspend(self, processes: list[str], suspend: bool) -> None:
+        """Suspend (or resume) the group's own processes for fabula's `processes` ("scaling":
+        changing its size from demand, "healing": replacing failing servers; both: everything
+        the group does on its own, launching and terminating included)."""
+
+
 class SharedStore(abc.ABC):
     """Where a team's operators share an environment whose servers are not on one machine (a
     fixed inventory reached from several laptops): its lock, and the files that say what it is
@@ -296,7 +335,7 @@ class Provider(abc.ABC):
         on this machine only (local: the servers are this machine's too)."""
         return None
 
-    def web_group(self, ctx: Any) -> WebGroup | None:
+    def web_group(self, ctx: Any) -> NativeWebGroup | None:
         """The platform's own web group for the operation's context (fabula.context.Context: Any
         here, since that module imports this one), or None: fabula then manages the group itself
         (its own autoscaler, on this provider's servers and load balancer). A provider with a

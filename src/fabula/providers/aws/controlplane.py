@@ -70,18 +70,32 @@ def ensure_control_plane(cloud: Cloud, env: EnvironmentConfig, *, role_rules: Ma
     put_secrets(cloud, secrets)
     template = group = policy = None
     if release is not None:
-        image = web_group.resolve_image(cloud, aws.ami, aws.instance_types.architecture())
-        template = web_group.ensure_launch_template(
-            cloud, release=release, image=image, instance_type=aws.instance_types.web,
-            security_group_ids=[groups[kind] for kind in server_groups("web")], key_name=key_name)
-        settings = env.web_group()
-        assert settings.desired is not None and settings.max is not None  # set by the schema
-        group = web_group.ensure_group(cloud, template=template, target_group_arn=target_group_arn,
-                                       subnet_ids=network.subnet_ids,
-                                       size=GroupSize(settings.min, settings.desired, settings.max))
-        # a fixed group (min = max) has nothing to track
-        target = settings.target if settings.min < settings.max else None
-        policy = web_group.ensure_scaling_policy(cloud, load_balancer_arn=load_balancer_arn,
-                                                 target_group_arn=target_group_arn, requests_per_second=target)
+        template, group, policy = ensure_web_tier(
+            cloud, env, release=release, network=network, security_groups=groups, key_name=key_name,
+            target_group_arn=target_group_arn, load_balancer_arn=load_balancer_arn)
     return ControlPlane(network, groups, certificate_arn, target_group_arn, load_balancer_arn, dns_name,
                         listener_arns, template, group, policy)
+
+
+def ensure_web_tier(cloud: Cloud, env: EnvironmentConfig, *, release: str, network: Network,
+                    security_groups: Mapping[str, str], target_group_arn: str, load_balancer_arn: str,
+                    key_name: str | None) -> tuple[Template, str, str | None]:
+    """The release's launch template, the web group (made with it at its desired count; an
+    existing group keeps its own template: web_group.point_group is a deploy's) and its scaling
+    policy: (the template, the group's name, the policy's name or None)."""
+    aws = env.aws
+    assert aws is not None  # the caller's environment is an aws one
+    image = web_group.resolve_image(cloud, aws.ami, aws.instance_types.architecture())
+    template = web_group.ensure_launch_template(
+        cloud, release=release, image=image, instance_type=aws.instance_types.web,
+        security_group_ids=[security_groups[kind] for kind in server_groups("web")], key_name=key_name)
+    settings = env.web_group()
+    assert settings.desired is not None and settings.max is not None  # set by the schema
+    group = web_group.ensure_group(cloud, template=template, target_group_arn=target_group_arn,
+                                   subnet_ids=network.subnet_ids,
+                                   size=GroupSize(settings.min, settings.desired, settings.max))
+    # a fixed group (min = max) has nothing to track
+    target = settings.target if settings.min < settings.max else None
+    policy = web_group.ensure_scaling_policy(cloud, load_balancer_arn=load_balancer_arn,
+                                             target_group_arn=target_group_arn, requests_per_second=target)
+    return template, group, policy

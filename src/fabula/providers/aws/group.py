@@ -181,6 +181,26 @@ def set_desired(cloud: Cloud, count: int) -> None:
                                            HonorCooldown=False)
 
 
+@aws_errors
+def terminate_member(cloud: Cloud, instance_id: str) -> None:
+    """Terminate a web group's instance without a replacement: the desired count goes down by one."""
+    cloud.autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=instance_id,
+                                                               ShouldDecrementDesiredCapacity=True)
+
+
+@aws_errors
+def set_processes(cloud: Cloud, processes: Sequence[str], suspend: bool) -> None:
+    """Suspend or resume the group's own processes (Launch, Terminate, ReplaceUnhealthy...)."""
+    call = cloud.autoscaling.suspend_processes if suspend else cloud.autoscaling.resume_processes
+    call(AutoScalingGroupName=group_name(cloud), ScalingProcesses=list(processes))
+
+
+@aws_errors
+def suspended_processes(cloud: Cloud) -> list[str]:
+    group = _describe_group(cloud)
+    return sorted(p["ProcessName"] for p in (group or {}).get("SuspendedProcesses", []))
+
+
 def resource_label(load_balancer_arn: str, target_group_arn: str) -> str:
     """ALBRequestCountPerTarget's label: app/<lb>/<id>/targetgroup/<tg>/<id>."""
     return f"{load_balancer_arn.split(':loadbalancer/', 1)[1]}/{target_group_arn.split(':', 5)[5]}"

@@ -18,6 +18,7 @@ from fabula.providers.aws.network import Network
 SERVER_TAG = "fabula:server"
 ROLE_TAG = "fabula:role"
 KEY_TAG = "fabula:key-sha256"
+RELEASE_TAG = "fabula:release"
 FIXED_ROLES = ("worker", "cache", "db-primary", "db-replica")
 DB_ROLES = ("db-primary", "db-replica")
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
@@ -34,6 +35,7 @@ class Instance:
     subnet_id: str
     zone: str
     security_groups: tuple[str, ...]
+    release: str | None = None   # a web group's instance: the release of the template it was launched from
 
     @classmethod
     def of(cls, raw: dict[str, Any]) -> Instance:
@@ -42,7 +44,8 @@ class Instance:
                    state=raw["State"]["Name"], private_ip=raw.get("PrivateIpAddress", ""),
                    public_ip=raw.get("PublicIpAddress") or None, subnet_id=raw.get("SubnetId", ""),
                    zone=raw.get("Placement", {}).get("AvailabilityZone", ""),
-                   security_groups=tuple(sorted(g["GroupId"] for g in raw.get("SecurityGroups") or [])))
+                   security_groups=tuple(sorted(g["GroupId"] for g in raw.get("SecurityGroups") or [])),
+                   release=tags.get(RELEASE_TAG))
 
 
 def ssh_address(instance: Instance, jump: str | None) -> str:
@@ -61,6 +64,17 @@ def find(cloud: Cloud, name: str | None = None, *, ids: Sequence[str] = ()) -> l
     kwargs: dict[str, Any] = {"Filters": filters, **({"InstanceIds": list(ids)} if ids else {})}
     return [Instance.of(i) for page in cloud.ec2.get_paginator("describe_instances").paginate(**kwargs)
             for reservation in page["Reservations"] for i in reservation["Instances"]]
+
+
+@aws_errors
+def find_member(cloud: Cloud, instance_id: str) -> Instance | None:
+    """The web group's live instance `instance_id` (its name in fabula), or None: by a filter,
+    not InstanceIds, which fails for an id that is gone."""
+    filters = [*cloud.filters(**{ROLE_TAG: "web"}), {"Name": "instance-id", "Values": [instance_id]},
+               {"Name": "instance-state-name", "Values": LIVE_STATES}]
+    found = [Instance.of(i) for r in cloud.ec2.describe_instances(Filters=filters)["Reservations"]
+             for i in r["Instances"]]
+    return found[0] if found else None
 
 
 def choose_subnet(role: str, network: Network, others: Sequence[Instance]) -> str:

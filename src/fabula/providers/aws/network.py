@@ -41,6 +41,7 @@ class Network:
     subnet_ids: tuple[str, ...]
     zones: tuple[str, ...]
     made: bool   # fabula made the VPC: destroy removes it (an adopted one is left alone)
+    cidr: str    # the VPC's range: where every instance's address is (pg_hba, the group's instances)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def _adopt(cloud: Cloud, vpc_id: str, subnet_ids: Sequence[str]) -> Network:
     if len(set(zones)) < 2:
         raise AwsError(f"aws.vpc.subnets: all in availability zone {zones[0]}; a load balancer needs two zones",
                        "list subnets of at least two availability zones")
-    return Network(vpc_id, tuple(subnet_ids), zones, made=False)
+    cidr = cloud.ec2.describe_vpcs(VpcIds=[vpc_id])["Vpcs"][0]["CidrBlock"]
+    return Network(vpc_id, tuple(subnet_ids), zones, made=False, cidr=cidr)
 
 
 def _ensure_vpc(cloud: Cloud, cidr: ipaddress.IPv4Network) -> Network:
@@ -107,7 +109,7 @@ def _ensure_vpc(cloud: Cloud, cidr: ipaddress.IPv4Network) -> Network:
                                 TagSpecifications=cloud.tag_spec("vpc", cloud.name("vpc")))["Vpc"]["VpcId"]
     subnet_ids, zones = _ensure_subnets(cloud, vpc_id, aws_subnets(cidr))
     _ensure_route_out(cloud, vpc_id)
-    return Network(vpc_id, subnet_ids, zones, made=True)
+    return Network(vpc_id, subnet_ids, zones, made=True, cidr=str(cidr))
 
 
 def _ensure_subnets(cloud: Cloud, vpc_id: str, wanted: Iterable[ipaddress.IPv4Network]

@@ -17,19 +17,19 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fabula import machine_users, pki, secrets
 from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig, SshConfig
-from fabula.errors import ConfigError, FabulaError, PrerequisiteError
+from fabula.errors import FabulaError, PrerequisiteError
 from fabula.providers.aws import group as web_group
 from fabula.providers.aws import instances, teardown
 from fabula.providers.aws.access import Access, SshAccess
 from fabula.providers.aws.cloud import AwsError, Cloud, translate
-from fabula.providers.aws.controlplane import ControlPlane, ensure_control_plane
+from fabula.providers.aws.controlplane import ControlPlane, ensure_control_plane, ensure_web_tier
 from fabula.providers.aws.hostkeys import RECORD, KnownHosts
 from fabula.providers.aws.instances import FIXED_ROLES, Instance, ssh_address
 from fabula.providers.aws.network import Network, ensure_network, fence, server_groups
 from fabula.providers.aws.statebucket import StateBucket
 from fabula.providers.aws.store import FILES, BucketStore
 from fabula.providers.aws.web import AlbLoadBalancer, AwsWebGroup
-from fabula.providers.base import SYSTEM_PATH, EgressRule, Host, IngressRule, Provider, SharedStore, WebGroup
+from fabula.providers.base import SYSTEM_PATH, EgressRule, Host, IngressRule, Provider, SharedStore
 from fabula.providers.ssh.preparation import Preparation
 from fabula.providers.ssh.scripts import DEBIAN_VERSION, FACTS, HostFacts
 from fabula.state import EnvPaths, EnvState, write_atomically
@@ -44,15 +44,16 @@ class AwsProvider(Provider):
 
     def __init__(self, paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int = 0, *,
                  role_rules: RoleRules, session: Any = None, access: Access | None = None,
-                 address: AddressChoice = ssh_address, sleep: Callable[[float], None] = time.sleep):
+                 address: AddressChoice = ssh_address, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         """`role_rules`: each role's ingress rules, for the security groups (roles are above the
         providers); `session` a boto3 session (default: the environment's credentials);
         `access` how instances are reached (default: SSH); `address` which of an instance's
-        addresses fabula connects to (default: ssh_address)."""
+        addresses fabula connects to (default: ssh_address); `sleep` and `clock` pace the waits."""
         assert env.aws is not None  # EnvironmentConfig requires the section with `provider: aws`
         self.paths, self.env, self.state, self.aws = paths, env, state, env.aws
         self.ssh: SshConfig = env.ssh or SshConfig()
-        self.role_rules, self.address = role_rules, address
+        self.role_rules, self.address, self.clock = role_rules, address, clock
         self.cloud = Cloud.open(paths.project, paths.env, self.aws.region, session=session, sleep=sleep)
         self.accounts = Accounts(paths.tag)
         # the security groups are the firewall: the boot unit loads no nftables file
@@ -76,19 +77,27 @@ class AwsProvider(Provider):
     def shared_store(self) -> SharedStore:
         return self.store
 
-    def web_group(self, ctx: Any) -> WebGroup:
-        return AwsWebGroup(self.cloud, self.load_balancer)
+    def web_group(self, ctx: Any) -> AwsWebGroup:
+        return AwsWebGroup(self.cloud, self.load_balancer, launch_from=self._launch_from, forget=self._forget,
+                           clock=self.clock)
+
+    def _launch_from(self, release: str) -> bool:
+        """The release's launch template and the group (made, or pointed at it): a create's web
+        tier, a deploy's and a rollback's first step."""
+        if self._plane is not None:
+            target_group_arn, load_balancer_arn = self._plane.target_group_arn, self._plane.load_balancer_arn
+        else:
+            target_group_arn, load_balancer_arn = self.load_balancer.target_group_arn(), self.load_balancer.arn()
+        template, _, _ = ensure_web_tier(self.cloud, self.env, release=release, network=self._subnets(),
+                                         security_groups=self._groups(), target_group_arn=target_group_arn,
+                                         load_balancer_arn=load_balancer_arn, key_name=self._key_pair())
+        return web_group.point_group(self.cloud, template)
+
+    def _forget(self, instance: Instance) -> None:
+        self.known_hosts.forget([self.address(instance, self.ssh.jump)])
+        self._instances.pop(instance.id, None)
 
     # -- checks -------------------------------------------------------------------------------------
-    def check_can_create(self, config_path: str) -> None:
-        # the control plane and the fixed instances are built, but not yet the web tier (the group's
-        # instances converged over SSH and registered once healthy): refused before anything is
-        # made rather than leaving a paid, half-made environment
-        raise ConfigError(f"{config_path}: provider: aws cannot create an environment yet: its web tier (the "
-                          "Auto Scaling group's instances, converged over SSH) is not built",
-                          "use `provider: ssh` with EC2 instances you made, or `provider: local`, until the "
-                          "aws provider is finished")
-
     def check_prerequisites(self) -> None:
         if shutil.which("ssh") is None:
             raise PrerequisiteError("the OpenSSH client (`ssh`) is missing: `fabula exec` and `logs -f` use it",
@@ -164,6 +173,12 @@ class AwsProvider(Provider):
             secrets={name: getattr(values, name) for name in secrets.NAMES}, release=self.state.release,
             key_name=self._key_pair())
         self._network = self._plane.network
+        # the Auto Scaling group's instances get addresses of AWS's choosing, anywhere in the VPC:
+        # what admits the app servers (pg_hba: roles/postgres.client_networks) is its range, as
+        # the local provider's subnet; the security groups are what admits only web and worker
+        if self.state.subnet != self._network.cidr:
+            self.state.subnet = self._network.cidr
+            self.state.save(self.paths)
 
     def _key_pair(self) -> str:
         """The environment's EC2 key pair, ensured once per command."""
@@ -200,6 +215,9 @@ class AwsProvider(Provider):
             raise AwsError(f"{len(found)} instances are tagged as server {name} of {self.cloud.tag_value}: "
                            f"{', '.join(i.id for i in found)}",
                            "terminate the one fabula does not use (fabula never makes two)")
+        if not found and name.startswith("i-"):   # a web group's instance: named by its id
+            member = instances.find_member(self.cloud, name)
+            found = [member] if member is not None else []
         if found:
             self._instances[name] = found[0]
         return found[0] if found else None
@@ -212,11 +230,12 @@ class AwsProvider(Provider):
         return host
 
     def ensure_server(self, name: str, role: str) -> Host:
-        if role not in FIXED_ROLES:
+        instance = self._find(name)
+        if role not in FIXED_ROLES and (instance is None or instance.role != role):
+            # a web server is the group's to launch: fabula only prepares one the group launched
             raise FabulaError(f"{name}: the web servers of an aws environment are its Auto Scaling group's, not "
                               "instances fabula makes one by one",
                               "set the web group's size with `autoscaling:` (or `fabula scale`)")
-        instance = self._find(name)
         made = instance is None
         if instance is None:
             network, groups = self._subnets(), self._groups()
@@ -227,7 +246,7 @@ class AwsProvider(Provider):
                 subnet_id=instances.choose_subnet(role, network, instances.find(self.cloud)),
                 security_group_ids=[groups[kind] for kind in server_groups(role)],
                 key_name=self._key_pair())
-        else:
+        elif role in FIXED_ROLES:
             instances.set_role(self.cloud, instance, role)
         if instance.state != "running":
             instance = instances.wait_running(self.cloud, instance.id)
@@ -290,6 +309,10 @@ class AwsProvider(Provider):
         return changed
 
     def remove_server(self, name: str) -> None:
+        member = instances.find_member(self.cloud, name) if name.startswith("i-") else None
+        if member is not None:   # the group's: terminated by it, or it would launch a replacement
+            self.web_group(None).terminate(name)
+            return
         found = instances.find(self.cloud, name)
         instances.terminate(self.cloud, [i.id for i in found])
         self.known_hosts.forget([self.address(i, self.ssh.jump) for i in found])

@@ -8,18 +8,25 @@ no `draining` (a deregistered target vanishes at once): the e2e harness makes it
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fabula.errors import FabulaError
 from fabula.providers.aws import group as web_group
 from fabula.providers.aws.cloud import Cloud, aws_errors, described
-from fabula.providers.aws.instances import Instance, find
+from fabula.providers.aws.instances import Instance, find, find_member
 from fabula.providers.aws.loadbalancer import HTTPS_PORT
-from fabula.providers.base import Backend, LoadBalancer, WebGroup
+from fabula.providers.base import Backend, LoadBalancer, Member, NativeWebGroup
 
 # the target group's states as fabula's (HAProxy's words, which the deploy and autoscaler read)
 STATUS = {"healthy": "UP", "draining": "DRAIN", "unused": "MAINT", "initial": "DOWN", "unhealthy": "DOWN",
           "unavailable": "DOWN"}
+# fabula's processes (autoscaling/policy.py's) as the Auto Scaling group's: its target-tracking
+# policy acts through CloudWatch alarms; replacing a failing instance is ReplaceUnhealthy
+PROCESSES = {"scaling": ("AlarmNotification",), "healing": ("ReplaceUnhealthy",)}
+ALL_PROCESSES = ("Launch", "Terminate")   # suspended with both: the group then changes nothing itself
+POLL_INTERVAL = 5.0   # seconds between looks at a group whose instances are launching
 
 
 class AlbLoadBalancer(LoadBalancer):
@@ -34,6 +41,13 @@ class AlbLoadBalancer(LoadBalancer):
     def _balancer(self) -> dict[str, Any] | None:
         return self._find(self.cloud.elbv2.describe_load_balancers, "LoadBalancers", self.cloud.short_name("lb"),
                           "LoadBalancerNotFound")
+
+    def arn(self) -> str:
+        balancer = self._balancer()
+        if balancer is None:
+            raise FabulaError(f"the load balancer {self.cloud.short_name('lb')} does not exist",
+                              "run `fabula create` first")
+        return str(balancer["LoadBalancerArn"])
 
     def target_group_arn(self) -> str:
         group = self._find(self.cloud.elbv2.describe_target_groups, "TargetGroups", self.cloud.short_name("web"),
@@ -119,11 +133,17 @@ class AlbLoadBalancer(LoadBalancer):
         return f"https://{balancer['DNSName']}{port}/"
 
 
-class AwsWebGroup(WebGroup):
-    """The Auto Scaling group: its members are named by instance id (it names them, not fabula)."""
+class AwsWebGroup(NativeWebGroup):
+    """The Auto Scaling group: its members are named by instance id (it names them, not fabula).
+    `launch_from` is the provider's (it knows the control plane a launch template needs);
+    `forget` removes a terminated member's host key; `clock` and the Cloud's sleep pace the waits."""
 
-    def __init__(self, cloud: Cloud, load_balancer: AlbLoadBalancer):
+    def __init__(self, cloud: Cloud, load_balancer: AlbLoadBalancer, *,
+                 launch_from: Callable[[str], bool] | None = None,
+                 forget: Callable[[Instance], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.cloud, self.load_balancer = cloud, load_balancer
+        self._launch_from, self._forget, self.clock = launch_from, forget, clock
 
     def _group(self) -> dict[str, Any] | None:
         found = self.cloud.autoscaling.describe_auto_scaling_groups(
@@ -163,3 +183,50 @@ class AwsWebGroup(WebGroup):
 
     def release(self) -> str | None:
         return web_group.group_template(self.cloud)
+
+    # -- what fabula needs to converge the group's instances (deploy/native.py) --------------------
+    def launch_from(self, release: str) -> bool:
+        if self._launch_from is None:
+            raise FabulaError("this view of the web group cannot make launch templates (internal error)")
+        return self._launch_from(release)
+
+    @aws_errors
+    def _in_service(self) -> list[Member]:
+        """The members the group counts in service (InService: the group registered them with
+        the target group by then), whose instance is running."""
+        group = self._group() or {}
+        ids = [i["InstanceId"] for i in group.get("Instances", []) if i.get("LifecycleState") == "InService"]
+        running = [i for i in find(self.cloud, ids=ids) if i.state == "running"] if ids else []
+        return sorted((Member(i.id, i.private_ip, i.release) for i in running), key=lambda m: m.name)
+
+    def wait_members(self, count: int, timeout: float) -> list[Member]:
+        deadline = self.clock() + timeout
+        while True:
+            members = self._in_service()
+            if len(members) == count:
+                return members
+            if self.clock() > deadline:
+                suspended = web_group.suspended_processes(self.cloud)
+                why = f" (its processes {', '.join(suspended)} are suspended)" if suspended else ""
+                raise FabulaError(f"the web group {web_group.group_name(self.cloud)} has {len(members)} running "
+                                  f"instance(s) in service after {timeout:.0f}s, not {count}{why}",
+                                  "`fabula autoscaling ENV resume` if its processes are suspended; else see the "
+                                  "group's activity history in the AWS console (quota, capacity, the image)")
+            self.cloud.sleep(POLL_INTERVAL)
+
+    def terminate(self, name: str) -> None:
+        instance = find_member(self.cloud, name)
+        if instance is None:
+            return   # gone already: what a re-run after a crash meets
+        web_group.terminate_member(self.cloud, name)
+        if self._forget is not None:
+            self._forget(instance)
+
+    def suspend(self, processes: list[str], suspend: bool) -> None:
+        # Launch and Terminate are held only while both are: a deploy and `fabula scale` need them
+        named = {name for p in processes for name in PROCESSES.get(p, ())}
+        if suspend and set(PROCESSES) <= set(processes):
+            named |= set(ALL_PROCESSES)
+        if not suspend:
+            named |= set(ALL_PROCESSES)
+        web_group.set_processes(self.cloud, sorted(named), suspend)
