@@ -52,9 +52,10 @@ class SampleEnvironment:
     """An environment of the sample app as its user sees it: the CLI, `describe`'s JSON, `exec`
     on a server and `db psql`; nothing of a provider's internals."""
 
-    def __init__(self, app_dir: Path, state_dir: Path, name: str):
+    def __init__(self, app_dir: Path, state_dir: Path, name: str, url: str | None = None):
+        """`url`: where the load balancer's name leads, when no DNS says (default: `describe`'s)."""
         self.app_dir, self.state_dir, self.name = app_dir, state_dir, name
-        self._url: str | None = None
+        self._url: str | None = url
 
     def fabula(self, *args: str, timeout: float = 600) -> Run:
         return run_fabula(*args, cwd=self.app_dir, state_dir=self.state_dir, timeout=timeout)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from fabula.sample import ALL_ROLES, free_ports, local_keys, make_app_repo
 from fabula.sample import SampleEnvironment as Environment
-from fabula.sample import free_ports, local_keys, make_app_repo
+from tests.awslab import aws_keys, aws_lab
 from tests.sshlab import ROLES, ssh_keys, ssh_lab
 
 ENV = "acc"
@@ -24,15 +25,20 @@ PROVIDERS = [p for p in os.environ.get("FABULA_ACCEPTANCE_PROVIDERS", "local,ssh
 
 
 @contextmanager
-def provider_section(provider: str, https_port: int, http_port: int) -> Iterator[tuple[str, str | None]]:
+def provider_section(provider: str, https_port: int, http_port: int) -> Iterator[tuple[str, str | None, str | None]]:
     """The environment's provider-specific keys, as fabula.yml lines (indented for an environment),
-    and its `servers:` (None: the provider's servers are its `hosts:`), with what the provider's
-    servers need meanwhile (ssh: a lab of hosts, each a network namespace running sshd)."""
+    its `servers:` (None: the provider's servers are its `hosts:`) and where its load balancer's
+    name leads (None: `describe`'s url), with what the provider's servers need meanwhile (ssh: a
+    lab of hosts, each a network namespace running sshd; aws: moto's server and a namespace per
+    instance, tests/awslab.py)."""
     if provider == "local":
-        yield local_keys(https_port, http_port), "{web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 1}"
+        yield local_keys(https_port, http_port), ALL_ROLES, None
     elif provider == "ssh":
         with ssh_lab(len(ROLES)) as lab:
-            yield ssh_keys(lab, https_port, http_port), None
+            yield ssh_keys(lab, https_port, http_port), None, None
+    elif provider == "aws":
+        with aws_lab() as cloud:
+            yield aws_keys(cloud), ALL_ROLES, cloud.url
     else:
         raise ValueError(f"no acceptance set-up for provider {provider!r}")
 
@@ -42,17 +48,17 @@ def acceptance_environment(provider: str, extra: str = "") -> Iterator[Environme
     if os.geteuid() != 0:
         pytest.skip("acceptance tests need root")
     with ExitStack() as stack:
-        keys, servers = stack.enter_context(provider_section(provider, *free_ports(2)))
-        yield stack.enter_context(_environment(provider, keys + extra, servers))
+        keys, servers, url = stack.enter_context(provider_section(provider, *free_ports(2)))
+        yield stack.enter_context(_environment(provider, keys + extra, servers, url))
 
 
 @contextmanager
-def _environment(provider: str, keys: str, servers: str | None) -> Iterator[Environment]:
+def _environment(provider: str, keys: str, servers: str | None, url: str | None) -> Iterator[Environment]:
     base = Path(tempfile.mkdtemp(prefix="fabula-acc-", dir="/var/tmp"))
     base.chmod(0o755)
     app = base / "app"
     make_app_repo(app, f"acc-{os.urandom(3).hex()}", ENV, keys, provider=provider, servers=servers)
-    env = Environment(app, base / "state", ENV)
+    env = Environment(app, base / "state", ENV, url=url)
     try:
         created = env.fabula("create", ENV, timeout=900)
         assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"

@@ -1,0 +1,34 @@
+"""`provider: aws` end to end in the lab: create, a page through the (stand-in) load balancer,
+`exec` on an instance, and destroy leaving nothing tagged and no instance running."""
+from __future__ import annotations
+
+import httpx
+
+from tests.helpers import wait_for
+
+
+def test_create_serves_the_app_through_the_load_balancer(lab, environment):
+    def served() -> bool:
+        try:
+            return httpx.get(environment.url + "/", verify=False, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+    wait_for(served, 60, message="the app through the stand-in ALB")
+    described = environment.describe()
+    assert {s["role"] for s in described["servers"]} >= {"web", "worker", "cache", "db-primary", "db-replica"}
+
+
+
+def test_exec_runs_on_the_instance(environment):
+    worker = environment.server("worker1")
+    ran = environment.exec("worker1", "hostname", "-I")
+    assert ran.returncode == 0 and worker["address"] in ran.stdout.split()
+
+
+def test_destroy_leaves_nothing_tagged_and_no_instance_running(lab, environment):
+    tag = f"{environment.project}-{environment.name}"
+    assert lab.tagged_resources(tag) and lab.live_instances()
+    destroyed = environment.fabula("destroy", environment.name, "--yes", timeout=600)
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert lab.live_instances() == [] and lab.tagged_resources(tag) == []
+    assert lab.machines == {}   # every instance's namespace gone, with its processes
