@@ -19,6 +19,8 @@ Everything goes afterwards, also when a test fails.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import ipaddress
 import os
 import secrets
@@ -42,9 +44,11 @@ from fabula import pki
 from fabula.sample import free_ports
 from tests.helpers import wait_for
 
+SRV = "/srv/fabula"          # where fabula puts its servers' trees on a host
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"   # moto's default account
 SLOTS = 16                 # the stand-in ALB's server slots: more targets than any test registers
+HSTS_ATTRIBUTE = "routing.http.response.strict_transport_security.header_value"
 PROBE_INTERVAL = 0.5       # the prober's pace (an ALB's floor is 5 s: the thresholds are the group's)
 
 
@@ -68,7 +72,9 @@ class Machine:
     veth: str
     addresses: list[str]
     home: Path
+    tags: dict[str, str] = field(default_factory=dict)   # its EC2 tags when it started
     sshd: subprocess.Popen | None = None
+    firewall: str = ""    # the nftables table its security groups made, as last applied
 
 
 @dataclass
@@ -76,6 +82,7 @@ class TargetHealth:
     state: str = "initial"          # initial, healthy, unhealthy, draining
     passes: int = 0
     fails: int = 0
+    draining_since: float = 0.0
     draining_until: float = 0.0
 
 
@@ -89,6 +96,8 @@ class AwsLab:
     health: dict[tuple[str, str], TargetHealth] = field(default_factory=dict)
     https_port: int = 0
     http_port: int = 0
+    alb: StandInAlb | None = None
+    environments: dict[tuple[str, str], str] = field(default_factory=dict)   # (project, env) -> fabula:env
     lock: threading.RLock = field(default_factory=threading.RLock)
     _count: int = 0
 
@@ -122,8 +131,10 @@ class AwsLab:
         with self.lock:
             self._count += 1
             n = self._count
+        tags = {t["key"]: t["value"] for t in instance.get_tags()}
         machine = Machine(instance.id, f"fbaws-{self.tag}-{n}", f"fba{self.tag}{n}",
-                          [a for a in (instance.private_ip, instance.public_ip) if a], self.tmp / instance.id)
+                          [a for a in (instance.private_ip, instance.public_ip) if a], self.tmp / instance.id,
+                          tags=tags)
         with self.lock:
             self.machines[instance.id] = machine
         machine.home.mkdir()
@@ -156,23 +167,60 @@ class AwsLab:
                                          "-f", str(machine.home / "sshd_config")], stdout=log, stderr=log)
 
     def halt(self, instance_id: str) -> None:
-        """A terminated instance: its namespace goes, with every process in it."""
+        """A terminated instance: its namespace goes, with every process in it (killed until none
+        is left: one may fork while the others are killed)."""
         with self.lock:
             machine = self.machines.pop(instance_id, None)
         if machine is None:
             return
-        for pid in sh("ip", "netns", "pids", machine.namespace, check=False).stdout.split():
-            try:
-                os.kill(int(pid), 9)
-            except ProcessLookupError:
-                pass
-        if machine.sshd is not None:
-            machine.sshd.wait(10)
-        wait_for(lambda: not sh("ip", "netns", "pids", machine.namespace, check=False).stdout.split(), 10,
-                 message=f"no process left in {machine.namespace}")
-        sh("ip", "netns", "del", machine.namespace, check=False)
-        for address in machine.addresses[1:]:
-            sh("ip", "route", "del", f"{address}/32", check=False)
+
+        def killed() -> bool:
+            pids = sh("ip", "netns", "pids", machine.namespace, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
+            return not pids
+
+        try:
+            wait_for(killed, 30, interval=0.1, message=f"no process left in {machine.namespace}")
+        finally:
+            if machine.sshd is not None:
+                machine.sshd.wait(10)
+            sh("ip", "netns", "del", machine.namespace, check=False)
+            for address in machine.addresses[1:]:
+                sh("ip", "route", "del", f"{address}/32", check=False)
+
+    def discard_disk(self, instance_id: str, tags: dict[str, str]) -> None:
+        """What the instance wrote goes with it, as its volume does on AWS: its server's tree
+        under /srv/fabula, and, once the environment has no instance left, its tree and users
+        (the namespaces share this machine's files and users)."""
+        name, env_tag = tags.get("fabula:server", instance_id), tags.get("fabula:env")
+        for tree in Path(SRV).glob(f"*/*/{name}"):
+            project, env = tree.parts[-3], tree.parts[-2]
+            if f"{project}-{env}" == env_tag:
+                shutil.rmtree(tree, ignore_errors=True)
+                self.environments[(project, env)] = env_tag
+        for (project, env), tag in list(self.environments.items()):
+            if tag == env_tag and not any(m.tags.get("fabula:env") == env_tag for m in self.machines.values()):
+                self.forget_environment(project, env)
+
+    def forget_environment(self, project: str, env: str) -> None:
+        shutil.rmtree(Path(SRV) / project / env, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (Path(SRV) / project).rmdir()
+        prefix = f"fb-{hashlib.sha256(f'{project}/{env}'.encode()).hexdigest()[:8]}-"
+        for user in sh("getent", "passwd").stdout.splitlines():
+            name = user.split(":", 1)[0]
+            if name.startswith(prefix):
+                sh("userdel", name, check=False)
+                sh("groupdel", name, check=False)
+        self.environments.pop((project, env), None)
+
+    def log(self, line: str) -> None:
+        with (self.tmp / "lab.log").open("a") as log:
+            log.write(f"{time.time():.1f} {line}\n")
 
     def client(self, service: str) -> Any:
         import boto3
@@ -229,7 +277,12 @@ def _instances_as_namespaces(lab: AwsLab) -> ExitStack:
     def terminate(backend: Any, instance_ids: list[str]) -> Any:
         found = terminate_instances(backend, instance_ids)
         for instance_id in instance_ids:
-            lab.halt(instance_id)
+            tags = {t["key"]: t["value"] for t in backend.describe_tags(filters={"resource-id": [instance_id]})}
+            try:
+                lab.halt(instance_id)
+                lab.discard_disk(instance_id, tags)
+            except Exception as exc:   # AWS's call succeeded; the lab's clean-up retries at its end
+                lab.log(f"halt {instance_id}: {exc!r}")
         return found
 
     stack = ExitStack()
@@ -260,13 +313,19 @@ def _real_target_health(lab: AwsLab) -> ExitStack:
     def draining(group: Any, targets: list[dict[str, Any]]) -> None:
         deregister(group, targets)
         delay = float(group.attributes.get("deregistration_delay.timeout_seconds", 300))
+        drained = []
         with lab.lock:
             for target in targets:
                 found = lab.health.get((group.arn, target["Id"]))
                 if found is not None and found.state == "healthy":
-                    found.state, found.draining_until = "draining", time.monotonic() + delay
+                    now = time.monotonic()
+                    found.state, found.draining_since, found.draining_until = "draining", now, now + delay
+                    drained.append(target["Id"])
                 else:
                     lab.health.pop((group.arn, target["Id"]), None)
+        for target_id in drained:   # no new request from now on, as an ALB's deregistration
+            if lab.alb is not None:
+                lab.alb.drain(target_id)
 
     stack = ExitStack()
     stack.enter_context(_patched(FakeTargetGroup, "health_for", real_health))
@@ -296,6 +355,8 @@ class StandInAlb:
         self.socket = lab.tmp / "alb.sock"
         self.slots: dict[str, int] = {}      # target id -> slot
         self.process: subprocess.Popen | None = None
+        self.lock = threading.Lock()         # the prober's and moto's threads both route
+        self.hsts: str | None = None
 
     def start(self) -> None:
         pair = pki.self_signed("fabula-aws-lab", ["localhost"])
@@ -314,6 +375,8 @@ defaults
     option http-server-close
 frontend https
     bind 127.0.0.1:{self.lab.https_port} ssl crt {pem}
+    # the HTTPS listener's HSTS attribute, once the prober has read it
+    http-after-response set-header Strict-Transport-Security "%[var(proc.hsts)]" if {{ var(proc.hsts) -m found }}
     default_backend targets
 frontend http
     bind 127.0.0.1:{self.lab.http_port}
@@ -346,6 +409,13 @@ backend targets
 
     def route(self, wanted: dict[str, tuple[str, int, str]]) -> None:
         """`wanted`: target id -> (address, port, "ready" | "drain"); every other slot in maint."""
+        with self.lock:
+            self._route(wanted)
+
+    def _route(self, wanted: dict[str, tuple[str, int, str]]) -> None:
+        with self.lab.lock:   # deregistered since the prober looked: it stays drained
+            draining = {t for (_, t), h in self.lab.health.items() if h.state == "draining"}
+        wanted = {t: (a, p, "drain" if t in draining else s) for t, (a, p, s) in wanted.items()}
         for target_id in [t for t in self.slots if t not in wanted]:
             self.command(f"set server targets/t{self.slots.pop(target_id)} state maint")
         for target_id, (address, port, state) in wanted.items():
@@ -354,6 +424,21 @@ backend targets
                 self.slots[target_id] = free[0]
                 self.command(f"set server targets/t{free[0]} addr {address} port {port}")
             self.command(f"set server targets/t{self.slots[target_id]} state {state}")
+
+    def follow_listener(self, backend: Any) -> None:
+        """The header the HTTPS listener's attributes ask the ALB to add to every response."""
+        value = next((listener.attributes.get(HSTS_ATTRIBUTE) for balancer in list(backend.load_balancers.values())
+                      for listener in list(balancer.listeners.values()) if listener.protocol == "HTTPS"), None)
+        if value is not None and value != self.hsts:
+            if any(c not in "abcdefghijklmnopqrstuvwxyz0123456789-=; " for c in value):
+                raise ValueError(f"an HSTS value the stand-in will not pass to HAProxy: {value!r}")
+            self.command(f"experimental-mode on; set var proc.hsts str({value})")   # HAProxy 2.6: experimental
+            self.hsts = value
+
+    def drain(self, target_id: str) -> None:
+        with self.lock:
+            if target_id in self.slots:
+                self.command(f"set server targets/t{self.slots[target_id]} state drain")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -364,11 +449,70 @@ backend targets
 def _probe_forever(lab: AwsLab, alb: StandInAlb, stop: threading.Event) -> None:
     from moto.elbv2.models import elbv2_backends
 
+    ticks = 0
     while not stop.wait(PROBE_INTERVAL):
+        ticks += 1
         try:
             _probe_once(lab, alb, elbv2_backends[ACCOUNT][REGION])
+            if ticks % 2 == 0:
+                _enforce_security_groups(lab)
         except Exception as exc:   # a failed tick must not end the prober: the next one retries
-            (lab.tmp / "prober.log").open("a").write(f"{time.time():.1f} {exc!r}\n")
+            lab.log(f"prober: {exc!r}")
+
+
+# -- security groups as each namespace's nftables ---------------------------------------------------
+
+def _enforce_security_groups(lab: AwsLab) -> None:
+    """Each instance's security groups as an nftables table in its namespace (ingress only:
+    AWS's default egress admits everything). A rule naming a group admits its instances'
+    private addresses; the load balancer's groups stand for the lab's gateway, where the
+    stand-in ALB and the health checks come from. Within a second of any change."""
+    ec2, elbv2 = lab.client("ec2"), lab.client("elbv2")
+    running = [i for r in ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["running"]}])[
+        "Reservations"] for i in r["Instances"]]
+    members: dict[str, set[str]] = {}
+    for instance in running:
+        for group in instance.get("SecurityGroups", []):
+            members.setdefault(group["GroupId"], set()).add(instance["PrivateIpAddress"])
+    for balancer in elbv2.describe_load_balancers()["LoadBalancers"]:
+        for group_id in balancer.get("SecurityGroups", []):
+            members.setdefault(group_id, set()).add(lab.gateway)
+    groups = {g["GroupId"]: g for g in ec2.describe_security_groups()["SecurityGroups"]}
+    for instance in running:
+        machine = lab.machines.get(instance["InstanceId"])
+        if machine is None:
+            continue
+        rules = [rule for group in instance.get("SecurityGroups", []) if group["GroupId"] in groups
+                 for rule in _nft_rules(groups[group["GroupId"]], members)]
+        table = "\n".join(["table inet fbawslab {", "  chain input {",
+                           "    type filter hook input priority 0; policy drop;",
+                           "    iif lo accept", "    ct state established,related accept",
+                           *(f"    {r}" for r in sorted(set(rules))), "  }", "}", ""])
+        if table != machine.firewall:
+            subprocess.run(["ip", "netns", "exec", machine.namespace, "nft", "-f", "-"], check=True, text=True,
+                           input=f"table inet fbawslab {{}}\ndelete table inet fbawslab\n{table}",
+                           capture_output=True)
+            machine.firewall = table
+
+
+def _nft_rules(group: dict[str, Any], members: dict[str, set[str]]) -> list[str]:
+    rules = []
+    for permission in group.get("IpPermissions", []):
+        sources = {r["CidrIp"] for r in permission.get("IpRanges", [])}
+        for pair in permission.get("UserIdGroupPairs", []):
+            sources |= members.get(pair["GroupId"], set())
+        if not sources:
+            continue
+        saddr = f"ip saddr {{ {', '.join(sorted(sources))} }}"
+        protocol = permission["IpProtocol"]
+        if protocol == "-1":
+            rules.append(f"{saddr} accept")
+        elif protocol in ("tcp", "udp", "6", "17"):
+            name = {"6": "tcp", "17": "udp"}.get(protocol, protocol)
+            low, high = permission.get("FromPort", 0), permission.get("ToPort", 65535)
+            ports = str(low) if low == high else f"{low}-{high}"
+            rules.append(f"{saddr} {name} dport {ports} accept")
+    return rules
 
 
 def _probe_once(lab: AwsLab, alb: StandInAlb, backend: Any) -> None:
@@ -395,14 +539,18 @@ def _probe_once(lab: AwsLab, alb: StandInAlb, backend: Any) -> None:
         with lab.lock:
             draining = {key: h for key, h in lab.health.items() if key[0] == group.arn and h.state == "draining"}
         for (_, target_id), found in draining.items():
-            # AWS ends a deregistration early once the target has nothing in flight
-            if time.monotonic() > found.draining_until or alb.in_flight(target_id) == 0:
+            # AWS ends a deregistration early once the target has nothing in flight (looked at
+            # once the stand-in has stopped sending it requests: a tick after)
+            now = time.monotonic()
+            if now > found.draining_until or (now > found.draining_since + PROBE_INTERVAL
+                                               and alb.in_flight(target_id) == 0):
                 with lab.lock:
                     lab.health.pop((group.arn, target_id), None)
             else:
                 instance = group.ec2_backend.get_instance_by_id(target_id)
                 wanted[target_id] = (instance.private_ip, int(group.port), "drain")
     alb.route(wanted)
+    alb.follow_listener(backend)
 
 
 # -- the lab ------------------------------------------------------------------------------------------
@@ -438,6 +586,7 @@ def aws_lab() -> Iterator[AwsLab]:
             stack.enter_context(_real_target_health(lab))
             alb = StandInAlb(lab)
             alb.start()
+            lab.alb = alb
             stack.callback(alb.stop)
             prober = threading.Thread(target=_probe_forever, args=(lab, alb, stop), daemon=True)
             prober.start()
@@ -449,8 +598,11 @@ def aws_lab() -> Iterator[AwsLab]:
             yield lab
         finally:
             stack.close()
-            for instance_id in list(lab.machines):
+            for instance_id, machine in list(lab.machines.items()):
                 lab.halt(instance_id)
+                lab.discard_disk(instance_id, machine.tags)
+            for project, env in list(lab.environments):
+                lab.forget_environment(project, env)
             sh("ip", "link", "del", lab.bridge, check=False)
             shutil.rmtree(tmp, ignore_errors=True)
 

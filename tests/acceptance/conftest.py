@@ -21,7 +21,7 @@ from tests.awslab import aws_keys, aws_lab
 from tests.sshlab import ROLES, ssh_keys, ssh_lab
 
 ENV = "acc"
-PROVIDERS = [p for p in os.environ.get("FABULA_ACCEPTANCE_PROVIDERS", "local,ssh").split(",") if p]
+PROVIDERS = [p for p in os.environ.get("FABULA_ACCEPTANCE_PROVIDERS", "local,ssh,aws").split(",") if p]
 
 
 @contextmanager

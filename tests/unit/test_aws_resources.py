@@ -21,9 +21,10 @@ from fabula.providers.aws import group as web_group
 from fabula.providers.aws import parameters, teardown
 from fabula.providers.aws.cloud import AwsError, Cloud
 from fabula.providers.aws.controlplane import ControlPlane, ensure_control_plane
-from fabula.providers.aws.loadbalancer import TLS_POLICY, ensure_certificate, ensure_target_group
+from fabula.providers.aws.loadbalancer import HSTS_ATTRIBUTE, TLS_POLICY, ensure_certificate, ensure_target_group
 from fabula.providers.aws.network import ensure_network, ensure_security_groups, planned_permissions
 from fabula.providers.aws.statebucket import StateBucket, StateConflict
+from fabula.providers.haproxy import HSTS_MAX_AGE
 from fabula.roles import ROLES
 from tests.unit.conftest import AWS_REGION
 
@@ -83,6 +84,11 @@ def ingress(group_id: str) -> set[tuple[int, str]]:
             for r in rules["SecurityGroupRules"] if not r["IsEgress"]}
 
 
+def hsts(elbv2: Any, listener_arn: str) -> str | None:
+    attributes = elbv2.describe_listener_attributes(ListenerArn=listener_arn)["Attributes"]
+    return next((a["Value"] for a in attributes if a["Key"] == HSTS_ATTRIBUTE), None)
+
+
 def test_a_first_ensure_makes_everything_named_tagged_and_wired(aws: None):
     c, pem = cloud(), certificate()
     plane = ensure(c, environment(image()), pem)
@@ -106,8 +112,9 @@ def test_a_first_ensure_makes_everything_named_tagged_and_wired(aws: None):
         "SecurityGroups"]}
     assert sorted(names.values()) == sorted(f"shop-production-{n}" for n in (
         "sg", "web-sg", "worker-sg", "cache-sg", "db-sg", "lb-sg", "fenced-sg"))
+    # (the fenced group: a former primary rebuilt as a replica takes its base backup while fenced)
     assert ingress(groups["db"]) == {(5432, "shop-production-web-sg"), (5432, "shop-production-worker-sg"),
-                                     (5432, "shop-production-db-sg")}
+                                     (5432, "shop-production-db-sg"), (5432, "shop-production-fenced-sg")}
     assert ingress(groups["cache"]) == {(port, f"shop-production-{role}-sg") for port in (6379, 5672)
                                         for role in ("web", "worker")}
     assert ingress(groups["web"]) == {(443, "shop-production-lb-sg")}
@@ -136,6 +143,8 @@ def test_a_first_ensure_makes_everything_named_tagged_and_wired(aws: None):
     redirect = listeners[80]["DefaultActions"][0]
     assert redirect["Type"] == "redirect" and redirect["RedirectConfig"]["Protocol"] == "HTTPS"
     assert redirect["RedirectConfig"]["Port"] == "443" and redirect["RedirectConfig"]["StatusCode"] == "HTTP_301"
+    # every response tells browsers to use HTTPS only, as the local provider's HAProxy does
+    assert hsts(elbv2, listeners[443]["ListenerArn"]) == f"max-age={HSTS_MAX_AGE}"
 
     # the web group: the release's template, the target group, ELB health checks, requests per target
     assert plane.template is not None and plane.template.name == f"shop-production-web-{RELEASE}"
@@ -181,9 +190,14 @@ def test_ensure_corrects_what_drifted(aws: None):
     ec2.authorize_security_group_ingress(GroupId=plane.security_groups["common"], IpPermissions=[{
         "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "203.0.113.0/24"}]}])
     elbv2.modify_target_group(TargetGroupArn=plane.target_group_arn, HealthCheckPath="/")
+    https = next(x["ListenerArn"] for x in elbv2.describe_listeners(LoadBalancerArn=plane.load_balancer_arn)[
+        "Listeners"] if x["Port"] == 443)
+    elbv2.modify_listener_attributes(ListenerArn=https, Attributes=[{"Key": HSTS_ATTRIBUTE, "Value": "max-age=60"}])
     c.counter.reset()
     ensure(c, env, pem)
-    assert set(c.counter.changes()) == {"ec2.RevokeSecurityGroupIngress", "elbv2.ModifyTargetGroup"}
+    assert set(c.counter.changes()) == {"ec2.RevokeSecurityGroupIngress", "elbv2.ModifyTargetGroup",
+                                        "elbv2.ModifyListenerAttributes"}
+    assert hsts(elbv2, https) == f"max-age={HSTS_MAX_AGE}"
     assert (22, "203.0.113.0/24") not in ingress(plane.security_groups["common"])
     assert elbv2.describe_target_groups(TargetGroupArns=[plane.target_group_arn])["TargetGroups"][0][
         "HealthCheckPath"] == "/healthcheck.html"

@@ -32,6 +32,9 @@ HEALTH_CHECK: dict[str, Any] = {
     "UnhealthyThresholdCount": 2,
 }
 MATCHER = {"HttpCode": "200"}
+# the header the local provider's HAProxy adds to every response (ALB listener attribute)
+HSTS_ATTRIBUTE = "routing.http.response.strict_transport_security.header_value"
+HSTS = "max-age=63072000"   # two years, as providers/haproxy's HSTS_MAX_AGE
 # a drained server's requests in flight may take this long (AWS's default, 300 s, holds a deploy)
 DEREGISTRATION_DELAY = "30"
 
@@ -206,4 +209,14 @@ def ensure_listeners(cloud: Cloud, load_balancer_arn: str, target_group_arn: str
     for port, listener in have.items():
         if port not in wanted:
             elbv2.delete_listener(ListenerArn=listener["ListenerArn"])
+    _ensure_hsts(cloud, arns[0])
     return tuple(arns)
+
+
+def _ensure_hsts(cloud: Cloud, https_listener_arn: str) -> None:
+    """Browsers told to use HTTPS only, as by the local provider's load balancer."""
+    attributes = {a["Key"]: a["Value"] for a in cloud.elbv2.describe_listener_attributes(
+        ListenerArn=https_listener_arn)["Attributes"]}
+    if attributes.get(HSTS_ATTRIBUTE) != HSTS:
+        cloud.elbv2.modify_listener_attributes(ListenerArn=https_listener_arn,
+                                               Attributes=[{"Key": HSTS_ATTRIBUTE, "Value": HSTS}])

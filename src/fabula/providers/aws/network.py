@@ -190,6 +190,13 @@ def planned_permissions(role_rules: Mapping[str, Sequence[IngressRule]], admin_s
     for network in admin_sources:
         for kind in ("common", "fenced"):
             add(Permission(kind, SSH_PORT, "ssh from the admins", cidr=str(network)))
+    # a fenced former primary that `reset-replicas` rebuilds takes its base backup from the
+    # primary while still fenced (it admits nothing but SSH; it may reach the primary, as on the
+    # other providers): the primary's group admits it where it admits the replicas
+    for rule in role_rules.get("db-primary", ()):
+        if "db-replica" in rule.from_roles:
+            add(Permission(ROLE_GROUP["db-primary"], rule.port, "a fenced former primary's base backup",
+                           source="fenced"))
     # fabula's controller on the worker converges the web servers the group launches, over SSH
     add(Permission("common", SSH_PORT, "ssh from fabula's controller on the worker", source="worker"))
     for port in lb_ports:
