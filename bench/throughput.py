@@ -6,10 +6,10 @@ side in one run, with wrk (keep-alive connections):
    gunicorn directly (127.0.0.1:8000 in its namespace, wrk there too);
 2. a view doing one query (`GET /api/entries`: a count) with Django's default CONN_MAX_AGE = 0, so a
    new database connection per request: through the web server's PgBouncer (as fabula runs the
-   app) ÷ straight to PostgreSQL over TLS. For the second, a copy of the server's gunicorn (same
-   release, user, settings and workers) listens on 127.0.0.1:8001 with DATABASE_URL set to the
-   primary's port 5432 (sslmode=require); both are loaded from inside the web server's namespace,
-   in alternating rounds.
+   app: its Unix socket, peer authentication) ÷ straight to PostgreSQL over TLS (SCRAM). For the
+   second, a copy of the server's gunicorn (same release, user, settings and workers) listens on
+   127.0.0.1:8001 with DATABASE_URL set to the primary's port 5432 (sslmode=require); both are
+   loaded from inside the web server's namespace, in alternating rounds.
 
 Run as root: `.venv/bin/python bench/throughput.py [--duration 10] [--connections 16] [--rounds 2]`.
 """
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from rich.console import Console
 
@@ -84,8 +85,10 @@ def start_direct_copy(env: Environment, server: str) -> subprocess.Popen:
     argv[argv.index("--bind") + 1] = f"127.0.0.1:{DIRECT_PORT}"
     variables = dict(line.split("=", 1) for line in (proc / "environ").read_bytes().decode().split("\0") if "=" in line)
     direct = f"postgres://app:{env.app_password()}@{env.address(env.primary())}:5432/{env.db}?sslmode=require"
-    if not variables.get("DATABASE_URL", "").startswith("postgres://app:"):
-        raise BenchError("the server's gunicorn has no DATABASE_URL of the app's user")
+    # the server's own: PgBouncer's Unix socket in the server's run/pgbouncer, as the app's OS user
+    socket_dir = quote(str(env.env_dir / "servers" / server / "run" / "pgbouncer"), safe="")
+    if f"@{socket_dir}:6432/" not in variables.get("DATABASE_URL", ""):
+        raise BenchError("the server's gunicorn has no DATABASE_URL of its PgBouncer's socket")
     variables["DATABASE_URL"] = direct
     status = (proc / "status").read_text()
     uid = re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)   # type: ignore[union-attr]

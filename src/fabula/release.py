@@ -54,8 +54,11 @@ PASSED_THROUGH = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_
 def build_environment(ctx: Context, work: Path, release_id: str) -> dict[str, str]:
     """The build's whole environment: the app's variables with the environment's real values (its
     settings are imported by collectstatic), uv's settings, and a fixed PATH."""
+    # DATABASE_URL's socket folder is one of the build's own, where no PgBouncer listens: the build
+    # has no database to connect to
     variables = app_variables(ctx, server="build", role="build", address="127.0.0.1",
-                              static_root=str(work / "static"), release_id=release_id, home=str(work / ".home"))
+                              static_root=str(work / "static"), release_id=release_id, home=str(work / ".home"),
+                              app_user=Accounts(ctx.paths.tag).app, pgbouncer_dir=str(work / "run" / "pgbouncer"))
     passed = {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ}
     return {**passed, **variables, "PATH": SYSTEM_PATH, "LANG": "C.UTF-8",
             "UV_CACHE_DIR": str(wheel_cache(ctx)), "UV_NO_PROGRESS": "1", "UV_PYTHON_DOWNLOADS": "never"}

@@ -12,12 +12,12 @@ from fabula.errors import FabulaError
 from fabula.output import Output
 from fabula.pki import CertificateAuthority
 from fabula.providers.base import EgressRule, IngressRule, Result
-from fabula.roles import ROLES, firewall_rules
+from fabula.roles import ROLES, appserver, firewall_rules
 from fabula.roles.postgres import PG_BIN
 from fabula.secrets import Secrets
 from fabula.state import EnvPaths, EnvState
 from fabula.supervisor import Program, render_program
-from fabula.testing import FakeProvider, ini_value
+from fabula.testing import FakeProvider, ini_value, rpc_request
 from fabula.topology import plan_servers
 
 SECRETS = Secrets(django_secret_key="django-key-0123", db_app_password="app-pass-4567",
@@ -83,17 +83,73 @@ def test_web_runs_nginx_workers_gunicorn_and_pgbouncer_as_users_of_the_environme
     assert ini_value(programs["pgbouncer"], "user") == host.accounts.db
     environment = ini_value(programs["gunicorn"], "environment")
     primary = ctx.state.one("db-primary")
-    assert f'DATABASE_URL="postgres://app:{SECRETS.db_app_password}@127.0.0.1:6432/polls"' in environment
+    # the socket's folder, percent-encoded, each % doubled in supervisord's INI
+    socket = str(host.path("run", "pgbouncer")).replace("/", "%%2F")
+    assert f'DATABASE_URL="postgres://{host.accounts.app}@{socket}:6432/polls"' in environment
+    assert SECRETS.db_app_password not in environment  # peer authentication: no password
     assert 'FABULA_SERVER="web1"' in environment and 'FABULA_ROLE="web"' in environment
     bouncer = host.text(host.path("etc", "pgbouncer", "pgbouncer.ini"))
-    assert f"polls = host={primary.address} port=5432 dbname=polls" in bouncer
-    assert host.stat(host.path("run", "pgbouncer")).mode == 0o700  # its socket: no other user's
+    assert f"polls = host={primary.address} port=5432 dbname=polls user=app" in bouncer
+    # its socket: the environment's group may reach it (search only), not everyone
+    assert host.stat(host.path("run", "pgbouncer")).mode == 0o710
     # the program files hold secrets: root's only
     assert host.files[host.path("supervisor", "programs", "gunicorn.conf")].mode == 0o600
     # the release is copied once, and `current` points at it
     assert [str(target) for _, target in host.copied] == [str(host.path("releases", "abcdef012345.partial"))]
     assert host.ran("ln", "-sfn", "releases/abcdef012345")
     no_secret_in_argv(host)
+
+
+def test_pgbouncer_admits_only_the_apps_os_user_on_its_socket_and_the_app_role_with_its_password_on_tcp(ctx):
+    host = converge(ctx, "web1")
+    conf = host.path("etc", "pgbouncer")
+    bouncer = host.text(conf / "pgbouncer.ini")
+    assert ini_value(bouncer, "auth_type") == "hba"
+    assert ini_value(bouncer, "auth_hba_file") == str(conf / "pg_hba.conf")
+    assert ini_value(bouncer, "unix_socket_dir") == str(host.path("run", "pgbouncer"))
+    assert ini_value(bouncer, "listen_addr") == "127.0.0.1"
+    rules = [line.split() for line in host.text(conf / "pg_hba.conf").splitlines()
+             if line.strip() and not line.startswith("#")]
+    # nothing else: no `trust`, no other user on the socket, no address but 127.0.0.1, no admin console
+    assert rules == [["local", "polls,polls_replica", host.accounts.app, "peer"],
+                     ["host", "polls,polls_replica", "app", "127.0.0.1/32", "scram-sha-256"]]
+    # the app's OS user has no password (peer only); `app` has the one PgBouncer logs in with
+    assert host.text(conf / "userlist.txt") == f'"app" "{SECRETS.db_app_password}"\n"{host.accounts.app}" ""\n'
+    for name in ("userlist.txt", "pg_hba.conf"):
+        assert (host.files[conf / name].mode, host.files[conf / name].owner) == (0o600, host.accounts.db)
+
+
+def test_pgbouncer_is_restarted_not_reloaded_when_leaving_its_configuration_of_before_peer_auth(ctx):
+    host = converge(ctx, "web1")
+    ini = host.path("etc", "pgbouncer", "pgbouncer.ini")
+
+    def pgbouncer_calls(before: str) -> list[str]:
+        host.put_file(ini, before, owner=host.accounts.db)
+        host.calls.clear()
+        ROLES[host.role].converge(ctx, host)
+        requests = [rpc_request(c) for c in host.calls]
+        return [method for method, params in filter(None, requests) if params[:1] == ("pgbouncer",)]
+
+    # PgBouncer 1.18 would exit on the next login after a reload adding `user=app` (its issue #41)
+    old = "[databases]\npolls = host=10.0.0.1 port=5432 dbname=polls\n[pgbouncer]\nauth_type = scram-sha-256\n"
+    assert pgbouncer_calls(old) == ["stopProcess", "startProcess"]
+    # a change of today's configuration (a repointed database): an online reload
+    assert pgbouncer_calls(host.text(ini).replace("host=", "host=10.9.9.9 x=")) == ["signalProcess"]
+    assert pgbouncer_calls(host.text(ini)) == []
+
+
+def test_a_socket_path_too_long_for_a_socket_address_falls_back_to_tcp_with_the_password(ctx, capsys):
+    ctx.out = Output()
+    host = ctx.host("web1")
+    tail = "/run/pgbouncer/.s.PGSQL.6432"
+    for length, fits in ((107, True), (108, False)):   # sun_path: 108 bytes with the NUL
+        host.root = PurePosixPath("/" + "r" * (length - len(tail) - 1))
+        assert (appserver.pgbouncer_socket_dir(host) is not None) is fits
+    host.root = PurePosixPath("/var/tmp/fabula-bench-throughput-93uz48sz/state/bthru-543f/bench/servers/worker1")
+    ROLES[host.role].converge(ctx, host)
+    environment = ini_value(host.programs()["gunicorn"], "environment")
+    assert f'DATABASE_URL="postgres://app:{SECRETS.db_app_password}@127.0.0.1:6432/polls"' in environment
+    assert "longer than a Unix socket's 107 bytes" in capsys.readouterr().err
 
 
 def test_worker_migrates_as_the_app_user_with_the_apps_variables_then_starts_celery(ctx):

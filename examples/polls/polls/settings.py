@@ -85,7 +85,8 @@ TEMPLATES = [
 ]
 
 # --- databases ---------------------------------------------------------------
-# DATABASE_URL, e.g. postgres://user:pass@127.0.0.1:6432/polls (PgBouncer).
+# DATABASE_URL, e.g. postgres://fb-1a2b3c-app@%2Fsrv%2F...%2Frun%2Fpgbouncer:6432/polls: the
+# server's PgBouncer over its Unix socket, no password (peer authentication).
 # CONN_MAX_AGE=0: PgBouncer does the pooling, Django closes per request.
 
 

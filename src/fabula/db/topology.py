@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fabula.context import Context
 from fabula.roles import appserver, postgres
-from fabula.supervisor import Supervisor
 
 
 def apply_synchronous(ctx: Context) -> None:
@@ -27,7 +26,7 @@ def repoint_app_servers(ctx: Context) -> None:
     for record in ctx.state.servers.values():
         if record.role in ("web", "worker"):
             host = ctx.host(record.name)
-            _, changed = appserver.pgbouncer(ctx, host)
-            if changed:
-                Supervisor(host).signal("pgbouncer", "HUP")
+            _, how = appserver.pgbouncer(ctx, host)
+            if how:
+                appserver.apply_pgbouncer_change(host, how)
                 ctx.out.step(host.name, "PgBouncer repointed")

@@ -3,7 +3,7 @@ settings), and PgBouncer pooling connections to the databases over TLS."""
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from fabula.context import Context, Release
 from fabula.errors import FabulaError
@@ -48,25 +48,50 @@ def install_release(ctx: Context, host: Host) -> bool:
     return True
 
 
+# a Unix socket's address holds at most 107 bytes of path (sun_path's 108, with its NUL)
+SOCKET_PATH_MAX = 107
+
+
+def pgbouncer_run_dir(host: Host) -> PurePosixPath:
+    return host.path("run", "pgbouncer")
+
+
+def pgbouncer_socket_dir(host: Host) -> PurePosixPath | None:
+    """The folder of PgBouncer's Unix socket, the app's way in (see `pgbouncer`); None when the
+    socket's path would be too long for a socket address (a deep state directory, long names):
+    the app then reaches PgBouncer on 127.0.0.1:6432 with the `app` role's password, as before."""
+    folder = pgbouncer_run_dir(host)
+    return folder if len(f"{folder}/.s.PGSQL.{PGBOUNCER_PORT}".encode()) <= SOCKET_PATH_MAX else None
+
+
 def app_environment(ctx: Context, host: Host) -> dict[str, str]:
     """What the app's processes on this server receive (README: "What the app receives")."""
+    socket_dir = pgbouncer_socket_dir(host)
     return app_variables(ctx, server=host.name, role=host.role, address=host.address,
                          static_root=str(current(host) / "static"), release_id=ctx.require_release().id,
                          # a home of the server's own: tools that keep files in ~ (gunicorn's
                          # control socket) don't collide
-                         home=str(host.path("data", "home")))
+                         home=str(host.path("data", "home")),
+                         app_user=host.accounts.app, pgbouncer_dir=str(socket_dir) if socket_dir else None)
 
 
 def app_variables(ctx: Context, *, server: str, role: str, address: str, static_root: str,
-                  release_id: str, home: str) -> dict[str, str]:
+                  release_id: str, home: str, app_user: str, pgbouncer_dir: str | None) -> dict[str, str]:
     """Every variable the README promises the app, with the environment's real values, wherever
-    its code is imported (the release build too: settings may read any of them)."""
+    its code is imported (the release build too: settings may read any of them).
+
+    The databases are the server's PgBouncer: over its Unix socket in `pgbouncer_dir` (the URL's
+    host, percent-encoded, as libpq and dj-database-url read it) as the app's OS user, with no
+    password (peer authentication); without `pgbouncer_dir`, on 127.0.0.1 as `app` with its password."""
     s, db = ctx.secrets, ctx.database_name
     cache = ctx.state.one("cache")
     if cache is None or s is None:
         raise FabulaError(f"environment {ctx.env_name} has no servers yet: the app's settings get their "
                           "addresses and passwords from them", f"run `fabula create {ctx.env_name}` first")
-    local_db = f"postgres://app:{s.db_app_password}@127.0.0.1:{PGBOUNCER_PORT}"
+    if pgbouncer_dir:
+        local_db = f"postgres://{app_user}@{quote(pgbouncer_dir, safe='')}:{PGBOUNCER_PORT}"
+    else:
+        local_db = f"postgres://app:{s.db_app_password}@127.0.0.1:{PGBOUNCER_PORT}"
     lb_host = urlsplit(ctx.provider.load_balancer.url()).hostname or "localhost"
     allowed = [lb_host, "localhost", "127.0.0.1", address, *ctx.env.domains]
     return {
@@ -95,21 +120,56 @@ def app_egress(ctx: Context) -> list[EgressRule]:
             EgressRule(5432, "postgresql on the databases", to_roles=("db-primary", "db-replica"))]
 
 
-def pgbouncer(ctx: Context, host: Host) -> tuple[Program, bool]:
-    """PgBouncer's files and program; True if its configuration changed."""
-    conf_dir, run_dir = host.path("etc", "pgbouncer"), host.path("run", "pgbouncer")
+def pgbouncer(ctx: Context, host: Host) -> tuple[Program, str | None]:
+    """PgBouncer's files and program, and how a running PgBouncer takes a change of them: None
+    (nothing changed), "HUP" (an online reload) or "restart".
+
+    The app connects over the Unix socket with peer authentication: the kernel vouches for the
+    connecting process's user, which must be the environment's app user, so a new connection per
+    request costs no SCRAM exchange (PBKDF2 on both ends) and no password is in the app's
+    environment. The socket's folder admits the environment's group only (search, no listing);
+    peer then admits only the app user of that group. 127.0.0.1:6432 still takes the `app` role
+    with its password (SCRAM), for the operator's tools. Either way PgBouncer logs in to PostgreSQL
+    as `app`, over TLS, with the password from its auth_file."""
+    conf_dir, run_dir = host.path("etc", "pgbouncer"), pgbouncer_run_dir(host)
+    if pgbouncer_socket_dir(host) is None:
+        ctx.out.warn(f"{host.name}: {run_dir}/.s.PGSQL.{PGBOUNCER_PORT} is longer than a Unix socket's "
+                     f"{SOCKET_PATH_MAX} bytes: the app reaches PgBouncer on 127.0.0.1 with a password (a "
+                     "new database connection costs a SCRAM exchange); a shorter state directory "
+                     "(FABULA_STATE_DIR) or shorter names avoid it")
     db_user = host.accounts.db
     host.make_dirs([conf_dir], mode=0o700, owner=db_user)
-    host.make_dirs([run_dir], mode=0o700, owner=db_user)  # its Unix socket: for no other user
+    # its Unix socket: reachable by the environment's group (its primary group), for peer
+    # authentication to admit only the app user of it
+    host.make_dirs([run_dir], mode=0o710, owner=db_user)
     primary, replicas = ctx.state.require("db-primary"), ctx.state.serving_replicas()
     replica = replicas[0] if replicas else primary
+    # PgBouncer 1.18 exits on the first login after a reload that gives an existing database a
+    # `user=` (pgbouncer issue #41): from a configuration of before it (SCRAM for the app, no
+    # forced user), a restart, not a reload
+    previous = host.read(conf_dir / "pgbouncer.ini")
+    how = "restart" if previous is not None and b"auth_type = hba" not in previous else "HUP"
     changed = host.put_file(conf_dir / "root.crt", ctx.require_ca().cert_pem, owner=db_user)
-    changed |= host.put_file(conf_dir / "userlist.txt", f'"app" "{ctx.require_secrets().db_app_password}"\n',
-                             mode=0o600, owner=db_user)
+    # the app user's entry has no password: no password logs it in (peer, over the socket only)
+    users = f'"app" "{ctx.require_secrets().db_app_password}"\n"{host.accounts.app}" ""\n'
+    changed |= host.put_file(conf_dir / "userlist.txt", users, mode=0o600, owner=db_user)
+    databases = f"{ctx.database_name},{ctx.database_name}_replica"
+    changed |= host.put_file(conf_dir / "pg_hba.conf", render(
+        __file__, "pgbouncer_hba.conf.j2", name=host.name, databases=databases, app_user=host.accounts.app),
+        mode=0o600, owner=db_user)
     changed |= host.put_file(conf_dir / "pgbouncer.ini", render(
         __file__, "pgbouncer.ini.j2", name=host.name, database=ctx.database_name, primary=primary.address,
-        replica=replica.address, conf_dir=conf_dir, run_dir=run_dir), owner=db_user)
-    return Program("pgbouncer", ["/usr/sbin/pgbouncer", str(conf_dir / "pgbouncer.ini")], user=db_user), changed
+        replica=replica.address, conf_dir=conf_dir, run_dir=run_dir, app_user=host.accounts.app), owner=db_user)
+    program = Program("pgbouncer", ["/usr/sbin/pgbouncer", str(conf_dir / "pgbouncer.ini")], user=db_user)
+    return program, how if changed else None
+
+
+def apply_pgbouncer_change(host: Host, how: str | None) -> None:
+    """Have the running PgBouncer take its new configuration, as `pgbouncer` said."""
+    if how == "HUP":
+        Supervisor(host).signal("pgbouncer", "HUP")
+    elif how == "restart":
+        Supervisor(host).restart("pgbouncer")
 
 
 def reload_changed(host: Host, started: set[str], changed: dict[str, bool], how: dict[str, str]) -> None:

@@ -67,9 +67,10 @@ class Web(Role):
         nginx, nginx_changed = self.nginx(ctx, host)
         supervisor = Supervisor(host)
         started = supervisor.apply([bouncer, self.gunicorn(ctx, host), nginx])
-        appserver.reload_changed(host, started, {"pgbouncer": bouncer_changed, "nginx": nginx_changed,
+        appserver.reload_changed(host, started, {"pgbouncer": bouncer_changed is not None, "nginx": nginx_changed,
                                                  "gunicorn": moved},
-                                 how={"pgbouncer": "HUP", "nginx": "HUP", "gunicorn": "HUP"})
+                                 how={"nginx": "HUP", "gunicorn": "HUP",
+                                      **({"pgbouncer": "HUP"} if bouncer_changed == "HUP" else {})})
         supervisor.wait_running(["pgbouncer", "gunicorn", "nginx"])
         wait_port(host, "127.0.0.1", appserver.APP_PORT, what="gunicorn")
         wait_port(host, host.address, HTTPS_PORT, what="nginx")

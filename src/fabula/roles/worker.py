@@ -46,7 +46,8 @@ class Worker(Role):
         bouncer, bouncer_changed = appserver.pgbouncer(ctx, host)
         supervisor = Supervisor(host)
         started = supervisor.apply([bouncer])
-        appserver.reload_changed(host, started, {"pgbouncer": bouncer_changed}, how={"pgbouncer": "HUP"})
+        appserver.reload_changed(host, started, {"pgbouncer": bouncer_changed is not None},
+                                 how={"pgbouncer": "HUP"} if bouncer_changed == "HUP" else {})
         supervisor.wait_running(["pgbouncer"])
         migrate(ctx, host)
         celery = self.celery_programs(ctx, host)

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from fabula.sample import Run
 from tests.e2e.local.conftest import Environment, running_environment
 
 pytestmark = pytest.mark.e2e
@@ -78,6 +79,30 @@ def test_the_app_cannot_connect_to_the_other_environments_database_sockets(pair)
     own = first.env_dir / "servers" / "db1" / "run" / "postgresql"
     tried = as_app(first, "db1", f"psql -X -h {shlex.quote(str(own))} -U postgres -d postgres -c 'SELECT 1'")
     assert tried.returncode != 0
+
+
+def test_only_the_apps_own_user_logs_in_to_its_pgbouncer_socket(pair):
+    first, second = pair
+    folder = first.env_dir / "servers" / "web1" / "run" / "pgbouncer"
+    db = first.project.replace("-", "_")
+
+    def login(env: Environment, user: str, as_role: str) -> Run:
+        conninfo = f"host={folder} port=6432 dbname={db} user={as_role} connect_timeout=5"
+        return env.exec("web1", "runuser", "-u", user, "--", "psql", "-X", "-w", "-Atc", "SELECT current_user",
+                        conninfo, timeout=60)
+
+    # the app's own user, without a password (peer): PgBouncer logs in to PostgreSQL as `app`
+    own = login(first, first.accounts.app, first.accounts.app)
+    assert own.returncode == 0 and own.stdout.strip() == "app", own.stderr
+    # another user of the environment (its group reaches the socket's folder) is refused, whatever
+    # user it asks to be; so is the app role's name without its password
+    for user, role in ((first.accounts.web, first.accounts.web), (first.accounts.web, first.accounts.app),
+                       (first.accounts.db, first.accounts.app), (first.accounts.app, "app")):
+        tried = login(first, user, role)
+        assert tried.returncode != 0 and "login rejected" in tried.stderr, (user, role, tried.stdout, tried.stderr)
+    # the other environment's app user, as this app's user: not even the folder is open to it
+    tried = login(second, second.accounts.app, first.accounts.app)
+    assert tried.returncode != 0 and "Permission denied" in tried.stderr, tried.stderr
 
 
 def test_the_app_cannot_reach_the_other_environments_servers(pair):
