@@ -96,6 +96,10 @@ def test_create_twice_makes_one_instance_per_role(aws: None, tmp_path: Path, cap
     assert len(live()) == 4
     assert "ec2.RunInstances" not in second.cloud.counter.changes()
     assert second.cloud.counter.changes() == {}, second.cloud.counter.changes()
+    # what create's last lines tell the user
+    total, changed = first.cloud.counter.total(), sum(made.values())
+    assert first.activity() == f"{total} AWS API calls, {changed} that changed something"
+    assert second.activity() == f"{second.cloud.counter.total()} AWS API calls, none that changed something"
     with capsys.disabled():
         print(f"\naws fixed instances: first create {first.cloud.counter.total()} API calls "
               f"({sum(made.values())} changes), second {second.cloud.counter.total()} (0 changes)")

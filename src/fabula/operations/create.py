@@ -143,6 +143,9 @@ def create(ctx: Context) -> None:
         else:
             with op.phase("autoscaler"):  # keeps the web group at its size and healthy from now on
                 start_controller(ctx)
+    activity = ctx.provider.activity()
+    if activity is not None:
+        ctx.out.step(ctx.provider.name, activity)
     ctx.out.step("done", f"environment {ctx.env_name} is up in {time.monotonic() - started:.1f}s")
 
 

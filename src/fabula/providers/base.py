@@ -414,6 +414,10 @@ class Provider(abc.ABC):
     def destroy(self) -> list[str]:
         """Remove everything the environment made, also after a crash; return what was removed."""
 
+    def activity(self) -> str | None:
+        """What this command asked of the platform's API, for the end of `create` (None: no API)."""
+        return None
+
     load_balancer: LoadBalancer
 
 

@@ -318,6 +318,10 @@ class AwsProvider(Provider):
         self.known_hosts.forget([self.address(i, self.ssh.jump) for i in found])
         self._instances.pop(name, None)
 
+    def activity(self) -> str:
+        changes = sum(self.cloud.counter.changes().values())
+        return f"{self.cloud.counter.total()} AWS API calls, {changes or 'none'} that changed something"
+
     def destroy(self) -> list[str]:
         removed = teardown.destroy(self.cloud)
         removed += [f"known_hosts entry {name}" for name in self.known_hosts.forget()]
