@@ -280,3 +280,25 @@ def test_describe_lines_show_the_group_and_its_decisions():
     assert lines[2] == "  2026-01-02 03:04:05 scale-out 2 -> 3 + web5: demand [ok, 7.2s]"
     assert decision_line({"action": "replace", "retired": ["web1"], "launched": ["web3"], "reason": "r",
                           "outcome": "failed", "error": "boom"}).endswith("replace - web1 + web3: r [failed]: boom")
+
+
+def test_describe_lines_show_the_platforms_own_group_in_its_words():
+    report = {"configured": True, "min": 2, "desired": 2, "max": 8, "metric": "requests", "target": 100.0,
+              "in_service": 2, "demand": {"total": None, "per_server": None, "source": "load balancer"},
+              "suspended": [], "controller": "the platform's group and its scaling policy", "decisions": [],
+              "platform_group": {
+                  "name": "shop-production-web", "exists": True, "min": 2, "desired": 3, "max": 8,
+                  "release": "0123456789ab", "suspended": ["AZRebalance"],
+                  "scaling": "target tracking: ALBRequestCountPerTarget at 6000",
+                  "instances": [{"name": "i-1", "lifecycle": "InService", "health": "Healthy", "target": "healthy",
+                                 "release": "0123456789ab"},
+                                {"name": "i-2", "lifecycle": "Pending", "health": "Healthy", "target": None,
+                                 "release": "0123456789ab"}]}}
+    lines = describe_lines(report)
+    assert "autoscaler the platform's group and its scaling policy" in lines[1]
+    assert lines[2] == ("  platform group shop-production-web: desired 3 (min 2, max 8), release 0123456789ab; "
+                        "target tracking: ALBRequestCountPerTarget at 6000; suspended: AZRebalance")
+    assert lines[3] == "    i-1: InService, Healthy, target healthy, release 0123456789ab"
+    assert lines[4] == "    i-2: Pending, Healthy, target not registered, release 0123456789ab"
+    report["platform_group"] = {"name": "shop-production-web", "exists": False}
+    assert describe_lines(report)[2] == "  platform group shop-production-web: not made yet (`fabula create` makes it)"

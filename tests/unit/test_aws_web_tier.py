@@ -169,6 +169,13 @@ def test_create_brings_the_group_to_its_desired_count_converged_and_registered(s
         assert access.registered_while_converging[name] and not any(access.registered_while_converging[name])
     assert provider.load_balancer.health() == {n: "UP" for n in names}
     assert group.release() == FIRST and template_of_group(provider) == f"shop-production-web-{FIRST}"
+    # describe: the group in AWS's words, each instance in service, healthy in the target group
+    report = group.report()
+    assert (report["exists"], report["desired"], report["min"], report["max"], report["release"]) == \
+        (True, 2, 1, 4, FIRST)
+    assert [(i["name"], i["lifecycle"], i["target"], i["release"]) for i in report["instances"]] == \
+        [(n, "InService", "healthy", FIRST) for n in sorted(names)]
+    assert report["scaling"] and "ALBRequestCountPerTarget" in report["scaling"]
     # a second create's web tier launches nothing and keeps the members in service
     before = set(group.members())
     assert create_web_tier(ctx) and set(group.members()) == before

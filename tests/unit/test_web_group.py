@@ -61,6 +61,9 @@ class NativeGroup(NativeWebGroup):
     def release(self) -> str | None:
         return "native"
 
+    def report(self) -> dict:
+        return {"name": "native", "exists": True}
+
 
 class NativeProvider(FakeProvider):
     def __init__(self, group: WebGroup, **kw):

@@ -24,7 +24,10 @@ def group_report(ctx: Context, health: dict[str, str], decisions: int = 5) -> di
         demand = live_demand(group.metric, {n: r for n, r in stats.items() if n in members}) if stats else None
         source = "load balancer"
     per_server = round(demand / len(serving), 2) if demand is not None and serving else None
+    native = ctx.provider.web_group(ctx)
     return {
+        # the platform's own group (an Auto Scaling group), in its own words; None: fabula's
+        "platform_group": native.report() if native is not None else None,
         "configured": ctx.env.autoscaling is not None,
         "fixed_inventory": ctx.env.fixed_inventory,
         "min": group.min, "desired": current_desired(ctx), "max": group.max,
@@ -36,6 +39,7 @@ def group_report(ctx: Context, health: dict[str, str], decisions: int = 5) -> di
                    "source": source},
         "suspended": list(ctx.state.autoscaling_suspended),
         "controller": ("none (fixed hosts)" if ctx.env.fixed_inventory else
+                       "the platform's group and its scaling policy" if native is not None else
                        controller_state(ctx) if ctx.paths.state_file.exists() else "not running"),
         # the last changes and held-back changes (rounds skipped under another command's lock are
         # only in `fabula autoscaling ENV decisions`: `lock` already says who holds it)

@@ -36,8 +36,24 @@ def describe_lines(report: dict) -> list[str]:
              f"(min {report['min']}, max {report['max']}), {kind}",
              f"  {target}demand now {now}; autoscaler {report['controller']}; "
              f"suspended: {', '.join(report['suspended']) or 'none'}"]
+    lines += platform_group_lines(report.get("platform_group"))
     for entry in report["decisions"]:
         lines.append("  " + decision_line(entry))
+    return lines
+
+
+def platform_group_lines(group: dict | None) -> list[str]:
+    """The platform's own group (an Auto Scaling group) in its words, under the web group's lines."""
+    if group is None:
+        return []
+    if not group["exists"]:
+        return [f"  platform group {group['name']}: not made yet (`fabula create` makes it)"]
+    lines = [f"  platform group {group['name']}: desired {group['desired']} (min {group['min']}, max {group['max']}), "
+             f"release {group['release'] or 'none'}; {group['scaling'] or 'no scaling policy'}; "
+             f"suspended: {', '.join(group['suspended']) or 'none'}"]
+    for member in group["instances"]:
+        lines.append(f"    {member['name']}: {member['lifecycle']}, {member['health']}, target "
+                     f"{member['target'] or 'not registered'}, release {member['release'] or '?'}")
     return lines
 
 

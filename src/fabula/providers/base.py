@@ -266,6 +266,13 @@ class NativeWebGroup(WebGroup):
         changing its size from demand, "healing": replacing failing servers; both: everything
         the group does on its own, launching and terminating included)."""
 
+    @abc.abstractmethod
+    def report(self) -> dict:
+        """The group as the platform has it, for `describe`: "name", "exists", "min", "desired",
+        "max", "release" (its launch configuration's), "suspended" (the platform's process names),
+        "scaling" (its policy, in words, or None) and "instances": each member's "name",
+        "lifecycle", "health" (the group's view), "target" (the load balancer's), "release"."""
+
 
 class SharedStore(abc.ABC):
     """Where a team's operators share an environment whose servers are not on one machine (a

@@ -16,6 +16,12 @@ def test_create_serves_the_app_through_the_load_balancer(lab, environment):
     wait_for(served, 60, message="the app through the stand-in ALB")
     described = environment.describe()
     assert {s["role"] for s in described["servers"]} >= {"web", "worker", "cache", "db-primary", "db-replica"}
+    # the Auto Scaling group in AWS's words: its two instances in service and healthy in the target group
+    group = described["autoscaling"]["platform_group"]
+    webs = sorted(s["name"] for s in described["servers"] if s["role"] == "web")
+    assert group["exists"] and group["desired"] == 2 and group["release"] == described["release"]
+    assert [(i["name"], i["lifecycle"], i["target"]) for i in group["instances"]] == \
+        [(name, "InService", "healthy") for name in webs]
 
 
 

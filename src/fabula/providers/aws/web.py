@@ -93,6 +93,11 @@ class AlbLoadBalancer(LoadBalancer):
                 {"Id": i, "Port": HTTPS_PORT} for i in sorted(have - wanted)])
 
     @aws_errors
+    def targets_by_instance(self) -> dict[str, str]:
+        """Instance id -> the target group's own word for it (healthy, initial, draining...)."""
+        return self._targets()
+
+    @aws_errors
     def health(self) -> dict[str, str]:
         targets = self._targets()
         names = self._instances(list(targets))
@@ -221,6 +226,32 @@ class AwsWebGroup(NativeWebGroup):
         web_group.terminate_member(self.cloud, name)
         if self._forget is not None:
             self._forget(instance)
+
+    @aws_errors
+    def report(self) -> dict:
+        name = web_group.group_name(self.cloud)
+        group = self._group()
+        if group is None:
+            return {"name": name, "exists": False}
+        targets = self.load_balancer.targets_by_instance()
+        ids = [i["InstanceId"] for i in group.get("Instances", [])]
+        releases = {i.id: i.release for i in find(self.cloud, ids=ids)} if ids else {}
+        policies = self.cloud.autoscaling.describe_policies(AutoScalingGroupName=name)["ScalingPolicies"]
+        tracking = [p["TargetTrackingConfiguration"] for p in policies if p.get("TargetTrackingConfiguration")]
+        scaling = None
+        if tracking:
+            metric = tracking[0].get("PredefinedMetricSpecification", {}).get("PredefinedMetricType", "a metric")
+            scaling = f"target tracking: {metric} at {tracking[0]['TargetValue']:g}"
+        return {
+            "name": name, "exists": True, "min": group["MinSize"], "desired": group["DesiredCapacity"],
+            "max": group["MaxSize"], "release": self.release(),
+            "suspended": sorted(p["ProcessName"] for p in group.get("SuspendedProcesses", [])),
+            "scaling": scaling,
+            "instances": [{"name": i["InstanceId"], "lifecycle": i.get("LifecycleState"),
+                           "health": i.get("HealthStatus"), "target": targets.get(i["InstanceId"]),
+                           "release": releases.get(i["InstanceId"])}
+                          for i in sorted(group.get("Instances", []), key=lambda i: i["InstanceId"])],
+        }
 
     def suspend(self, processes: list[str], suspend: bool) -> None:
         # Launch and Terminate are held only while both are: a deploy and `fabula scale` need them
