@@ -17,7 +17,7 @@ from fabula.autoscaling.log import decisions_path, log_decision
 from fabula.autoscaling.policy import PROCESSES, check_desired, current_desired, failing
 from fabula.context import Context, Release
 from fabula.deploy import native
-from fabula.deploy.group import launch_or_remove, retire_web_server
+from fabula.deploy.group import launch_or_remove_many, retire_web_server, retire_web_servers
 from fabula.environment import lock
 from fabula.environment.audit import Operation, operation
 from fabula.errors import ConfigError, FabulaError
@@ -84,13 +84,13 @@ def launch_configuration(ctx: Context) -> Release:
     return found
 
 
-def launch(ctx: Context, release: Release) -> str:
-    """A new web server from the launch configuration, in service once healthy; removed again if
-    it does not get there."""
+def launch(ctx: Context, release: Release, count: int = 1) -> list[str]:
+    """`count` new web servers from the launch configuration, launched at once, in service once
+    healthy; removed again if they do not get there."""
     try:
-        return launch_or_remove(ctx, release).name
+        return [r.name for r in launch_or_remove_many(ctx, release, count)]
     except Exception as exc:
-        raise FabulaError(f"a new web server from release {release.id} did not come into service: {exc}",
+        raise FabulaError(f"{count} new web server(s) from release {release.id} did not come into service: {exc}",
                           f"see `fabula logs {ctx.env_name}`") from exc
 
 
@@ -115,15 +115,14 @@ def converge(ctx: Context, op: Operation, health: dict[str, str] | None = None) 
     done: dict[str, list[str]] = {"launched": [], "retired": []}
     if len(webs) < desired:
         release = launch_configuration(ctx)
-        for n in range(desired - len(webs)):
-            with op.phase(f"launch {n + 1} of {desired - len(webs)}"):
-                done["launched"].append(launch(ctx, release))
+        with op.phase(f"launch {desired - len(webs)}"):
+            done["launched"] += launch(ctx, release, desired - len(webs))
     elif len(webs) > desired:
         health = ctx.provider.load_balancer.health() if health is None else health
-        for name in victims(ctx, len(webs) - desired, health):
-            with op.phase(f"retire {name}"):
-                retire_web_server(ctx, name)
-                done["retired"].append(name)
+        leaving = victims(ctx, len(webs) - desired, health)
+        with op.phase(f"retire {', '.join(leaving)}"):   # drained together
+            retire_web_servers(ctx, leaving)
+            done["retired"] += leaving
     op.details.update({k: v for k, v in done.items() if v})
     return done
 
@@ -143,7 +142,7 @@ def replace(ctx: Context, op: Operation, name: str) -> dict[str, list[str]]:
     a few seconds sooner, and the group is never smaller than it already is."""
     release = launch_configuration(ctx)
     with op.phase("launch"):
-        new = launch(ctx, release)
+        new = launch(ctx, release)[0]
     with op.phase(f"retire {name}"):
         retire_web_server(ctx, name)
     op.details.update(replaced=name, launched=[new])

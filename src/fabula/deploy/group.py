@@ -7,7 +7,8 @@ from collections.abc import Callable
 from fabula.context import Context, Release
 from fabula.environment.firewall import apply_firewalls
 from fabula.errors import FabulaError
-from fabula.providers.base import Backend, poll
+from fabula.parallel import at_once
+from fabula.providers.base import Backend, Host, poll
 from fabula.roles import ROLES
 from fabula.roles.web import HTTPS_PORT
 from fabula.state import ServerRecord
@@ -43,37 +44,58 @@ def wait_healthy(ctx: Context, names: list[str], timeout: float = 60) -> None:
 def launch_web_server(ctx: Context, release: Release, in_service: bool = True) -> ServerRecord:
     """Start a new web server from `release`; with in_service, add it to the load balancer and
     return once its health check passes there."""
-    record = new_server(ctx.state, "web")
-    record.release = release.id
-    ctx.state.servers[record.name] = record
-    ctx.state.save(ctx.paths)  # recorded before it exists, so destroy finds it after a crash
-    host = ctx.provider.ensure_server(record.name, record.role)
-    ctx.provider.prepare_host(host, ROLES["web"].packages)
-    ctx.out.step(record.name, f"launching from release {release.id} at {host.address}")
-    ctx.hosts[record.name] = host
-    apply_firewalls(ctx)  # the cache and databases admit the new address
-    Supervisor(host).ensure_running()
+    return launch_web_servers(ctx, release, 1, in_service)[0]
+
+
+def launch_web_servers(ctx: Context, release: Release, count: int, in_service: bool = True) -> list[ServerRecord]:
+    """Start `count` new web servers from `release` at once (as an autoscaling group's surge);
+    with in_service, add them to the load balancer and return once their health checks pass."""
+    records = []
+    for _ in range(count):
+        record = new_server(ctx.state, "web")
+        record.release = release.id
+        ctx.state.servers[record.name] = record
+        records.append(record)
+    ctx.state.save(ctx.paths)  # recorded before they exist, so destroy finds them after a crash
+    for record in records:     # one after another: the provider's network changes are not shared
+        host = ctx.provider.ensure_server(record.name, record.role)
+        ctx.hosts[record.name] = host
+        ctx.out.step(record.name, f"launching from release {release.id} at {host.address}")
+    hosts = [ctx.hosts[r.name] for r in records]
+    at_once(hosts, lambda h: ctx.provider.prepare_host(h, ROLES["web"].packages))
+    apply_firewalls(ctx)  # the cache and databases admit the new addresses
     previous, ctx.release = ctx.release, release
     try:
-        ROLES["web"].converge(ctx, host)
+        at_once(hosts, lambda h: _start_web(ctx, h), name=lambda h: h.name)
     finally:
         ctx.release = previous
     if in_service:
-        bring_into_service(ctx, record.name)
-    return record
+        bring_into_service(ctx, [r.name for r in records])
+    return records
+
+
+def _start_web(ctx: Context, host: Host) -> None:
+    Supervisor(host).ensure_running()
+    ROLES["web"].converge(ctx, host)
 
 
 def launch_or_remove(ctx: Context, release: Release, in_service: bool = True,
                      then: Callable[[ServerRecord], object] | None = None) -> ServerRecord:
-    """launch_web_server, then `then(record)`; if either fails, every server that appeared
+    """launch_or_remove_many for one server."""
+    return launch_or_remove_many(ctx, release, 1, in_service, then=lambda records: then and then(records[0]))[0]
+
+
+def launch_or_remove_many(ctx: Context, release: Release, count: int, in_service: bool = True,
+                          then: Callable[[list[ServerRecord]], object] | None = None) -> list[ServerRecord]:
+    """launch_web_servers, then `then(records)`; if either fails, every server that appeared
     meanwhile is retired and the error goes on to the caller, who words it. A failed removal only
     warns: the launch's error says what went wrong, the removal's would hide it."""
     before = set(ctx.state.servers)
     try:
-        record = launch_web_server(ctx, release, in_service)
+        records = launch_web_servers(ctx, release, count, in_service)
         if then:
-            then(record)
-        return record
+            then(records)
+        return records
     except Exception:
         for name in set(ctx.state.servers) - before:
             try:
@@ -83,10 +105,12 @@ def launch_or_remove(ctx: Context, release: Release, in_service: bool = True,
         raise
 
 
-def bring_into_service(ctx: Context, name: str) -> None:
-    set_backends(ctx, [n for n in web_names(ctx) if n == name or n in serving(ctx)])
-    wait_healthy(ctx, [name])
-    ctx.out.step(name, "in service")
+def bring_into_service(ctx: Context, names: str | list[str]) -> None:
+    names = [names] if isinstance(names, str) else names
+    set_backends(ctx, [n for n in web_names(ctx) if n in names or n in serving(ctx)])
+    wait_healthy(ctx, names)
+    for name in names:
+        ctx.out.step(name, "in service")
 
 
 def serving(ctx: Context) -> set[str]:
@@ -96,16 +120,26 @@ def serving(ctx: Context) -> set[str]:
 def retire_web_server(ctx: Context, name: str, timeout: float = DRAIN_TIMEOUT) -> None:
     """Drain a web server (no new requests; those in flight finish), take it out of the load
     balancer, then remove it."""
+    retire_web_servers(ctx, [name], timeout)
+
+
+def retire_web_servers(ctx: Context, names: list[str], timeout: float = DRAIN_TIMEOUT) -> None:
+    """retire_web_server for several at once: all drained together, then removed."""
     lb = ctx.provider.load_balancer
-    if name in serving(ctx):
+    draining = [n for n in names if n in serving(ctx)]
+    for name in draining:
         lb.drain(name)
         ctx.out.step(name, "draining")
-        if not lb.wait_drained(name, timeout):
-            ctx.out.warn(f"{name} still serves requests after {timeout:.0f}s of draining: they are cut")
-        set_backends(ctx, [n for n in serving(ctx) if n != name and n in ctx.state.servers])
-    ctx.provider.remove_server(name)
-    ctx.state.servers.pop(name, None)
-    ctx.hosts.pop(name, None)
-    ctx.state.save(ctx.paths)
+    if draining:
+        def wait(name: str) -> None:
+            if not lb.wait_drained(name, timeout):
+                ctx.out.warn(f"{name} still serves requests after {timeout:.0f}s of draining: they are cut")
+        at_once(draining, wait)
+        set_backends(ctx, [n for n in serving(ctx) if n not in names and n in ctx.state.servers])
+    for name in names:
+        ctx.provider.remove_server(name)
+        ctx.state.servers.pop(name, None)
+        ctx.hosts.pop(name, None)
+        ctx.state.save(ctx.paths)
+        ctx.out.step(name, "removed")
     apply_firewalls(ctx)
-    ctx.out.step(name, "removed")

@@ -21,8 +21,8 @@ from fabula.context import Context, Release
 from fabula.deploy import in_place, native
 from fabula.deploy.group import (
     bring_into_service,
-    launch_or_remove,
-    retire_web_server,
+    launch_or_remove_many,
+    retire_web_servers,
     set_backends,
     wait_healthy,
     web_names,
@@ -112,28 +112,34 @@ def using_release(ctx: Context, release: Release):
         ctx.release = previous
 
 
-def launch_or_clean_up(ctx: Context, new: Release, then=None):
-    """A new web server from `new`, healthy on its own (out of rotation); `then(record)` runs
-    next. If either fails, the new server is removed and the site keeps its release."""
+def launch_or_clean_up(ctx: Context, new: Release, then=None, count: int = 1) -> list:
+    """`count` new web servers from `new`, healthy on their own (out of rotation); `then(records)`
+    runs next. If either fails, the new servers are removed and the site keeps its release."""
     try:
-        return launch_or_remove(ctx, new, in_service=False, then=then)
+        return launch_or_remove_many(ctx, new, count, in_service=False, then=then)
     except Exception as exc:
         raise FabulaError(f"deploy of release {new.id} stopped: {exc}\n"
-                          f"the new server was removed; the site still serves release {ctx.state.release}",
+                          f"the new server(s) were removed; the site still serves release {ctx.state.release}",
                           f"fix the release and deploy again; `fabula history {ctx.env_name}` shows what ran") from exc
 
 
-def serial(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
+def serial(ctx: Context, op, new: Release, old_servers: list[str], surge: int | None = None) -> None:
+    """New web servers beside the old ones, `surge` at a time (default: as many as there are
+    old ones, launched at once, as an autoscaling group's maximum surge): each batch healthy and in
+    service, then as many old ones drained together and removed. The migrations and the worker
+    run once, when the first new servers are healthy and before they take traffic."""
     old = ctx.release
-    for index, retiring in enumerate(old_servers):
-        with op.phase(f"replace {retiring}"):
-            def into_service(record, first=index == 0):
+    surge = surge or len(old_servers)
+    for start in range(0, len(old_servers), surge):
+        retiring = old_servers[start:start + surge]
+        with op.phase(f"replace {', '.join(retiring)}"):
+            def into_service(records, first=start == 0):
                 if first:  # the new code is healthy: now the migrations and the worker, once
                     with op.phase("migrations and worker"):
-                        migrate_and_update_workers(ctx, new, old, record)
-                bring_into_service(ctx, record.name)
-            launch_or_clean_up(ctx, new, then=into_service)
-            retire_web_server(ctx, retiring)
+                        migrate_and_update_workers(ctx, new, old, records[0])
+                bring_into_service(ctx, [r.name for r in records])
+            launch_or_clean_up(ctx, new, then=into_service, count=len(retiring))
+            retire_web_servers(ctx, retiring)
 
 
 def migrate_and_update_workers(ctx: Context, new: Release, old: Release | None, record) -> None:
@@ -154,11 +160,13 @@ def migrate_and_update_workers(ctx: Context, new: Release, old: Release | None, 
 def full(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
     set_maintenance(ctx, True)
     try:
-        new_servers = []
+        def upgrade_page(records) -> None:   # on the new servers too, until the swap
+            for record in records:
+                set_host(ctx.host(record.name), True)
+
         with op.phase("new web servers"):
-            for _ in old_servers:
-                record = launch_or_clean_up(ctx, new, then=lambda r: set_host(ctx.host(r.name), True))
-                new_servers.append(record.name)
+            records = launch_or_clean_up(ctx, new, count=len(old_servers), then=upgrade_page)
+            new_servers = [r.name for r in records]
         with op.phase("migrations and worker"):
             if ctx.state.by_role("worker"):
                 update_workers(ctx, new)
@@ -168,8 +176,7 @@ def full(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
         with op.phase("swap"):
             set_backends(ctx, old_servers + new_servers)
             wait_healthy(ctx, new_servers)
-            for old in old_servers:
-                retire_web_server(ctx, old)
+            retire_web_servers(ctx, old_servers)
     finally:
         set_maintenance(ctx, False)
 
