@@ -1,5 +1,6 @@
 """`provider: aws` end to end in the lab: create, a page through the (stand-in) load balancer,
-`exec` on an instance, and destroy leaving nothing tagged and no instance running."""
+the Auto Scaling group in `describe`, `exec` on an instance, a second create that changes
+nothing on AWS, and destroy leaving nothing tagged and no instance running."""
 from __future__ import annotations
 
 import httpx
@@ -29,6 +30,13 @@ def test_exec_runs_on_the_instance(environment):
     worker = environment.server("worker1")
     ran = environment.exec("worker1", "hostname", "-I")
     assert ran.returncode == 0 and worker["address"] in ran.stdout.split()
+
+
+def test_a_second_create_changes_nothing_on_aws(lab, environment):
+    again = environment.fabula("create", environment.name, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert "AWS API calls, none that changed something" in again.stderr, again.stderr[-3000:]
+    assert len(lab.live_instances()) == 6   # the four fixed roles' and the group's two
 
 
 def test_destroy_leaves_nothing_tagged_and_no_instance_running(lab, environment):
