@@ -604,7 +604,8 @@ def aws_lab() -> Iterator[AwsLab]:
             for project, env in list(lab.environments):
                 lab.forget_environment(project, env)
             sh("ip", "link", "del", lab.bridge, check=False)
-            shutil.rmtree(tmp, ignore_errors=True)
+            if os.environ.get("FABULA_KEEP_LAB") != "1":   # its logs, to read after a failure
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _restore(saved: dict[str, str | None]) -> None:

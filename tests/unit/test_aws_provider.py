@@ -98,8 +98,9 @@ def test_create_twice_makes_one_instance_per_role(aws: None, tmp_path: Path, cap
     assert second.cloud.counter.changes() == {}, second.cloud.counter.changes()
     # what create's last lines tell the user
     total, changed = first.cloud.counter.total(), sum(made.values())
-    assert first.activity() == f"{total} AWS API calls, {changed} that changed something"
-    assert second.activity() == f"{second.cloud.counter.total()} AWS API calls, none that changed something"
+    assert first.activity() == f"{total} AWS API calls: {changed} changed a resource, 0 wrote the shared state and lock"
+    assert second.activity() == \
+        f"{second.cloud.counter.total()} AWS API calls: none changed a resource, 0 wrote the shared state and lock"
     with capsys.disabled():
         print(f"\naws fixed instances: first create {first.cloud.counter.total()} API calls "
               f"({sum(made.values())} changes), second {second.cloud.counter.total()} (0 changes)")

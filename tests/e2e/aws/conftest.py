@@ -33,6 +33,7 @@ def environment(lab: AwsLab) -> Iterator[SampleEnvironment]:
     try:
         created = env.fabula("create", ENV, timeout=900)
         assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
+        lab.log("first create:\n" + created.stderr)
         yield env
     finally:
         destroyed = env.fabula("destroy", ENV, "--yes", timeout=600)

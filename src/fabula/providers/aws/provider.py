@@ -319,8 +319,12 @@ class AwsProvider(Provider):
         self._instances.pop(name, None)
 
     def activity(self) -> str:
-        changes = sum(self.cloud.counter.changes().values())
-        return f"{self.cloud.counter.total()} AWS API calls, {changes or 'none'} that changed something"
+        changes = self.cloud.counter.changes()
+        # the state bucket's objects (the lock, the shared files) are written by every command
+        shared = sum(n for call, n in changes.items() if call in ("s3.PutObject", "s3.DeleteObject"))
+        made = sum(changes.values()) - shared
+        return (f"{self.cloud.counter.total()} AWS API calls: {made or 'none'} changed a resource, "
+                f"{shared} wrote the shared state and lock")
 
     def destroy(self) -> list[str]:
         removed = teardown.destroy(self.cloud)
