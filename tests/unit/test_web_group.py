@@ -5,6 +5,8 @@ server behind."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import typer
@@ -16,7 +18,8 @@ from fabula.autoscaling.log import decisions_path, read_decisions
 from fabula.cli import scaling
 from fabula.config import load_config
 from fabula.context import Context, Release
-from fabula.deploy.group import launch_or_remove
+from fabula.deploy import rollout
+from fabula.deploy.group import launch_or_remove, launch_or_remove_many
 from fabula.output import Output
 from fabula.pki import CertificateAuthority
 from fabula.providers.base import Backend, Member, NativeWebGroup, WebGroup
@@ -175,3 +178,53 @@ def test_a_failed_removal_after_a_failed_launch_only_warns(ctx, monkeypatch):
     with pytest.raises(RuntimeError, match="does not start"):  # the launch's error, not the removal's
         launch_or_remove(ctx, ctx.require_release(), in_service=False, then=broken)
     assert "could not remove the failed web server web4: web4 is stuck" in ctx.out.err.file.getvalue()
+
+
+class Phases:
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        yield
+
+
+def test_a_serial_deploy_brings_all_new_servers_into_service_before_draining_the_old_together(ctx, monkeypatch):
+    in_service(ctx, "web1", "web2", "web3")
+    lb = ctx.provider.load_balancer
+    events: list[tuple[str, object]] = []
+    ensure, drain = lb.ensure, lb.drain
+    monkeypatch.setattr(lb, "ensure", lambda backends: (events.append(("lb", sorted(b.name for b in backends))),
+                                                        ensure(backends)))
+    monkeypatch.setattr(lb, "drain", lambda name: (events.append(("drain", name)), drain(name)))
+    migrated: list[str] = []
+    monkeypatch.setattr(rollout, "migrate_and_update_workers",
+                        lambda c, new, old, record: migrated.append(record.name))
+    new = Release("fedcba987654", "fedcba9876543210", ctx.require_release().path)
+    rollout.serial(ctx, Phases(), new, ["web1", "web2", "web3"])
+    # the three new servers launched at once: in service together, beside the old ones
+    assert events[0] == ("lb", ["web1", "web2", "web3", "web4", "web5", "web6"])
+    assert migrated == ["web4"]   # once, before any new server takes traffic
+    # then the old ones drained together, and only the new ones left
+    assert events[1:4] == [("drain", "web1"), ("drain", "web2"), ("drain", "web3")]
+    assert events[-1] == ("lb", ["web4", "web5", "web6"])
+    assert sorted(r.name for r in ctx.state.by_role("web")) == ["web4", "web5", "web6"]
+    assert all(ctx.state.servers[n].release == new.id for n in ("web4", "web5", "web6"))
+
+
+def test_a_serial_deploy_in_batches_replaces_as_many_old_servers_as_it_launched(ctx, monkeypatch):
+    in_service(ctx, "web1", "web2", "web3")
+    lb = ctx.provider.load_balancer
+    drained: list[str] = []
+    drain = lb.drain
+    monkeypatch.setattr(lb, "drain", lambda name: (drained.append(f"{name} among {len(lb.backends)}"), drain(name)))
+    monkeypatch.setattr(rollout, "migrate_and_update_workers", lambda *args: None)
+    rollout.serial(ctx, Phases(), Release("fedcba987654", "fedcba9876543210", ctx.require_release().path),
+                   ["web1", "web2", "web3"], surge=2)
+    # two new beside three old, two old drained; then one new beside the one old left
+    assert drained == ["web1 among 5", "web2 among 5", "web3 among 4"]
+    assert sorted(r.name for r in ctx.state.by_role("web")) == ["web4", "web5", "web6"]
+
+
+def test_a_batch_that_fails_removes_every_server_it_launched(ctx):
+    with pytest.raises(RuntimeError, match="does not start"):
+        launch_or_remove_many(ctx, ctx.require_release(), 2, in_service=False, then=broken)
+    assert web_group(ctx).members() == ["web1", "web2", "web3"]
+    assert "web4" not in ctx.provider.hosts and "web5" not in ctx.provider.hosts
