@@ -49,6 +49,7 @@ REGION = "eu-west-1"
 ACCOUNT = "123456789012"   # moto's default account
 SLOTS = 16                 # the stand-in ALB's server slots: more targets than any test registers
 HSTS_ATTRIBUTE = "routing.http.response.strict_transport_security.header_value"
+_ACTIVE: list[str] = []    # the lab running in this process, if any (one at a time)
 PROBE_INTERVAL = 0.5       # the prober's pace (an ALB's floor is 5 s: the thresholds are the group's)
 
 
@@ -564,6 +565,11 @@ def aws_lab() -> Iterator[AwsLab]:
             pytest.skip(f"{program} is not installed (make setup)")
     from moto.server import ThreadedMotoServer
 
+    if _ACTIVE:
+        # moto's backends are this process's, and the lab patches them: two labs would both
+        # boot every instance (e.g. the acceptance suite's environment still up during another
+        # module's): its fixture must end first
+        raise RuntimeError(f"an AWS lab ({_ACTIVE[0]}) is still running in this process: one at a time")
     tag = secrets.token_hex(3)
     tmp = Path(tempfile.mkdtemp(prefix=f"fbaws-{tag}-", dir="/var/tmp"))
     tmp.chmod(0o755)
@@ -592,6 +598,8 @@ def aws_lab() -> Iterator[AwsLab]:
             prober.start()
             stack.callback(prober.join, 10)
             stack.callback(stop.set)
+            _ACTIVE.append(tag)
+            stack.callback(_ACTIVE.remove, tag)
             saved = {name: os.environ.get(name) for name in lab.env}
             os.environ.update(lab.env)
             stack.callback(_restore, saved)

@@ -71,7 +71,7 @@ def _environment(provider: str, keys: str, servers: str | None, url: str | None)
             pytest.fail(f"destroy failed or left the environment: {destroyed.stderr[-2000:]}")
 
 
-@pytest.fixture(scope="session", params=PROVIDERS)
+@pytest.fixture(scope="package", params=PROVIDERS)
 def environment(request) -> Iterator[Environment]:
     """One environment per provider for the whole suite (creating one is the slow part): the
     modules run in name order, architecture, then db (promote, restore), then deploy."""
