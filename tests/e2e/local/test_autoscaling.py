@@ -237,6 +237,9 @@ def test_the_group_grows_under_load_within_max_and_shrinks_back_to_min(env):
         wait_for(lambda: watch() or group_is(env, MAX), timeout=120, interval=0.5,
                  message=f"the group at max {MAX} under load")
         new = set(web_servers(env)) - first
+        # (the servers may all come into service at once: the first request they serve is a moment later)
+        wait_for(lambda: load.first_from(new, after=load.started) is not None, timeout=30, interval=0.2,
+                 message="a request served by a new server")
         taking = load.first_from(new, after=load.started)
         FIGURES["load step to a new server taking traffic"] = taking - load.started
         FIGURES["load step to the group at max"] = time.monotonic() - load.started
