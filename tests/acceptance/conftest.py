@@ -5,19 +5,16 @@ and `provider_section` writes that provider's part of fabula.yml. Checks that ne
 provider's internals live in that provider's own tests (tests/e2e/local for local)."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 
 import pytest
 
-from fabula.sample import ALL_ROLES, free_ports, local_keys, make_app_repo
+from fabula.sample import ALL_ROLES, free_ports, local_keys
 from fabula.sample import SampleEnvironment as Environment
 from tests.awslab import aws_keys, aws_lab
+from tests.helpers import created_environment
 from tests.sshlab import ROLES, ssh_keys, ssh_lab
 
 ENV = "acc"
@@ -54,21 +51,8 @@ def acceptance_environment(provider: str, extra: str = "") -> Iterator[Environme
 
 @contextmanager
 def _environment(provider: str, keys: str, servers: str | None, url: str | None) -> Iterator[Environment]:
-    base = Path(tempfile.mkdtemp(prefix="fabula-acc-", dir="/var/tmp"))
-    base.chmod(0o755)
-    app = base / "app"
-    make_app_repo(app, f"acc-{os.urandom(3).hex()}", ENV, keys, provider=provider, servers=servers)
-    env = Environment(app, base / "state", ENV, url=url)
-    try:
-        created = env.fabula("create", ENV, timeout=900)
-        assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
+    with created_environment(f"acc-{os.urandom(3).hex()}", ENV, keys, provider, servers, url) as (env, _):
         yield env
-    finally:
-        destroyed = env.fabula("destroy", ENV, "--yes", timeout=300)
-        gone = env.fabula("describe", ENV, "--json")
-        shutil.rmtree(base, ignore_errors=True)
-        if destroyed.returncode != 0 or json.loads(gone.stdout or "{}").get("exists"):
-            pytest.fail(f"destroy failed or left the environment: {destroyed.stderr[-2000:]}")
 
 
 @pytest.fixture(scope="package", params=PROVIDERS)

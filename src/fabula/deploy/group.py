@@ -41,12 +41,6 @@ def wait_healthy(ctx: Context, names: list[str], timeout: float = 60) -> None:
                           f"(GET /healthcheck.html over HTTPS)", f"see `fabula logs {ctx.env_name} {down[0]}`")
 
 
-def launch_web_server(ctx: Context, release: Release, in_service: bool = True) -> ServerRecord:
-    """Start a new web server from `release`; with in_service, add it to the load balancer and
-    return once its health check passes there."""
-    return launch_web_servers(ctx, release, 1, in_service)[0]
-
-
 def launch_web_servers(ctx: Context, release: Release, count: int, in_service: bool = True) -> list[ServerRecord]:
     """Start `count` new web servers from `release` at once (as an autoscaling group's surge);
     with in_service, add them to the load balancer and return once their health checks pass."""
@@ -105,9 +99,9 @@ def launch_or_remove_many(ctx: Context, release: Release, count: int, in_service
         raise
 
 
-def bring_into_service(ctx: Context, names: str | list[str]) -> None:
-    names = [names] if isinstance(names, str) else names
-    set_backends(ctx, [n for n in web_names(ctx) if n in names or n in serving(ctx)])
+def bring_into_service(ctx: Context, names: list[str]) -> None:
+    already = serving(ctx)
+    set_backends(ctx, [n for n in web_names(ctx) if n in names or n in already])
     wait_healthy(ctx, names)
     for name in names:
         ctx.out.step(name, "in service")
@@ -126,7 +120,8 @@ def retire_web_server(ctx: Context, name: str, timeout: float = DRAIN_TIMEOUT) -
 def retire_web_servers(ctx: Context, names: list[str], timeout: float = DRAIN_TIMEOUT) -> None:
     """retire_web_server for several at once: all drained together, then removed."""
     lb = ctx.provider.load_balancer
-    draining = [n for n in names if n in serving(ctx)]
+    already = serving(ctx)
+    draining = [n for n in names if n in already]
     for name in draining:
         lb.drain(name)
         ctx.out.step(name, "draining")

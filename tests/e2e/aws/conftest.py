@@ -3,16 +3,13 @@ control plane, a network namespace with its own sshd per instance, real target h
 HAProxy standing in for the ALB's data plane."""
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from fabula.sample import SampleEnvironment, make_app_repo
+from fabula.sample import SampleEnvironment
 from tests.awslab import AwsLab, aws_keys, aws_lab
+from tests.helpers import created_environment
 
 ENV = "lab"
 
@@ -25,19 +22,7 @@ def lab() -> Iterator[AwsLab]:
 
 @pytest.fixture(scope="module")
 def environment(lab: AwsLab) -> Iterator[SampleEnvironment]:
-    base = Path(tempfile.mkdtemp(prefix="fabula-aws-", dir="/var/tmp"))
-    base.chmod(0o755)
-    app = base / "app"
-    make_app_repo(app, f"aws-{lab.tag}", ENV, aws_keys(lab), provider="aws")
-    env = SampleEnvironment(app, base / "state", ENV, url=lab.url)   # the lab has no DNS for the ALB's name
-    try:
-        created = env.fabula("create", ENV, timeout=900)
-        assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
+    # the lab has no DNS for the ALB's name: its URL leads to the lab's stand-in
+    with created_environment(f"aws-{lab.tag}", ENV, aws_keys(lab), "aws", url=lab.url) as (env, created):
         lab.log("first create:\n" + created.stderr)
         yield env
-    finally:
-        destroyed = env.fabula("destroy", ENV, "--yes", timeout=600)
-        gone = env.fabula("describe", ENV, "--json")
-        shutil.rmtree(base, ignore_errors=True)
-        if destroyed.returncode != 0 or json.loads(gone.stdout or "{}").get("exists"):
-            pytest.fail(f"destroy failed or left the environment: {destroyed.stderr[-2000:]}")
