@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -61,6 +62,41 @@ def wrk(url: str, seconds: int, connections: int, netns: str | None = None, head
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {"rps": float(rps.group(1)), "bad": int(bad.group(1)) if bad else 0,
             "socket_errors": sum(map(int, errors.groups())) if errors else 0}
+
+
+def cpu_by_program() -> dict[str, float]:
+    """CPU seconds (user + system) of every process on the machine, summed by program name
+    (supervisord and other Python programs by their script: `python3 gunicorn` counts as gunicorn)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+            stat = proc_stat(proc.name)
+            if stat is None:
+                continue
+            if comm.startswith("kworker"):   # named after its current work, which changes
+                comm = "kworker (the kernel's)"
+            elif comm.startswith("python"):
+                line = (proc / "cmdline").read_bytes()
+                comm = next((n for n in ("supervisord", "gunicorn", "celery", "fabula") if n.encode() in line), comm)
+        except OSError:
+            continue
+        totals[comm] = totals.get(comm, 0.0) + (int(stat[11]) + int(stat[12])) / tick
+    mine = os.times()   # wrk, once it has exited, counts as this script's child
+    totals["wrk"] = mine.children_user + mine.children_system
+    return totals
+
+
+def cpu_during(run: Callable[[], dict]) -> dict:
+    """`run()`'s result, with the CPU seconds each program used meanwhile (`cpu`)."""
+    before = cpu_by_program()
+    result = run()
+    after = cpu_by_program()
+    result["cpu"] = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items() if v - before.get(k, 0.0) >= 0.05}
+    return result
 
 
 def gunicorn_master(env: Environment, server: str) -> int:
@@ -142,8 +178,8 @@ def main() -> int:
         d, c = args.duration, args.connections
         runs: dict[str, list[dict]] = {"lb": [], "gunicorn": [], "pgbouncer": [], "postgresql": []}
         for _ in range(args.rounds):   # alternating, so that drift in the machine's load hits both sides
-            runs["lb"].append(wrk(f"{env.url}/api/info", d, c))
-            runs["gunicorn"].append(wrk("http://127.0.0.1:8000/api/info", d, c, web, HEADERS))
+            runs["lb"].append(cpu_during(lambda: wrk(f"{env.url}/api/info", d, c)))
+            runs["gunicorn"].append(cpu_during(lambda: wrk("http://127.0.0.1:8000/api/info", d, c, web, HEADERS)))
             runs["pgbouncer"].append(wrk("http://127.0.0.1:8000/api/entries", d, c, web, HEADERS))
             runs["postgresql"].append(wrk(f"http://127.0.0.1:{DIRECT_PORT}/api/entries", d, c, web, HEADERS))
         mean = {k: sum(r["rps"] for r in v) / len(v) for k, v in runs.items()}
@@ -161,6 +197,19 @@ def main() -> int:
         rows.add_row("/api/entries straight to PostgreSQL over TLS", f"{mean['postgresql']:.0f}",
                      " ".join(f"{r['rps']:.0f}" for r in runs["postgresql"]), str(failed["postgresql"]), "1")
         console.print(rows)
+        # where the CPU goes: microseconds of each program per request served, both paths
+        cpu = table("CPU per request (µs), summed over the rounds", ["program", "through the load balancer",
+                                                                   "gunicorn directly"], left=["program"])
+        served = {k: sum(r["rps"] * d for r in runs[k]) for k in ("lb", "gunicorn")}
+        used = {k: {} for k in served}
+        for k in served:
+            for r in runs[k]:
+                for name, seconds in r["cpu"].items():
+                    used[k][name] = used[k].get(name, 0.0) + seconds
+        for name in sorted(set(used["lb"]) | set(used["gunicorn"]), key=lambda n: -used["lb"].get(n, 0.0)):
+            cpu.add_row(name, *(f"{1e6 * used[k].get(name, 0.0) / served[k]:.0f}" for k in ("lb", "gunicorn")))
+        cpu.add_row("all", *(f"{1e6 * sum(used[k].values()) / served[k]:.0f}" for k in ("lb", "gunicorn")))
+        console.print(cpu)
         console.print(f"load balancer ÷ gunicorn: {mean['lb'] / mean['gunicorn']:.2f} (goal ≥ 0.85); "
                       f"PgBouncer ÷ PostgreSQL: {mean['pgbouncer'] / mean['postgresql']:.2f} (goal ≥ 3)")
         save_results("throughput", {"runs": runs, "mean": mean, "failed": failed,

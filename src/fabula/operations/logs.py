@@ -33,7 +33,8 @@ def log_sources(ctx: Context, server: str | None, service: str | None) -> list[t
             wanted[ctx.host(name)] = [service] if service else services
     sources = []
     for host, names in wanted.items():
-        paths = [host.path("log", f"{n}.log") for n in names]
+        # a service's access log (nginx's: every request, written by nginx itself) beside its own
+        paths = [host.path("log", f"{n}{kind}.log") for n in names for kind in ("", "-access")]
         paths = [p for p in paths if host.stat(p) is not None]
         if paths:
             sources.append((host, paths))

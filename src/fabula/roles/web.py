@@ -36,7 +36,8 @@ class Web(Role):
             "gunicorn",
             [appserver.python(host), "-m", "gunicorn", "--bind", f"127.0.0.1:{appserver.APP_PORT}",
              "--workers", str(ctx.env.gunicorn_workers), "--chdir", str(cur / "code"),
-             "--pythonpath", str(cur / "fabula"), "--graceful-timeout", "30", "--access-logfile", "-",
+             # no access log of its own: nginx's, in front of it, has every request with its time
+             "--pythonpath", str(cur / "fabula"), "--graceful-timeout", "30",
              "fabula_wsgi:application"],
             user=host.accounts.app, directory=str(cur / "code"),
             environment={**appserver.app_environment(ctx, host),
