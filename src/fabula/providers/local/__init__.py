@@ -303,32 +303,38 @@ class LocalProvider(Provider):
     def remove_server(self, name: str) -> None:
         self._remove(name, graceful=True)
 
-    def _remove(self, name: str, graceful: bool) -> None:
+    def _remove(self, name: str, graceful: bool, files: bool = True) -> None:
         self._stop_server(name, graceful)
         network.remove_namespace(self.netns(name), network.veth_name(self.paths.tag, name))
-        shutil.rmtree(self.paths.servers_dir / name, ignore_errors=True)
+        if files:
+            shutil.rmtree(self.paths.servers_dir / name, ignore_errors=True)
 
     def destroy(self) -> list[str]:
         removed, failures = [], []
-        # the load balancer's supervisor first: it runs the autoscaler, which could add a server
         if self.load_balancer.is_running():
             removed.append("load balancer")
-        self.load_balancer.stop()
+        # everything of the environment killed at once, the load balancer (and the autoscaler under
+        # its supervisor) too: nothing is worth an orderly stop when its data goes with it, and the
+        # autoscaler changes nothing meanwhile, since it changes the group only under the lock
+        # that this command holds
+        kill_and_wait(processes_mentioning(str(self.paths.env_dir) + "/"), grace=0)
+        self.load_balancer.stop()   # a HAProxy left running on its own: (killed above) nothing to do
         self.state.reload(self.paths)
         prefix = f"fab.{self.paths.project}.{self.paths.env}."
         names = sorted(set(self.list_servers()) | set(self.state.servers))
         removed += [f"server {n}" for n in names if self.server_exists(n)]
         # every server at once, and killed rather than stopped: their data goes with them, so an
         # orderly shutdown (a PostgreSQL checkpoint, Celery finishing its tasks) would only cost
-        # time; one server that cannot be removed must not stop the others' removal
+        # time; one server that cannot be removed must not stop the others' removal. Their files
+        # stay: they go with the environment's directory, in the background (operations/destroy.py)
         with ThreadPoolExecutor(max_workers=max(len(names), 1)) as pool:
-            futures = {name: pool.submit(self._remove, name, False) for name in names}
+            futures = {name: pool.submit(self._remove, name, False, False) for name in names}
         failures += [f"{name}: {f.exception()}" for name, f in futures.items() if f.exception()]
         # anything else still running from this environment's directory (e.g. after a crash)
         kill_and_wait(processes_mentioning(str(self.paths.env_dir) + "/"))
         for name in [ns for ns in network.netns_names() if ns.startswith(prefix)]:
             try:  # a second try, now that nothing of the environment runs any more
-                self._remove(name[len(prefix):], graceful=False)
+                self._remove(name[len(prefix):], graceful=False, files=False)
             except FabulaError as exc:
                 failures.append(f"{name}: {exc}")
         if self.bridge in network.link_names():
