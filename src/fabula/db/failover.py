@@ -1,9 +1,11 @@
 """`fabula db promote` and `fabula db reset-replicas`.
 
-Planned failover (the primary answers): fence the primary first (a clean shutdown, after which
-it takes no write), wait until the replica has replayed everything the primary wrote up to its
-shutdown checkpoint, then promote. Emergency (the primary does not answer): promote the replica
-and fence the old primary so that it can never come back as a second primary. Either way every
+Planned failover (the primary answers): pause the app servers' PgBouncers (the app's queries
+wait, those in flight finish), fence the primary (a clean shutdown, after which it takes no
+write), wait until the replica has replayed everything the primary wrote up to its shutdown
+checkpoint, promote, repoint the PgBouncers and resume them: the app waits, it does not fail.
+Emergency (the primary does not answer): promote the replica and fence the old primary so that
+it can never come back as a second primary. Either way every
 PgBouncer is then repointed and the old primary waits, admitting no one, to be rebuilt as a
 replica by `reset-replicas`. No step is left to the operator.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from collections.abc import Iterator
 
 from fabula.context import Context
 from fabula.db.status import query, server_status
@@ -19,8 +22,13 @@ from fabula.db.topology import apply_synchronous, repoint_app_servers
 from fabula.environment.audit import operation
 from fabula.environment.firewall import apply_firewalls
 from fabula.errors import FabulaError
+from fabula.parallel import at_once
+from fabula.providers.base import poll
 from fabula.roles import ROLES, postgres
 from fabula.supervisor import Supervisor, Unavailable
+
+# how long a planned failover waits for the app's transactions in flight to finish
+PAUSE_TIMEOUT = 5.0
 
 
 def choose_replica(ctx: Context, name: str | None) -> str:
@@ -108,38 +116,72 @@ def _promote(ctx: Context, old: str, new: str, op) -> dict:
     primary_status = server_status(ctx, old)
     planned = bool(primary_status.get("up")) and not primary_status.get("in_recovery")
     started = time.monotonic()
-    if planned:
-        ctx.out.step(old, "planned failover: fencing the primary (clean shutdown)")
-        with op.phase("fence and catch up"):
-            Supervisor(ctx.host(old)).stop("postgresql", timeout=120)
-            final = shutdown_checkpoint(ctx, old)
-            wait_replayed(ctx, new, final, old)
-    else:
-        ctx.out.step(old, "the primary does not answer: emergency failover")
-        if not ctx.env.db.synchronous:
-            ctx.out.warn("asynchronous replication: writes the replica had not received are lost "
-                         "(db.synchronous: true prevents this)")
-    problems = fence(ctx, old)
-    ctx.out.step(old, "fenced: takes no writes, admits no connections, waits for reset-replicas")
-    ctx.out.step(new, "promoting")
-    with op.phase("promote"):
-        promoted = query(ctx, new, "SELECT pg_promote(true, 60)")
-    if not promoted or promoted[0][0] != "t":
-        raise FabulaError(f"{new}: pg_promote did not complete", f"see `fabula logs {ctx.env_name} {new} postgresql`")
-    ctx.state.servers[new].role = "db-primary"
-    ctx.state.sync_standbys = []
-    ctx.state.save(ctx.paths)
-    # the new primary as a primary: its config, replication slots for the others, the app's roles
-    with op.phase("repoint"):
+    with contextlib.ExitStack() as paused:
+        if planned:
+            with op.phase("pause the app"):
+                paused.enter_context(app_waiting(ctx, old))
+            ctx.out.step(old, "planned failover: fencing the primary (clean shutdown)")
+            with op.phase("fence and catch up"):
+                Supervisor(ctx.host(old)).stop("postgresql", timeout=120)
+                final = shutdown_checkpoint(ctx, old)
+                wait_replayed(ctx, new, final, old)
+        else:
+            ctx.out.step(old, "the primary does not answer: emergency failover")
+            if not ctx.env.db.synchronous:
+                ctx.out.warn("asynchronous replication: writes the replica had not received are lost "
+                             "(db.synchronous: true prevents this)")
+        problems = fence(ctx, old)
+        ctx.out.step(old, "fenced: takes no writes, admits no connections, waits for reset-replicas")
+        ctx.out.step(new, "promoting")
+        with op.phase("promote"):
+            promoted = query(ctx, new, "SELECT pg_promote(true, 60)")
+        if not promoted or promoted[0][0] != "t":
+            raise FabulaError(f"{new}: pg_promote did not complete",
+                              f"see `fabula logs {ctx.env_name} {new} postgresql`")
+        ctx.state.servers[new].role = "db-primary"
+        ctx.state.sync_standbys = []
+        ctx.state.save(ctx.paths)
+        # the app's writes first (then they resume): the promoted replica already admits the app
+        # servers (its firewall and pg_hba let them read), so they are repointed before the rest
+        with op.phase("repoint"):
+            repoint_app_servers(ctx)
+    # then the new primary as a primary: its config, replication slots for the others, the app's roles
+    with op.phase("primary"):
         ROLES["db-primary"].converge(ctx, ctx.host(new))
         apply_firewalls(ctx)
-        repoint_app_servers(ctx)
         apply_synchronous(ctx)
     seconds = time.monotonic() - started
     ctx.out.step("db", f"{new} is the primary ({'planned' if planned else 'emergency'}, {seconds:.1f}s)")
     for problem in problems:
         ctx.out.warn(f"{old}: fencing incomplete: {problem}")
     return {"old_primary": old, "new_primary": new, "planned": planned, "seconds": round(seconds, 2)}
+
+
+@contextlib.contextmanager
+def app_waiting(ctx: Context, primary: str, timeout: float = PAUSE_TIMEOUT) -> Iterator[None]:
+    """Every app server's PgBouncer paused (SIGUSR1: PAUSE) until the block ends (SIGUSR2:
+    RESUME): its clients' queries wait instead of failing, and the transactions in flight finish
+    before the primary shuts down rather than being cut by it. Waits until the primary has no
+    session of the app left, for `timeout` seconds at most: a session that lasts longer (a long
+    Celery task) is cut, as it would be without the pause."""
+    hosts = [ctx.host(r.name) for r in ctx.state.servers.values() if r.role in ("web", "worker")]
+    try:
+        at_once(hosts, lambda h: Supervisor(h).signal("pgbouncer", "USR1"), name=lambda h: h.name)
+
+        def app_sessions() -> int:
+            rows = query(ctx, primary, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'")
+            return int(rows[0][0]) if rows else 0
+        if not poll(lambda: app_sessions() == 0, timeout, interval=0.05):
+            ctx.out.warn(f"{primary}: the app's sessions still open after {timeout:.0f}s of pause are cut")
+        ctx.out.step("db", f"the app's PgBouncers paused on {len(hosts)} server(s): its queries wait")
+        yield
+    finally:
+        for host in hosts:   # each one, even if another does not answer
+            try:
+                Supervisor(host).signal("pgbouncer", "USR2")
+            except (FabulaError, Unavailable) as exc:
+                ctx.out.warn(f"{host.name}: PgBouncer not resumed ({exc}): run `fabula create {ctx.env_name}`")
+        ctx.out.step("db", "the app's PgBouncers resumed")
 
 
 def wait_replayed(ctx: Context, replica: str, target: int, old: str, timeout: float = 60) -> None:

@@ -3,6 +3,8 @@ serve: synchronous replication, and the app servers' PgBouncers."""
 from __future__ import annotations
 
 from fabula.context import Context
+from fabula.parallel import at_once
+from fabula.providers.base import Host
 from fabula.roles import appserver, postgres
 
 
@@ -23,10 +25,12 @@ def apply_synchronous(ctx: Context) -> None:
 def repoint_app_servers(ctx: Context) -> None:
     """Point every web and worker PgBouncer at the current primary and serving replica. An online
     reload: client connections stay, server connections move as they are released."""
-    for record in ctx.state.servers.values():
-        if record.role in ("web", "worker"):
-            host = ctx.host(record.name)
-            _, how = appserver.pgbouncer(ctx, host)
-            if how:
-                appserver.apply_pgbouncer_change(host, how)
-                ctx.out.step(host.name, "PgBouncer repointed")
+    hosts = [ctx.host(r.name) for r in ctx.state.servers.values() if r.role in ("web", "worker")]
+
+    def repoint(host: Host) -> None:
+        _, how = appserver.pgbouncer(ctx, host)
+        if how:
+            appserver.apply_pgbouncer_change(host, how)
+            ctx.out.step(host.name, "PgBouncer repointed")
+    # all at once: in a failover, the app's writes wait until its server's PgBouncer is repointed
+    at_once(hosts, repoint, name=lambda h: h.name)
