@@ -18,8 +18,9 @@ from fabula.autoscaling.log import decisions_path, read_decisions
 from fabula.cli import scaling
 from fabula.config import load_config
 from fabula.context import Context, Release
-from fabula.deploy import rollout
+from fabula.deploy import group, rollout
 from fabula.deploy.group import launch_or_remove, launch_or_remove_many
+from fabula.errors import FabulaError
 from fabula.output import Output
 from fabula.pki import CertificateAuthority
 from fabula.providers.base import Backend, Member, NativeWebGroup, WebGroup
@@ -194,19 +195,37 @@ def test_a_serial_deploy_brings_all_new_servers_into_service_before_draining_the
     monkeypatch.setattr(lb, "ensure", lambda backends: (events.append(("lb", sorted(b.name for b in backends))),
                                                         ensure(backends)))
     monkeypatch.setattr(lb, "drain", lambda name: (events.append(("drain", name)), drain(name)))
-    migrated: list[str] = []
+    assert ctx.state.by_role("worker")   # the migrations run on it, while the new servers start
     monkeypatch.setattr(rollout, "migrate_and_update_workers",
-                        lambda c, new, old, record: migrated.append(record.name))
+                        lambda c, new, old, record: events.append(("migrated", c.release.id)))
     new = Release("fedcba987654", "fedcba9876543210", ctx.require_release().path)
     rollout.serial(ctx, Phases(), new, ["web1", "web2", "web3"])
+    # once, on the new release, before any new server takes traffic
+    assert events[0] == ("migrated", new.id)
     # the three new servers launched at once: in service together, beside the old ones
-    assert events[0] == ("lb", ["web1", "web2", "web3", "web4", "web5", "web6"])
-    assert migrated == ["web4"]   # once, before any new server takes traffic
+    assert events[1] == ("lb", ["web1", "web2", "web3", "web4", "web5", "web6"])
     # then the old ones drained together, and only the new ones left
-    assert events[1:4] == [("drain", "web1"), ("drain", "web2"), ("drain", "web3")]
+    assert events[2:5] == [("drain", "web1"), ("drain", "web2"), ("drain", "web3")]
     assert events[-1] == ("lb", ["web4", "web5", "web6"])
     assert sorted(r.name for r in ctx.state.by_role("web")) == ["web4", "web5", "web6"]
     assert all(ctx.state.servers[n].release == new.id for n in ("web4", "web5", "web6"))
+
+
+def test_a_failed_launch_takes_the_worker_back_to_the_old_release(ctx, monkeypatch):
+    in_service(ctx, "web1", "web2", "web3")
+    old = ctx.require_release()
+    monkeypatch.setattr(rollout, "migrate_and_update_workers", lambda *args: None)   # the worker moved on
+    went_back: list[str] = []
+    monkeypatch.setattr(rollout, "update_workers", lambda c, release: went_back.append(release.id))
+
+    def broken(c, host):
+        raise FabulaError("gunicorn did not start")
+    monkeypatch.setattr(group, "_start_web", broken)
+    new = Release("fedcba987654", "fedcba9876543210", old.path)
+    with pytest.raises(FabulaError, match="gunicorn did not start"):
+        rollout.serial(ctx, Phases(), new, ["web1", "web2", "web3"])
+    assert went_back == [old.id]
+    assert sorted(r.name for r in ctx.state.by_role("web")) == ["web1", "web2", "web3"]   # the new ones removed
 
 
 def test_a_serial_deploy_in_batches_replaces_as_many_old_servers_as_it_launched(ctx, monkeypatch):

@@ -41,16 +41,25 @@ def wait_healthy(ctx: Context, names: list[str], timeout: float = 60) -> None:
                           f"(GET /healthcheck.html over HTTPS)", f"see `fabula logs {ctx.env_name} {down[0]}`")
 
 
-def launch_web_servers(ctx: Context, release: Release, count: int, in_service: bool = True) -> list[ServerRecord]:
-    """Start `count` new web servers from `release` at once (as an autoscaling group's surge);
-    with in_service, add them to the load balancer and return once their health checks pass."""
+def reserve_web_servers(ctx: Context, release: Release, count: int) -> list[ServerRecord]:
+    """The records of `count` new web servers, saved before the servers exist, so that destroy
+    finds them after a crash."""
     records = []
     for _ in range(count):
         record = new_server(ctx.state, "web")
         record.release = release.id
         ctx.state.servers[record.name] = record
         records.append(record)
-    ctx.state.save(ctx.paths)  # recorded before they exist, so destroy finds them after a crash
+    ctx.state.save(ctx.paths)
+    return records
+
+
+def launch_web_servers(ctx: Context, release: Release, count: int, in_service: bool = True,
+                       reserved: list[ServerRecord] | None = None) -> list[ServerRecord]:
+    """Start `count` new web servers from `release` at once (as an autoscaling group's surge), or
+    those `reserved` before; with in_service, add them to the load balancer and return once their
+    health checks pass."""
+    records = reserved if reserved is not None else reserve_web_servers(ctx, release, count)
     for record in records:     # one after another: the provider's network changes are not shared
         host = ctx.provider.ensure_server(record.name, record.role)
         ctx.hosts[record.name] = host
@@ -80,13 +89,15 @@ def launch_or_remove(ctx: Context, release: Release, in_service: bool = True,
 
 
 def launch_or_remove_many(ctx: Context, release: Release, count: int, in_service: bool = True,
-                          then: Callable[[list[ServerRecord]], object] | None = None) -> list[ServerRecord]:
+                          then: Callable[[list[ServerRecord]], object] | None = None,
+                          reserved: list[ServerRecord] | None = None) -> list[ServerRecord]:
     """launch_web_servers, then `then(records)`; if either fails, every server that appeared
-    meanwhile is retired and the error goes on to the caller, who words it. A failed removal only
-    warns: the launch's error says what went wrong, the removal's would hide it."""
-    before = set(ctx.state.servers)
+    meanwhile (or was `reserved` for it) is retired and the error goes on to the caller, who words
+    it. A failed removal only warns: the launch's error says what went wrong, the removal's would
+    hide it."""
+    before = set(ctx.state.servers) - {r.name for r in reserved or []}
     try:
-        records = launch_web_servers(ctx, release, count, in_service)
+        records = launch_web_servers(ctx, release, count, in_service, reserved)
         if then:
             then(records)
         return records
@@ -131,10 +142,17 @@ def retire_web_servers(ctx: Context, names: list[str], timeout: float = DRAIN_TI
                 ctx.out.warn(f"{name} still serves requests after {timeout:.0f}s of draining: they are cut")
         at_once(draining, wait)
         set_backends(ctx, [n for n in serving(ctx) if n not in names and n in ctx.state.servers])
-    for name in names:
+    removed: list[str] = []
+
+    def remove(name: str) -> None:
         ctx.provider.remove_server(name)
-        ctx.state.servers.pop(name, None)
-        ctx.hosts.pop(name, None)
-        ctx.state.save(ctx.paths)
+        removed.append(name)
         ctx.out.step(name, "removed")
+    try:
+        at_once(names, remove, name=lambda n: n)
+    finally:   # the state forgets those removed, also when another one could not be
+        for name in removed:
+            ctx.state.servers.pop(name, None)
+            ctx.hosts.pop(name, None)
+        ctx.state.save(ctx.paths)
     apply_firewalls(ctx)

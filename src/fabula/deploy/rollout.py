@@ -12,6 +12,7 @@ With neither flag, the new release's migration plan against the database decides
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from fabula.deploy import in_place, native
 from fabula.deploy.group import (
     bring_into_service,
     launch_or_remove_many,
+    reserve_web_servers,
     retire_web_servers,
     set_backends,
     wait_healthy,
@@ -112,11 +114,12 @@ def using_release(ctx: Context, release: Release):
         ctx.release = previous
 
 
-def launch_or_clean_up(ctx: Context, new: Release, then=None, count: int = 1) -> list:
-    """`count` new web servers from `new`, healthy on their own (out of rotation); `then(records)`
-    runs next. If either fails, the new servers are removed and the site keeps its release."""
+def launch_or_clean_up(ctx: Context, new: Release, then=None, count: int = 1, reserved=None) -> list:
+    """`count` new web servers from `new` (or those `reserved`), healthy on their own (out of
+    rotation); `then(records)` runs next. If either fails, the new servers are removed and the
+    site keeps its release."""
     try:
-        return launch_or_remove_many(ctx, new, count, in_service=False, then=then)
+        return launch_or_remove_many(ctx, new, count, in_service=False, then=then, reserved=reserved)
     except Exception as exc:
         raise FabulaError(f"deploy of release {new.id} stopped: {exc}\n"
                           f"the new server(s) were removed; the site still serves release {ctx.state.release}",
@@ -133,13 +136,41 @@ def serial(ctx: Context, op, new: Release, old_servers: list[str], surge: int | 
     for start in range(0, len(old_servers), surge):
         retiring = old_servers[start:start + surge]
         with op.phase(f"replace {', '.join(retiring)}"):
-            def into_service(records, first=start == 0):
-                if first:  # the new code is healthy: now the migrations and the worker, once
-                    with op.phase("migrations and worker"):
-                        migrate_and_update_workers(ctx, new, old, records[0])
-                bring_into_service(ctx, [r.name for r in records])
-            launch_or_clean_up(ctx, new, then=into_service, count=len(retiring))
+            if start == 0 and ctx.state.by_role("worker"):
+                launch_beside_the_worker(ctx, op, new, old, len(retiring))
+            else:
+                def into_service(records, first=start == 0):
+                    if first:  # the new code is healthy: now the migrations on it, once
+                        with op.phase("migrations"):
+                            migrate_and_update_workers(ctx, new, old, records[0])
+                    bring_into_service(ctx, [r.name for r in records])
+                launch_or_clean_up(ctx, new, then=into_service, count=len(retiring))
             retire_web_servers(ctx, retiring)
+
+
+def launch_beside_the_worker(ctx: Context, op, new: Release, old: Release | None, count: int) -> None:
+    """The first new web servers, launched while the worker runs the migrations and restarts
+    Celery on the new release (each takes seconds); they take traffic once both are done. If
+    either fails, the new servers are removed and the worker goes back to the old release."""
+    with ThreadPoolExecutor(max_workers=1) as pool, using_release(ctx, new):
+        # recorded before the worker's thread starts: from then on neither thread adds a server
+        reserved = reserve_web_servers(ctx, new, count)
+
+        def worker_side() -> None:
+            with op.phase("migrations and worker"):
+                migrate_and_update_workers(ctx, new, old, None)
+        worker = pool.submit(worker_side)
+
+        def into_service(records) -> None:
+            worker.result()   # its error (the worker is back on the old release) stops the deploy
+            bring_into_service(ctx, [r.name for r in records])
+        try:
+            launch_or_clean_up(ctx, new, then=into_service, count=count, reserved=reserved)
+        except Exception:
+            # the launch failed, perhaps while the worker went on to the new release: back with it
+            if worker.exception() is None and old is not None:
+                update_workers(ctx, old)
+            raise
 
 
 def migrate_and_update_workers(ctx: Context, new: Release, old: Release | None, record) -> None:

@@ -7,6 +7,7 @@ from urllib.parse import quote, urlsplit
 
 from fabula.context import Context, Release
 from fabula.errors import FabulaError
+from fabula.parallel import at_once
 from fabula.providers.base import EgressRule, Host
 from fabula.supervisor import Program, Supervisor
 from fabula.templates import render
@@ -176,12 +177,15 @@ def reload_changed(host: Host, started: set[str], changed: dict[str, bool], how:
     """Apply configuration changes to programs that were already running: by signal where the
     program reloads online (`how` maps name -> signal), else by restart."""
     supervisor = Supervisor(host)
+    restarts = []
     for name, was_changed in changed.items():
         if was_changed and name not in started:
             if name in how:
                 supervisor.signal(name, how[name])
             else:
-                supervisor.restart(name)
+                restarts.append(name)
+    # at once: Celery's worker and beat each take a second or two to stop and as long to start
+    at_once(restarts, supervisor.restart, name=lambda n: f"{host.name} {n}")
 
 
 def prepare_app_dirs(host: Host) -> None:
