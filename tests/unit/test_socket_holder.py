@@ -28,6 +28,13 @@ def ask(port: int) -> str:
         return conn.recv(100).decode().strip()
 
 
+def gone(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def test_the_socket_survives_its_server_killed_and_a_waiting_client_is_served(tmp_path: Path):
     port, pidfile = free_port(), tmp_path / "server.pid"
     holder = subprocess.Popen([sys.executable, "-m", "fabula.providers.haproxy.socket_holder",
@@ -38,6 +45,8 @@ def test_the_socket_survives_its_server_killed_and_a_waiting_client_is_served(tm
         # the holder writes the pid once the server is started, which may answer before that
         wait_for(lambda: pidfile.read_text().strip() == first, timeout=10, message="the pidfile naming it")
         os.killpg(int(first), signal.SIGKILL)  # the server's whole process group: not the holder
+        # gone (or a zombie), so that it cannot take the next connection as it dies
+        wait_for(lambda: gone(first), timeout=10, message="the killed server gone")
         # connecting at once is not refused: the connection waits in the backlog
         second = ask(port)
         assert second != first and holder.poll() is None
