@@ -10,6 +10,7 @@ Run as root: `.venv/bin/python bench/deploy.py [--webs 2 4]`.
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import statistics
 import threading
@@ -114,8 +115,11 @@ def scenario(base: Path, webs: int) -> dict:
             seconds = time.monotonic() - started
         if deployed.returncode:
             raise BenchError(f"deploy failed (rc {deployed.returncode}):\n{deployed.stderr[-3000:]}")
+        history = json.loads(env.fabula("history", ENV, "--json").stdout)
+        record = next(r for r in reversed(history) if r["action"] == "deploy")
         return {"webs": webs, "deploy_s": round(seconds, 1), "baseline": base_figures,
-                "during": during.figures(seconds)}
+                "during": during.figures(seconds), "own_s": record["seconds"],
+                "phases": [(ph["name"], ph["seconds"]) for ph in record["phases"]]}
     finally:
         env.destroy()
 
@@ -166,6 +170,9 @@ def main() -> None:
                         str(d["p50_ms"]), str(b["p99_ms"]), str(d["p99_ms"]),
                         f"{d['p99_ms'] / b['p99_ms']:.2f}" if b["p99_ms"] else "-")
     Console(width=160).print(figures)
+    for r in results:   # where a deploy's time goes: its own seconds (the CLI's start aside) and its phases
+        print(f"{r['webs']} web servers: deploy's own {r['own_s']} s; phases: "
+              + ", ".join(f"{name} {sec} s" for name, sec in r["phases"]))
     print(f"autoscaling: load step -> new server taking traffic {scaling['load_step_to_new_server_s']} s; "
           f"web server killed -> replacement taking traffic {scaling['death_to_replacement_s']} s")
     save_results("deploy", {"deploys": results, "autoscaling": scaling})
