@@ -5,9 +5,9 @@ wait, those in flight finish), fence the primary (a clean shutdown, after which 
 write), wait until the replica has replayed everything the primary wrote up to its shutdown
 checkpoint, promote, repoint the PgBouncers and resume them: the app waits, it does not fail.
 Emergency (the primary does not answer): promote the replica and fence the old primary so that
-it can never come back as a second primary. Either way every
-PgBouncer is then repointed and the old primary waits, admitting no one, to be rebuilt as a
-replica by `reset-replicas`. No step is left to the operator.
+it can never come back as a second primary. Either way every PgBouncer is then repointed and the
+old primary waits, admitting no one, to be rebuilt as a replica by `reset-replicas`. No step is
+left to the operator.
 """
 from __future__ import annotations
 

@@ -318,7 +318,7 @@ class LocalProvider(Provider):
         # autoscaler changes nothing meanwhile, since it changes the group only under the lock
         # that this command holds
         kill_and_wait(processes_mentioning(str(self.paths.env_dir) + "/"), grace=0)
-        self.load_balancer.stop()   # a HAProxy left running on its own: (killed above) nothing to do
+        self.load_balancer.stop()   # after the kill, only a HAProxy that outlived a crash is left to stop
         self.state.reload(self.paths)
         prefix = f"fab.{self.paths.project}.{self.paths.env}."
         names = sorted(set(self.list_servers()) | set(self.state.servers))
