@@ -11,6 +11,7 @@ Run as root: `make bench` or `.venv/bin/python bench/create.py [--quick]`.
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import shutil
 import sys
@@ -63,6 +64,11 @@ def scenario(base: Path, label: str, webs: int, cold: bool) -> dict:
     time.sleep(2)  # two more samples of the settled environment
     sampler.stop.set()
     sampler.join()
+    # where create's time goes: its phases, and the release's build (an operation of its own)
+    history = json.loads(env.fabula("history", ENV, "--json").stdout or "[]")
+    phases = [(ph["name"], ph["seconds"]) for r in history if r["action"] in ("create", "release build")
+              for ph in ([{"name": "release build", "seconds": r["seconds"]}] if r["action"] == "release build"
+                         else r["phases"])]
     started = time.monotonic()
     destroyed = env.fabula("destroy", ENV, "--yes", timeout=600)
     destroy_s = time.monotonic() - started
@@ -70,7 +76,7 @@ def scenario(base: Path, label: str, webs: int, cold: bool) -> dict:
         raise SystemExit(f"{label}: create rc={created.returncode} destroy rc={destroyed.returncode}\n"
                          f"{created.stderr[-3000:]}\n{destroyed.stderr[-2000:]}")
     return {"scenario": label, "web": webs, "servers": webs + 4, "cold": cold, "create_s": round(create_s, 1),
-            "destroy_s": round(destroy_s, 1), "peak_pss_mib": round(sampler.peak / 1024)}
+            "destroy_s": round(destroy_s, 1), "peak_pss_mib": round(sampler.peak / 1024), "phases": phases}
 
 
 def main() -> None:
@@ -95,6 +101,8 @@ def main() -> None:
         figures.add_row(r["scenario"], str(r["servers"] + 1) + " (incl. LB)", str(r["create_s"]),
                         str(r["destroy_s"]), str(r["peak_pss_mib"]))
     Console(width=120).print(figures)
+    for r in results:
+        print(f"{r['scenario']}: " + ", ".join(f"{name} {sec} s" for name, sec in r["phases"]))
     warm = next(r for r in results if r["scenario"] == "warm, 2 web")
     cold = results[0]
     print(f"cold/warm create ratio: {cold['create_s'] / warm['create_s']:.2f}")
