@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from fabula.context import Context
 from fabula.db.status import query, server_status
-from fabula.db.topology import apply_synchronous, repoint_app_servers
+from fabula.db.topology import app_hosts, apply_synchronous, repoint_app_servers
 from fabula.environment.audit import operation
 from fabula.environment.firewall import apply_firewalls
 from fabula.errors import FabulaError
@@ -164,7 +164,7 @@ def app_waiting(ctx: Context, primary: str, timeout: float = PAUSE_TIMEOUT) -> I
     before the primary shuts down rather than being cut by it. Waits until the primary has no
     session of the app left, for `timeout` seconds at most: a session that lasts longer (a long
     Celery task) is cut, as it would be without the pause."""
-    hosts = [ctx.host(r.name) for r in ctx.state.servers.values() if r.role in ("web", "worker")]
+    hosts = app_hosts(ctx)
     try:
         at_once(hosts, lambda h: Supervisor(h).signal("pgbouncer", "USR1"), name=lambda h: h.name)
 

@@ -22,10 +22,15 @@ def apply_synchronous(ctx: Context) -> None:
             ctx.out.step(primary.name, f"commits wait for {', '.join(wanted)} (synchronous replication)")
 
 
+def app_hosts(ctx: Context) -> list[Host]:
+    """The servers whose PgBouncer the app uses: every web server and worker."""
+    return [ctx.host(r.name) for r in ctx.state.servers.values() if r.role in ("web", "worker")]
+
+
 def repoint_app_servers(ctx: Context) -> None:
     """Point every web and worker PgBouncer at the current primary and serving replica. An online
     reload: client connections stay, server connections move as they are released."""
-    hosts = [ctx.host(r.name) for r in ctx.state.servers.values() if r.role in ("web", "worker")]
+    hosts = app_hosts(ctx)
 
     def repoint(host: Host) -> None:
         _, how = appserver.pgbouncer(ctx, host)
