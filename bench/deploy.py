@@ -3,7 +3,8 @@ served and failed (must be 0), and latency p50/p99 during the deploy against the
 same environment, without a deploy (measured first, side by side in one run). Then, in an
 environment with autoscaling (target 4 requests/s per server, interval 1 s, health_grace 3 s):
 the time from a load step to a new web server taking traffic, and from a web server's death
-(kill -9 of everything in its namespace) to its replacement taking traffic.
+(kill -9 of everything in its namespace) to its replacement taking traffic: the first response
+a new server gives (/api/info names the server that answered), with the autoscaler's steps.
 
 Run as root: `.venv/bin/python bench/deploy.py [--webs 2 4]`.
 """
@@ -30,7 +31,7 @@ from harness import (
     save_results,
     table,
     temp_base,
-    timed_wait,
+    wait_for,
 )
 
 ENV = "bench"
@@ -40,18 +41,23 @@ CLIENTS = 4  # two keep-alive, two opening a connection per request
 class Load:
     def __init__(self, url: str):
         self.url, self.stop, self.samples, self.failures = url, threading.Event(), [], 0
+        self.served: list[tuple[float, str]] = []  # (monotonic time, the web server that answered)
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self.run, args=(i % 2 == 0,), daemon=True) for i in range(CLIENTS)]
 
     def one(self, http: httpx.Client) -> None:
         started = time.perf_counter()
+        server = None
         try:
-            ok = http.get(self.url + "/api/info").status_code == 200
-        except httpx.HTTPError:
+            response = http.get(self.url + "/api/info")
+            ok = response.status_code == 200
+            server = response.json().get("server") if ok else None
+        except (httpx.HTTPError, ValueError):
             ok = False
         with self.lock:
             if ok:
                 self.samples.append(time.perf_counter() - started)
+                self.served.append((time.monotonic(), server))
             else:
                 self.failures += 1
 
@@ -75,6 +81,15 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=30)
+
+    def first_answer(self, since: float, besides: set[str]) -> float | None:
+        """When a web server not in `besides` first answered, at or after `since` (monotonic)."""
+        with self.lock:
+            return next((t for t, server in self.served if t >= since and server not in besides), None)
+
+    def servers_since(self, since: float) -> set[str]:
+        with self.lock:
+            return {server for t, server in self.served if t >= since}
 
     def figures(self, seconds: float) -> dict:
         ordered = sorted(self.samples)
@@ -128,35 +143,58 @@ AUTOSCALING = ("    autoscaling: {min: 1, desired: 1, max: 2, metric: requests, 
                "scale_in_cooldown: 600, health_grace: 3, interval: 1, window: 3}\n")
 
 
+def autoscaler_steps(env: Environment, since_wall: float) -> list[dict]:
+    """The autoscaler's changes since `since_wall`, from its decisions log (an entry is written when
+    the change ends): what, when it started (s after `since_wall`), and how long it took."""
+    path = env.env_dir / "autoscaler.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [{"action": e.get("action"), "started_s": round(e["ts"] - (e.get("seconds") or 0) - since_wall, 1),
+             "seconds": e.get("seconds"),
+             "outcome": e.get("outcome")}
+            for e in entries if isinstance(e.get("ts"), (int, float)) and e["ts"] >= since_wall and e.get("outcome")]
+
+
 def autoscaling_scenario(base: Path) -> dict:
+    """Taking traffic is what the clients see: the first response a new web server gives (the
+    sample app's /api/info names the server that answered it)."""
     env = Environment.new(base, f"bscale-{secrets.token_hex(2)}", ENV,
                           servers="{web: 1, worker: 1, cache: 1, db-primary: 1, db-replica: 0}", extra=AUTOSCALING)
     try:
         created(env)
         first = set(env.web_health())
-        with Load(env.url):  # 4 clients: far above 4 requests/s for one server
-            step = timed_wait(lambda: sum(v == "UP" for v in env.web_health().values()) == 2, 120,
-                              message="a second web server taking traffic")
-        new = sorted(set(env.web_health()) - first)
-        victim = sorted(env.web_health())[0]
-        kill_namespace(env.netns(victim))
-        healed = timed_wait(lambda: victim not in (h := env.web_health()) and
-                            sum(v == "UP" for v in h.values()) == 2, 180, message=f"{victim} replaced")
-        return {"load_step_to_new_server_s": round(step, 1), "new_server": new,
-                "death_to_replacement_s": round(healed, 1), "killed": victim}
+        with Load(env.url) as load:  # 4 clients: far above 4 requests/s for one server
+            loaded, loaded_wall = time.monotonic(), time.time()
+            answered = wait_for(lambda: load.first_answer(loaded, first), 120,
+                                message="a second web server taking traffic")
+            wait_for(lambda: len(load.servers_since(time.monotonic() - 1)) == 2, 60, message="both servers answering")
+            before = load.servers_since(loaded)
+            victim = sorted(before)[0]
+            killed = time.monotonic()
+            kill_namespace(env.netns(victim))
+            replaced = wait_for(lambda: load.first_answer(killed, before), 180, message=f"{victim} replaced")
+            failed = load.failures
+        # the replacement's entry is written when the change ends, after its server answered
+        wait_for(lambda: any(s["action"] == "replace" for s in autoscaler_steps(env, loaded_wall)), 60,
+                 message="the replacement logged")
+        return {"load_step_to_new_server_s": round(answered - loaded, 1),
+                "new_server": sorted(load.servers_since(loaded) - first)[:1],
+                "death_to_replacement_s": round(replaced - killed, 1), "killed": victim,
+                "killed_at_s": round(killed - loaded, 1), "steps": autoscaler_steps(env, loaded_wall),
+                "failed_requests": failed}
     finally:
         env.destroy()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--webs", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--webs", type=int, nargs="*", default=[2, 4], help="web servers per deploy (none: no deploy)")
+    parser.add_argument("--no-autoscaling", action="store_true", help="skip the autoscaling scenario")
     args = parser.parse_args()
     require_root("deploy.py")
     base = temp_base("fabula-bench-")
     try:
         results = [scenario(base, n) for n in args.webs]
-        scaling = autoscaling_scenario(base)
+        scaling = None if args.no_autoscaling else autoscaling_scenario(base)
     except BenchError as exc:
         raise SystemExit(f"bench/deploy.py failed: {exc}") from None
     finally:
@@ -173,8 +211,14 @@ def main() -> None:
     for r in results:   # where a deploy's time goes: its own seconds (the CLI's start aside) and its phases
         print(f"{r['webs']} web servers: deploy's own {r['own_s']} s; phases: "
               + ", ".join(f"{name} {sec} s" for name, sec in r["phases"]))
-    print(f"autoscaling: load step -> new server taking traffic {scaling['load_step_to_new_server_s']} s; "
-          f"web server killed -> replacement taking traffic {scaling['death_to_replacement_s']} s")
+    if scaling:
+        print(f"autoscaling: load step -> new server taking traffic {scaling['load_step_to_new_server_s']} s; "
+              f"web server killed -> replacement taking traffic {scaling['death_to_replacement_s']} s "
+              f"({scaling['failed_requests']} requests failed, while the load balancer had the dead server)")
+        print(f"  the autoscaler's changes (seconds after the load step; {scaling['killed']} killed at "
+              f"+{scaling['killed_at_s']} s): " + "; ".join(
+                  f"{s['action']} from +{s['started_s']} s, took {s['seconds']} s ({s['outcome']})"
+                  for s in scaling["steps"]))
     save_results("deploy", {"deploys": results, "autoscaling": scaling})
 
 

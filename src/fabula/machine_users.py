@@ -92,13 +92,34 @@ def kill_all(uid: int, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def remove_shared_memory(uid: int, folder: Path = SHARED_MEMORY) -> None:
+    """The user's POSIX shared memory and semaphores: a PostgreSQL killed rather than stopped
+    leaves its dynamic shared memory segments (PostgreSQL.NNN) there, in RAM, after its user is
+    gone."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == uid:
+                os.unlink(entry.path)
+        except OSError:
+            continue
+
+
 def remove(accounts: Accounts, lock_path: Path) -> list[str]:
     """Remove the users (and whatever still runs as them) and the group; the names of those removed."""
     removed = []
     with _locked(lock_path):
         for name in accounts.users().values():
             if exists(name):
-                kill_all(pwd.getpwnam(name).pw_uid)
+                uid = pwd.getpwnam(name).pw_uid
+                kill_all(uid)
+                remove_shared_memory(uid)
                 _check(["userdel", name])
                 removed.append(name)
         if _group_exists(accounts.group):

@@ -304,7 +304,7 @@ class FakeProvider(Provider):
         self.firewalls[host.name] = list(rules)
         return changed
 
-    def remove_server(self, name: str) -> None:
+    def remove_server(self, name: str, drained: bool = False) -> None:
         self.hosts.pop(name, None)
 
     def destroy(self) -> list[str]:

@@ -172,7 +172,7 @@ def test_a_launch_that_fails_removes_its_server(ctx):
 
 
 def test_a_failed_removal_after_a_failed_launch_only_warns(ctx, monkeypatch):
-    def stuck(name):
+    def stuck(name, drained=False):
         raise OSError(f"{name} is stuck")
 
     monkeypatch.setattr(ctx.provider, "remove_server", stuck)
@@ -196,8 +196,10 @@ def test_a_serial_deploy_brings_all_new_servers_into_service_before_draining_the
                                                         ensure(backends)))
     monkeypatch.setattr(lb, "drain", lambda name: (events.append(("drain", name)), drain(name)))
     assert ctx.state.by_role("worker")   # the migrations run on it, while the new servers start
-    monkeypatch.setattr(rollout, "migrate_and_update_workers",
-                        lambda c, new, old, record: events.append(("migrated", c.release.id)))
+    def migrate(c, new, old, record, migrated=None):
+        events.append(("migrated", c.release.id))
+        migrated.set()
+    monkeypatch.setattr(rollout, "migrate_and_update_workers", migrate)
     new = Release("fedcba987654", "fedcba9876543210", ctx.require_release().path)
     rollout.serial(ctx, Phases(), new, ["web1", "web2", "web3"])
     # once, on the new release, before any new server takes traffic
@@ -209,6 +211,28 @@ def test_a_serial_deploy_brings_all_new_servers_into_service_before_draining_the
     assert events[-1] == ("lb", ["web4", "web5", "web6"])
     assert sorted(r.name for r in ctx.state.by_role("web")) == ["web4", "web5", "web6"]
     assert all(ctx.state.servers[n].release == new.id for n in ("web4", "web5", "web6"))
+
+
+def test_celery_failing_on_the_new_release_takes_the_new_servers_out_again(ctx, monkeypatch):
+    in_service(ctx, "web1", "web2")
+    old = ctx.require_release()
+
+    def migrated_but_celery_fails(c, new, old_release, record, migrated=None):
+        migrated.set()   # the new servers may take traffic now
+        raise FabulaError("celery did not start")
+    monkeypatch.setattr(rollout, "migrate_and_update_workers", migrated_but_celery_fails)
+    lb, seen = ctx.provider.load_balancer, []
+    ensure = lb.ensure
+    monkeypatch.setattr(lb, "ensure", lambda backends: (seen.append([b.name for b in backends]), ensure(backends)))
+    new = Release("fedcba987654", "fedcba9876543210", old.path)
+    with pytest.raises(FabulaError, match="celery did not start") as failed:
+        rollout.serial(ctx, Phases(), new, ["web1", "web2"])
+    assert f"the site still serves release {old.id}" in str(failed.value)
+    # web4 and web5 came and went; the old servers still serve (web3 was not in service)
+    assert sorted(r.name for r in ctx.state.by_role("web")) == ["web1", "web2", "web3"]
+    assert sorted(b.name for b in ctx.provider.load_balancer.backends) == ["web1", "web2"]
+    assert any({"web4", "web5"} <= set(backends) for backends in seen)   # they had taken traffic
+    assert "web4" not in ctx.provider.hosts and "web5" not in ctx.provider.hosts
 
 
 def test_a_failed_launch_takes_the_worker_back_to_the_old_release(ctx, monkeypatch):

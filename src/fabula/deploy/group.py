@@ -145,7 +145,7 @@ def retire_web_servers(ctx: Context, names: list[str], timeout: float = DRAIN_TI
     removed: list[str] = []
 
     def remove(name: str) -> None:
-        ctx.provider.remove_server(name)
+        ctx.provider.remove_server(name, drained=True)
         removed.append(name)
         ctx.out.step(name, "removed")
     try:

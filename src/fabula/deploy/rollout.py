@@ -12,6 +12,7 @@ With neither flag, the new release's migration plan against the database decides
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ from fabula.environment.audit import operation
 from fabula.errors import FabulaError
 from fabula.maintenance import set_host, set_maintenance
 from fabula.roles import ROLES, appserver
-from fabula.roles.worker import migrate
+from fabula.roles.worker import Worker, migrate
 
 PLAN_SCRIPT = Path(__file__).resolve().parent.parent / "runtime" / "fabula_migration_plan.py"
 
@@ -93,13 +94,19 @@ def plan_deploy(ctx: Context, new: Release, requested: str | None) -> DeployPlan
                       worker[0].name if worker else None)
 
 
-def update_workers(ctx: Context, new: Release) -> None:
-    """Migrations, then Celery restarted on the new release: the old worker stops taking tasks and
-    finishes those in flight (tasks are acknowledged after completion, so one cut by a crash runs
-    again)."""
+def update_workers(ctx: Context, new: Release, migrated: threading.Event | None = None) -> None:
+    """Migrations (then `migrated` is set), then Celery restarted on the new release: the old
+    worker stops taking tasks and finishes those in flight (tasks are acknowledged after
+    completion, so one cut by a crash runs again)."""
+    role = ROLES["worker"]
+    assert isinstance(role, Worker)
     with using_release(ctx, new):
-        for record in ctx.state.by_role("worker"):
-            ROLES["worker"].converge(ctx, ctx.host(record.name))
+        records = ctx.state.by_role("worker")
+        moved = {record.name: role.migrate_here(ctx, ctx.host(record.name)) for record in records}
+        if migrated is not None:
+            migrated.set()
+        for record in records:
+            role.start_celery(ctx, ctx.host(record.name), moved[record.name])
             record.release = new.id
     ctx.state.save(ctx.paths)
 
@@ -150,33 +157,47 @@ def serial(ctx: Context, op, new: Release, old_servers: list[str], surge: int | 
 
 def launch_beside_the_worker(ctx: Context, op, new: Release, old: Release | None, count: int) -> None:
     """The first new web servers, launched while the worker runs the migrations and restarts
-    Celery on the new release (each takes seconds); they take traffic once both are done. If
-    either fails, the new servers are removed and the worker goes back to the old release."""
+    Celery on the new release (each takes seconds). They take traffic once the migrations are
+    done; the old ones leave once Celery runs the new release too. If the worker's side fails, the
+    new servers are removed (the old ones still serve) and the worker goes back to the old release."""
+    migrated = threading.Event()
     with ThreadPoolExecutor(max_workers=1) as pool, using_release(ctx, new):
         # recorded before the worker's thread starts: from then on neither thread adds a server
         reserved = reserve_web_servers(ctx, new, count)
 
         def worker_side() -> None:
             with op.phase("migrations and worker"):
-                migrate_and_update_workers(ctx, new, old, None)
+                migrate_and_update_workers(ctx, new, old, None, migrated)
         worker = pool.submit(worker_side)
 
         def into_service(records) -> None:
-            worker.result()   # its error (the worker is back on the old release) stops the deploy
+            while not migrated.wait(0.1):
+                if worker.done():
+                    worker.result()   # its error (the worker is back on the old release) stops the deploy
+                    break
             bring_into_service(ctx, [r.name for r in records])
         try:
-            launch_or_clean_up(ctx, new, then=into_service, count=count, reserved=reserved)
+            records = launch_or_clean_up(ctx, new, then=into_service, count=count, reserved=reserved)
         except Exception:
             # the launch failed, perhaps while the worker went on to the new release: back with it
             if worker.exception() is None and old is not None:
                 update_workers(ctx, old)
             raise
+        try:
+            worker.result()
+        except Exception as exc:   # Celery did not start on the new release: the new servers go
+            retire_web_servers(ctx, [r.name for r in records])
+            raise FabulaError(f"deploy of release {new.id} stopped: {exc}\nthe new server(s) were removed; "
+                              f"the site still serves release {ctx.state.release}",
+                              f"fix the release and deploy again; `fabula history {ctx.env_name}` shows what "
+                              "ran") from exc
 
 
-def migrate_and_update_workers(ctx: Context, new: Release, old: Release | None, record) -> None:
+def migrate_and_update_workers(ctx: Context, new: Release, old: Release | None, record,
+                               migrated: threading.Event | None = None) -> None:
     try:
         if ctx.state.by_role("worker"):
-            update_workers(ctx, new)
+            update_workers(ctx, new, migrated)
         else:
             with using_release(ctx, new):
                 migrate(ctx, ctx.host(record.name))
@@ -250,6 +271,11 @@ def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, p
         plan = plan_deploy(ctx, new, requested)
         op.details.update(from_release=plan.from_release, to_release=new.id, strategy=plan.strategy,
                           reason=plan.reason)
+        if not plan.migrations:
+            # the plan was read from the live database just now, under the lock: it already has every
+            # migration of `new`, and `manage.py migrate` (a Django start-up, seconds under load)
+            # would apply none
+            ctx.state.migrated_release = new.id
         ctx.out.step("deploy", f"{plan.strategy} deploy of {new.id}: {plan.reason}"
                      + (" (in place: a fixed inventory)" if ctx.env.fixed_inventory else ""))
         group = ctx.provider.web_group(ctx)

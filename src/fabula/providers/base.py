@@ -105,7 +105,8 @@ class Host(abc.ABC):
 
     @abc.abstractmethod
     def copy_tree(self, local: Path, path: PurePosixPath) -> None:
-        """Copy a directory tree of this machine (a built release) to `path`, which must not exist."""
+        """Put a directory tree of this machine (a built release, which never changes once built) at
+        `path`, which must not exist: a copy, or on this very machine a link to it."""
 
     @abc.abstractmethod
     def fetch(self, path: PurePosixPath, local: Path) -> None:
@@ -414,8 +415,9 @@ class Provider(abc.ABC):
         those it opens); return True if anything changed."""
 
     @abc.abstractmethod
-    def remove_server(self, name: str) -> None:
-        ...
+    def remove_server(self, name: str, drained: bool = False) -> None:
+        """Remove the server and what runs on it. `drained`: the load balancer has drained it
+        (or it never served), so nothing on it needs an orderly stop to finish its work."""
 
     @abc.abstractmethod
     def destroy(self) -> list[str]:

@@ -41,6 +41,12 @@ class Worker(Role):
         ]
 
     def converge(self, ctx: Context, host: Host) -> None:
+        moved = self.migrate_here(ctx, host)
+        self.start_celery(ctx, host, moved)
+
+    def migrate_here(self, ctx: Context, host: Host) -> bool:
+        """The release on the server, its PgBouncer, then the migrations; True if the release moved
+        (Celery, still on the previous one, is restarted by start_celery)."""
         appserver.prepare_app_dirs(host)
         moved = appserver.install_release(ctx, host)
         bouncer, bouncer_changed = appserver.pgbouncer(ctx, host)
@@ -50,8 +56,12 @@ class Worker(Role):
                                  how={"pgbouncer": "HUP"} if bouncer_changed == "HUP" else {})
         supervisor.wait_running(["pgbouncer"])
         migrate(ctx, host)
+        return moved
+
+    def start_celery(self, ctx: Context, host: Host, moved: bool) -> None:
         celery = self.celery_programs(ctx, host)
         if celery:
+            supervisor = Supervisor(host)
             started = supervisor.apply(celery)
             appserver.reload_changed(host, started, {p.name: moved for p in celery}, how={})
             supervisor.wait_running([p.name for p in celery])
@@ -64,5 +74,6 @@ def migrate(ctx: Context, host: Host) -> None:
         return
     ctx.out.step(host.name, "running migrations")
     appserver.run_manage(ctx, host, "migrate", "--noinput")
+    ctx.out.step(host.name, "migrations applied")
     ctx.state.migrated_release = release.id
     ctx.state.save(ctx.paths)

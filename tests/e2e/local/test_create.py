@@ -3,6 +3,8 @@ this machine, its supervisors, its bridge). What any user observes of the archit
 provider, is in tests/acceptance."""
 from __future__ import annotations
 
+import os
+import pwd
 import socket
 import subprocess
 
@@ -60,6 +62,10 @@ def route_device(address: str) -> str | None:
     return words[words.index("dev") + 1] if "dev" in words else None
 
 
+def shared_memory_of(uids: set[int]) -> list[str]:
+    return [entry.name for entry in os.scandir("/dev/shm") if entry.stat(follow_symlinks=False).st_uid in uids]
+
+
 def link_exists(name: str) -> bool:
     return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
 
@@ -72,9 +78,13 @@ def test_destroy_leaves_nothing_behind(environment):
     # its servers are reached through: not just any environment's bridge on the machine
     bridge = "fb" + EnvPaths(environment.state_dir, environment.project, environment.name).tag
     assert link_exists(bridge) and route_device(web1) == bridge
+    # PostgreSQL's dynamic shared memory, in RAM: left by a killed server unless removed
+    uids = {pwd.getpwnam(name).pw_uid for name in environment.accounts.users().values()}
+    assert shared_memory_of(uids), "PostgreSQL runs: it has shared memory segments in /dev/shm"
     result = environment.fabula("destroy", ENV, "--yes")
     assert result.returncode == 0, result.stderr
     assert leftovers(environment) == []
+    assert shared_memory_of(uids) == []
     # its files were moved out of the way at once; their removal finishes in the background
     trash = environment.state_dir / ".trash"
     wait_for(lambda: not any(trash.iterdir()), timeout=60, message="the destroyed files removed")

@@ -308,7 +308,7 @@ class AwsProvider(Provider):
             self._instances.pop(host.name, None)   # its groups changed: described again when asked
         return changed
 
-    def remove_server(self, name: str) -> None:
+    def remove_server(self, name: str, drained: bool = False) -> None:
         member = instances.find_member(self.cloud, name) if name.startswith("i-") else None
         if member is not None:   # the group's: terminated by it, or it would launch a replacement
             self.web_group(None).terminate(name)

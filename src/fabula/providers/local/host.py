@@ -91,8 +91,10 @@ class LocalHost(Host):
         return FileState(st.st_mode & 0o7777, owner)
 
     def copy_tree(self, local: Path, path) -> None:
-        # hard links: a copy that costs no space and takes a fraction of a second
-        subprocess.run(["cp", "-al", str(local), str(path)], check=True)
+        # a link to the build, which is root's and never changes once built: the servers of one
+        # machine share its files, as hard links would, without making its thousands of folders
+        # again for each server (Django's locales alone: 0.4-0.7 s of every launch here)
+        os.symlink(local.resolve(), path)
 
     def fetch(self, path, local: Path) -> None:
         shutil.copyfile(path, local)

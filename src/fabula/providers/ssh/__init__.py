@@ -273,7 +273,7 @@ class SshProvider(Provider):
         host.check(["sh", "-c", scripts.REMOVE_FIREWALL, "sh", self.table, str(host.path("etc", "firewall.before"))])
         host.check(["rm", "-rf", "--", str(host.root)], timeout=300)
 
-    def remove_server(self, name: str) -> None:
+    def remove_server(self, name: str, drained: bool = False) -> None:
         """A server taken out of `hosts:`: its tree, firewall and processes, and the environment's
         users and files on its host unless the environment still has more there."""
         host = self.host(name)

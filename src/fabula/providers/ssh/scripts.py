@@ -87,6 +87,8 @@ for u in "$@"; do
   getent passwd "$u" >/dev/null || continue
   pkill -KILL -u "$u" 2>/dev/null; i=0
   while pgrep -u "$u" >/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+  # a PostgreSQL killed rather than stopped leaves its shared memory segments in /dev/shm
+  find /dev/shm -xdev -maxdepth 1 -type f -user "$u" -delete 2>/dev/null
   userdel "$u" || exit 1
 done
 ! getent group "$g" >/dev/null || groupdel "$g"
