@@ -48,8 +48,15 @@ def create(ctx: Context) -> None:
         ctx.provider.allocate_subnet()
     ctx.paths.env_dir.mkdir(parents=True, exist_ok=True)
     # the lock is taken only after the checks above: bad input must leave nothing behind
-    with operation(ctx, "create") as op:
+    with operation(ctx, "create") as op, ThreadPoolExecutor(max_workers=1) as builder:
         op.details["from_release"] = ctx.state.release
+
+        def build() -> None:
+            # the group keeps the release it was deployed with; the first create builds HEAD
+            kept = release.load(ctx, ctx.state.release) if ctx.state.release else None
+            ctx.release = kept or release.build(ctx)
+            op.details["to_release"] = ctx.release.id
+
         # the platform's own web group (an Auto Scaling group) launches the web servers: they are
         # not planned as servers, but brought up from the release once it is built
         group = ctx.provider.web_group(ctx)
@@ -63,6 +70,8 @@ def create(ctx: Context) -> None:
             ctx.provider.ensure_accounts()
             ctx.secrets = secrets.load_or_create(ctx.paths)
             ctx.ca = pki.CertificateAuthority(ctx.paths)
+            # built on this machine while the servers come up: it needs only the users and secrets
+            release_built = builder.submit(build)
 
             ctx.out.step("network", f"subnet {ctx.state.subnet}" if ctx.state.subnet else
                          f"{ctx.provider.name}: the inventory's hosts")
@@ -86,12 +95,6 @@ def create(ctx: Context) -> None:
         def cache() -> None:
             converge(ctx, ctx.host(ctx.state.require("cache").name))
 
-        def build() -> None:
-            # the group keeps the release it was deployed with; the first create builds HEAD
-            kept = release.load(ctx, ctx.state.release) if ctx.state.release else None
-            ctx.release = kept or release.build(ctx)
-            op.details["to_release"] = ctx.release.id
-
         workers = [ctx.host(s.name) for s in ctx.state.by_role("worker")]
         # the platform's web group launches its instances from the built release: they join after
         webs = [] if group is not None else [ctx.host(s.name) for s in ctx.state.by_role("web")]
@@ -101,7 +104,7 @@ def create(ctx: Context) -> None:
         # needs the databases too, for the migrations it runs (Celery reaches the broker once up)
         with op.phase("databases+cache+build+app servers"), \
                 ThreadPoolExecutor(max_workers=3 + len(workers) + len(webs)) as pool:
-            primary, release_built = pool.submit(databases), pool.submit(build)
+            primary = pool.submit(databases)
             jobs = [primary, release_built, pool.submit(cache)]
 
             def app_server(host: Host) -> None:
