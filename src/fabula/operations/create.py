@@ -70,12 +70,13 @@ def create(ctx: Context) -> None:
             ctx.provider.ensure_accounts()
             ctx.secrets = secrets.load_or_create(ctx.paths)
             ctx.ca = pki.CertificateAuthority(ctx.paths)
-            # built on this machine while the servers come up: it needs only the users and secrets
-            release_built = builder.submit(build)
 
             ctx.out.step("network", f"subnet {ctx.state.subnet}" if ctx.state.subnet else
                          f"{ctx.provider.name}: the inventory's hosts")
             ctx.provider.ensure_network()
+            # built on this machine while the servers come up: it needs the users, the secrets and
+            # the network (the app's settings name the load balancer's address: on AWS, the ALB's)
+            release_built = builder.submit(build)
             servers = list(ctx.state.servers.values())
             for record in servers:
                 host = ctx.provider.ensure_server(record.name, record.role)
