@@ -65,10 +65,12 @@ def scenario(base: Path, label: str, webs: int, cold: bool) -> dict:
     sampler.stop.set()
     sampler.join()
     # where create's time goes: its phases, and the release's build (an operation of its own)
-    history = json.loads(env.fabula("history", ENV, "--json").stdout or "[]")
-    phases = [(ph["name"], ph["seconds"]) for r in history if r["action"] in ("create", "release build")
-              for ph in ([{"name": "release build", "seconds": r["seconds"]}] if r["action"] == "release build"
-                         else r["phases"])]
+    phases = []
+    for record in json.loads(env.fabula("history", ENV, "--json").stdout or "[]"):
+        if record["action"] == "create":
+            phases += [(phase["name"], phase["seconds"]) for phase in record["phases"]]
+        elif record["action"] == "release build":
+            phases.append(("release build", record["seconds"]))
     started = time.monotonic()
     destroyed = env.fabula("destroy", ENV, "--yes", timeout=600)
     destroy_s = time.monotonic() - started

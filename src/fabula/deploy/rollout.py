@@ -128,9 +128,14 @@ def launch_or_clean_up(ctx: Context, new: Release, then=None, count: int = 1, re
     try:
         return launch_or_remove_many(ctx, new, count, in_service=False, then=then, reserved=reserved)
     except Exception as exc:
-        raise FabulaError(f"deploy of release {new.id} stopped: {exc}\n"
-                          f"the new server(s) were removed; the site still serves release {ctx.state.release}",
-                          f"fix the release and deploy again; `fabula history {ctx.env_name}` shows what ran") from exc
+        raise stopped(ctx, new, exc) from exc
+
+
+def stopped(ctx: Context, new: Release, exc: Exception) -> FabulaError:
+    """The error of a deploy whose new servers were removed again: the site keeps its release."""
+    return FabulaError(f"deploy of release {new.id} stopped: {exc}\n"
+                       f"the new server(s) were removed; the site still serves release {ctx.state.release}",
+                       f"fix the release and deploy again; `fabula history {ctx.env_name}` shows what ran")
 
 
 def serial(ctx: Context, op, new: Release, old_servers: list[str], surge: int | None = None) -> None:
@@ -187,10 +192,7 @@ def launch_beside_the_worker(ctx: Context, op, new: Release, old: Release | None
             worker.result()
         except Exception as exc:   # Celery did not start on the new release: the new servers go
             retire_web_servers(ctx, [r.name for r in records])
-            raise FabulaError(f"deploy of release {new.id} stopped: {exc}\nthe new server(s) were removed; "
-                              f"the site still serves release {ctx.state.release}",
-                              f"fix the release and deploy again; `fabula history {ctx.env_name}` shows what "
-                              "ran") from exc
+            raise stopped(ctx, new, exc) from exc
 
 
 def migrate_and_update_workers(ctx: Context, new: Release, old: Release | None, record,
