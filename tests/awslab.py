@@ -122,9 +122,11 @@ class AwsLab:
 
     @property
     def env(self) -> dict[str, str]:
-        """What the CLI needs to reach the lab's AWS (and nothing real)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+        """What the CLI needs to reach the lab's AWS (and nothing real). moto's server is the
+        instances' metadata service too: fabula's program on the worker takes its credentials
+        there, as an instance's role gives them."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.endpoint + "/",
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
 
     # -- instances as namespaces ----------------------------------------------------------------------
     def boot(self, instance: Any, public_key: str) -> None:

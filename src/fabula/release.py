@@ -7,7 +7,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from fabula import machine_users, secrets
 from fabula.accounts import Accounts
 from fabula.context import Context, Release
 from fabula.errors import FabulaError
+from fabula.program_home import uv_binary
 from fabula.providers.base import SYSTEM_PATH
 from fabula.roles.appserver import app_variables
 from fabula.runtime import __file__ as runtime_init
@@ -37,11 +37,6 @@ def resolve(ctx: Context, rev: str = "HEAD") -> tuple[str, str]:
     commit = _git(source, "rev-parse", "--verify", f"{rev}^{{commit}}")
     prefix = _git(source, "rev-parse", "--show-prefix").rstrip("/")
     return commit, prefix
-
-
-def uv_binary() -> str:
-    candidate = Path(sys.executable).parent / "uv"
-    return str(candidate) if candidate.exists() else (shutil.which("uv") or "uv")
 
 
 # what a build may take from the operator's environment: how to reach the package index, nothing

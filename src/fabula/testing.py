@@ -233,6 +233,12 @@ class FakeLoadBalancer(LoadBalancer):
     def drain(self, name: str) -> None:
         self.drained.add(name)
 
+    def ready(self, name: str) -> None:
+        """Back in service; one it has no backend for is added (as an ALB registers an instance)."""
+        self.drained.discard(name)
+        if name not in {b.name for b in self.backends}:
+            self.backends.append(Backend(name, "", 443))
+
     def active_requests(self, name: str) -> int:
         return 0
 

@@ -59,10 +59,11 @@ def world(tmp_path, monkeypatch):
     lb = FakeLB(clock, ["web1", "web2"])
     calls: list[tuple] = []
 
-    def open_environment(config_path, env_name, out):
+    def open_environment(config_path, env_name, out, **options):
         fresh = EnvState.load(paths)
         return SimpleNamespace(env=env, env_name="e", project="p", paths=paths, state=fresh, out=out, hosts={},
-                               provider=SimpleNamespace(load_balancer=lb, shared_store=lambda: None),
+                               provider=SimpleNamespace(load_balancer=lb, shared_store=lambda: None,
+                                                        web_group=lambda ctx: None),
                                config=SimpleNamespace(path=config_path))
 
     def set_desired(ctx, op, desired, health=None):

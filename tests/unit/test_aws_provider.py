@@ -234,8 +234,10 @@ def test_destroy_leaves_nothing_tagged(aws: None, tmp_path: Path):
     p.state.release = RELEASE
     create_fixed(p)
     p.shared_store().push({"state.json": p.paths.state_file})
+    assert "role shop-production-controller" in teardown.leftovers(p.cloud)   # the worker's instance role
     removed = p.destroy()
     assert any(r.startswith("key pair") for r in removed) and any(r.startswith("known_hosts entry") for r in removed)
+    assert "role shop-production-controller" in removed
     assert teardown.leftovers(p.cloud) == [] and live() == [] and p.list_servers() == []
     assert (tmp_path / "known_hosts").read_text() == ""
     assert provider(tmp_path).destroy() == []   # again: nothing left to remove

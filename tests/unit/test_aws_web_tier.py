@@ -7,6 +7,7 @@ points the group at the previous template; `fabula scale` sets the desired count
 what the group launched; suspend and resume reach the group's processes."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Iterator
@@ -268,3 +269,52 @@ def test_suspend_and_resume_reach_the_groups_processes(setup):
 def test_a_provider_with_a_native_group_may_create(setup):
     ctx, provider, _, _ = setup
     provider.check_can_create("fabula.yml")   # no refusal any more: the web tier is built
+
+
+def test_the_workers_program_converges_what_the_group_launched_by_itself_within_its_roles_calls(setup):
+    """fabula's program on the worker (autoscaling/controller.py's keep): the group's own
+    scale-out and a member it terminated; every AWS call it makes is one its instance role allows."""
+    from fabula.autoscaling.controller import Controller
+    from fabula.providers.aws import controller_role
+    from fabula.providers.aws.policy import iam_actions
+
+    ctx, provider, access, _ = setup
+    ctx.state.release = FIRST
+    first = create_web_tier(ctx)
+    name = provider.web_group(ctx).members()[0]
+    autoscaling = provider.cloud.autoscaling
+    group_name = autoscaling.describe_auto_scaling_groups()["AutoScalingGroups"][0]["AutoScalingGroupName"]
+    # as the group's policy and its health check would: not through fabula
+    autoscaling.set_desired_capacity(AutoScalingGroupName=group_name, DesiredCapacity=3)
+    autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=name, ShouldDecrementDesiredCapacity=True)
+    store = provider.shared_store()   # (create made the state bucket)
+    store.acquire({"owner": "alice"})
+    store.release()
+    # the program's own view of the environment: from inside the VPC, nothing of this command's
+    on_worker = AwsProvider(ctx.paths, ctx.env, ctx.state, role_rules=ROLE_RULES, session=provider.cloud.session,
+                            access=access, sleep=lambda _: None, controller_home=ctx.paths.root / "controller")
+    access.provider = on_worker
+    ctx = dataclasses.replace(ctx, provider=on_worker, hosts={})
+    provider = on_worker
+    group = provider.web_group(ctx)
+    (launched,) = set(group.members()) - set(first)
+    keeper = Controller(ctx.config.path, ctx.env_name, out=ctx.out)
+    keeper.keep(ctx, group)
+    assert sorted(r.name for r in ctx.state.by_role("web")) == sorted(group.members())
+    assert name not in ctx.state.servers and ctx.state.servers[launched].release == FIRST
+    assert converged(access.hosts[launched]) and not any(access.registered_while_converging[launched])
+    assert provider.load_balancer.health() == {m: "UP" for m in group.members()}
+    made = iam_actions(provider.cloud.counter.calls, with_implied=False)
+    allowed = {a for s in controller_role.policy(provider.cloud, "shop-state")["Statement"] for a in s["Action"]}
+    assert set(made) == allowed - {"ec2:ModifyInstanceAttribute"}, \
+        f"CONTROLLER_CALLS should be: {sorted(provider.cloud.counter.calls)}"
+    # its role and profile, made by ensure_network, with that policy
+    iam = provider.cloud.iam
+    role = controller_role.name(provider.cloud)
+    document = iam.get_role_policy(RoleName=role, PolicyName=controller_role.POLICY)["PolicyDocument"]
+    document = json.loads(document) if isinstance(document, str) else document
+    assert document == controller_role.policy(provider.cloud, "shop-state")
+    worker = provider.cloud.ec2.describe_iam_instance_profile_associations()["IamInstanceProfileAssociations"]
+    assert [a["IamInstanceProfile"]["Arn"].rsplit("/", 1)[-1] for a in worker] == [role]
+    keeper.keep(ctx, group)   # nothing new: nothing done
+    assert sorted(r.name for r in ctx.state.by_role("web")) == sorted(group.members())

@@ -251,7 +251,7 @@ def test_the_autoscaler_runs_fabulas_own_code_only(ctx):
     from fabula.autoscaling.controller import controller_program
     from fabula.providers.base import SYSTEM_PATH
 
-    program = controller_program(ctx)
+    program = controller_program(ctx, ctx.provider.program_home(ctx.config.path, ctx.paths.root, "/usr/bin/python3"))
     isolated, module, name = program.command[1:4]
     assert (isolated, module, name) == ("-I", "-m", "fabula")
     assert program.directory == str(ctx.paths.env_dir) != str(ctx.config.path.parent)

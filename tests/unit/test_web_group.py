@@ -20,6 +20,7 @@ from fabula.config import load_config
 from fabula.context import Context, Release
 from fabula.deploy import group, rollout
 from fabula.deploy.group import launch_or_remove, launch_or_remove_many
+from fabula.deploy.native import keep
 from fabula.errors import FabulaError
 from fabula.output import Output
 from fabula.pki import CertificateAuthority
@@ -41,6 +42,9 @@ class NativeGroup(NativeWebGroup):
         return False
 
     def wait_members(self, count: int, timeout: float) -> list[Member]:
+        return self.in_service()
+
+    def in_service(self) -> list[Member]:
         return [Member(f"web{n}", f"10.0.0.{10 + n}", "abcdef012345") for n in (1, 2, 3)]
 
     def terminate(self, name: str) -> None:
@@ -271,3 +275,27 @@ def test_a_batch_that_fails_removes_every_server_it_launched(ctx):
         launch_or_remove_many(ctx, ctx.require_release(), 2, in_service=False, then=broken)
     assert web_group(ctx).members() == ["web1", "web2", "web3"]
     assert "web4" not in ctx.provider.hosts and "web5" not in ctx.provider.hosts
+
+
+class LaunchedByItself(NativeGroup):
+    """The group after it launched i-0new by itself (its scaling policy, or a replacement) and
+    terminated web1."""
+
+    def in_service(self) -> list[Member]:
+        return [Member(name, f"10.0.0.{20 + n}", "abcdef012345") for n, name in enumerate(["web2", "web3", "i-0new"])]
+
+
+def test_what_the_group_launches_by_itself_is_converged_and_what_it_terminated_forgotten(ctx):
+    """fabula's program on the platform host, each round (deploy/native.keep)."""
+    group = LaunchedByItself()
+    ctx.provider = NativeProvider(group, state=ctx.state)
+    done = keep(ctx, group, ctx.require_release())
+    assert done == {"converged": ["i-0new"], "forgotten": ["web1"]}
+    assert sorted(r.name for r in ctx.state.by_role("web")) == ["i-0new", "web2", "web3"]
+    assert ctx.state.servers["i-0new"].release == "abcdef012345"
+    assert ctx.state.servers["i-0new"].address == "10.0.0.22"
+    assert ctx.provider.load_balancer.health()["i-0new"] == "UP"   # in service once converged
+    new = ctx.provider.hosts["i-0new"]   # the release copied there, its gunicorn under its supervisor
+    assert "gunicorn" in new.programs() and new.ran("ln", "-sfn", "releases/abcdef012345")
+    # a round with nothing new changes nothing
+    assert keep(ctx, group, ctx.require_release()) == {"converged": [], "forgotten": []}

@@ -19,12 +19,19 @@ to <env dir>/autoscaler.jsonl with its reason, and printed to the program's log.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fabula.autoscaling.actions import Locked, converge, group_operation, lock_holder, replace, set_desired
+from fabula.autoscaling.actions import (
+    Locked,
+    converge,
+    group_operation,
+    launch_configuration,
+    lock_holder,
+    replace,
+    set_desired,
+)
 from fabula.autoscaling.log import decisions_path, log_decision, read_decisions, status_path, write_status
 from fabula.autoscaling.policy import (
     HOLD,
@@ -42,12 +49,14 @@ from fabula.autoscaling.policy import (
     unit,
 )
 from fabula.context import Context
+from fabula.deploy import native
 from fabula.environment.audit import AUTOSCALER_ACTION
 from fabula.environment.lock import now_iso
 from fabula.environment.opening import open_environment
 from fabula.errors import FabulaError
 from fabula.output import Output
-from fabula.providers.base import SYSTEM_PATH
+from fabula.providers.base import SYSTEM_PATH, NativeWebGroup, ProgramHome
+from fabula.state import EnvPaths
 from fabula.supervisor import Program, Supervisor
 
 PROGRAM = "autoscaler"
@@ -58,26 +67,36 @@ BACKOFF_FIRST, BACKOFF_MAX = 15.0, 600.0
 
 # -- its installation --------------------------------------------------------------------------
 
-def controller_program(ctx: Context) -> Program:
+def controller_program(ctx: Context, home: ProgramHome) -> Program:
     """The autoscaler as a program of the load balancer's (the platform's) supervisor."""
     # it runs as root: fabula's own code only, never a module of the app's folder (`-I`: no
     # current directory or script folder on sys.path, no PYTHON* variables, no user site), from
     # the environment's state directory, with a fixed PATH
+    there = EnvPaths(Path(home.state_root), ctx.paths.project, ctx.paths.env)
     return Program(
         name=PROGRAM,
-        command=[sys.executable, "-I", "-m", "fabula", "autoscaler", ctx.env_name, "-c", str(ctx.config.path),
-                 "--decisions", str(decisions_path(ctx.paths))],
-        environment={"FABULA_STATE_DIR": str(ctx.paths.root), "PATH": SYSTEM_PATH, "PYTHONUNBUFFERED": "1"},
-        directory=str(ctx.paths.env_dir), stopsignal="TERM", stopwaitsecs=20)
+        command=[home.python, "-I", "-m", "fabula", "autoscaler", ctx.env_name, "-c", home.config,
+                 "--decisions", str(decisions_path(there))],
+        environment={**home.environment, "FABULA_STATE_DIR": home.state_root, "PATH": SYSTEM_PATH,
+                     "PYTHONUNBUFFERED": "1"},
+        directory=str(there.env_dir), stopsignal="TERM", stopwaitsecs=20)
 
 
 def start_controller(ctx: Context) -> None:
-    """(Re)start the autoscaler under the platform's supervisor, so it runs the current code."""
-    supervisor = Supervisor(ctx.provider.platform_host())
+    """(Re)start the autoscaler under the platform's supervisor, so it runs the current code.
+    On a platform's own group (AWS) it is the group's keeper: it converges what the group
+    launches by itself; the group's own policy keeps its size."""
+    host = ctx.provider.platform_host()
+    home = ctx.provider.program_home(ctx.config.path, ctx.paths.root, ctx.config.project.app.python)
+    supervisor = Supervisor(host)
     supervisor.ensure_running()
-    if not supervisor.apply([controller_program(ctx)]):
+    if not supervisor.apply([controller_program(ctx, home)]):
         supervisor.restart(PROGRAM)
     supervisor.wait_running([PROGRAM], timeout=30)
+    if ctx.provider.web_group(ctx) is not None:
+        ctx.out.step(PROGRAM, f"running on {host.name}: it converges and puts in service the web servers the "
+                              "platform's group launches by itself (its scaling policy, replacements)")
+        return
     group = group_config(ctx)
     limits = bounds(group)
     ctx.out.step(PROGRAM, f"running (web group: desired {current_desired(ctx)}, min {group.min}, max {limits.max}, "
@@ -106,8 +125,9 @@ class ClockOutput(Output):
 
 class Controller:
     def __init__(self, config_path: Path, env_name: str, decisions: Path | None = None,
-                 out: Output | None = None, clock: Callable[[], float] = time.monotonic):
-        self.config_path, self.env_name = Path(config_path), env_name
+                 out: Output | None = None, clock: Callable[[], float] = time.monotonic, shipped: bool = False):
+        """`shipped`: fabula runs on the platform host, away from the app's folder (program_home)."""
+        self.config_path, self.env_name, self.shipped = Path(config_path), env_name, shipped
         self.decisions = decisions
         self.out = out or ClockOutput()
         self.clock = clock
@@ -169,13 +189,20 @@ class Controller:
 
     def _round(self) -> float:
         try:
-            ctx = open_environment(self.config_path, self.env_name, self.out)
+            ctx = open_environment(self.config_path, self.env_name, self.out, check_paths=not self.shipped)
         except FabulaError as exc:
             self.error(f"cannot read {self.config_path}: {exc}")
             return DEFAULT_INTERVAL
         group = ctx.env.web_group()
         if not ctx.paths.state_file.exists():
             return group.interval  # not created yet, or destroyed: nothing to keep
+        platform_group = ctx.provider.web_group(ctx)
+        if platform_group is not None:
+            try:
+                self.keep(ctx, platform_group)
+            finally:
+                ctx.provider.close()
+            return group.interval
         if not self.recovered:
             self.recover(ctx)
             self.out.step(PROGRAM, f"watching {ctx.project}/{ctx.env_name}: min {group.min}, max {group.max}, "
@@ -249,6 +276,31 @@ class Controller:
                     still=lambda c: current_desired(c) == desired, measured=measured,
                     **{"from": desired, "to": decision.desired})
         return group.interval
+
+    def keep(self, ctx: Context, group: NativeWebGroup) -> None:
+        """On a platform's own group: its size is its policy's; what the group launched by itself
+        is converged and put in service, what it terminated forgotten (deploy/native.keep)."""
+        if not self.recovered:
+            self.recovered = True
+            self.out.step(PROGRAM, f"keeping {ctx.project}/{ctx.env_name}'s web group: converging what it launches")
+
+        def changed(c: Context) -> tuple[list[str], list[str]]:
+            members = {m.name for m in group.in_service()}
+            recorded = {r.name for r in c.state.by_role("web")}
+            return sorted(members - recorded), sorted(recorded - members)
+
+        new, gone = changed(ctx)
+        if not new and not gone:
+            self.last_error = None
+            return
+        if ctx.state.release is None:
+            return  # `create` has not finished yet: it converges them itself
+        reason = "; ".join(part for part in (
+            f"the group launched {', '.join(new)}" if new else "",
+            f"{', '.join(gone)} left the group" if gone else "") if part)
+        self.change(ctx, "admit" if new else "forget", reason,
+                    lambda c, op: native.keep(c, group, launch_configuration(c)),
+                    still=lambda c: changed(c) != ([], []))
 
     def change(self, ctx: Context, action: str, reason: str, apply: Callable, still: Callable | None = None,
                measured: dict | None = None, **entry) -> None:

@@ -3,6 +3,7 @@ group's desired count, suspending and resuming the autoscaler, and its decisions
 as text (under `fabula describe`'s table, and the decisions)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -130,5 +131,6 @@ def register(app: typer.Typer) -> None:
                    decisions: Annotated[Path | None, typer.Option(help="the decisions log")] = None) -> None:
         """The autoscaler itself: runs until stopped (`create` starts it under the platform's supervisor)."""
         from fabula.autoscaling.controller import Controller
+        from fabula.program_home import CONTROLLER_HOME
 
-        Controller(config.resolve(), env, decisions).run()
+        Controller(config.resolve(), env, decisions, shipped=CONTROLLER_HOME in os.environ).run()

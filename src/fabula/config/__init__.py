@@ -79,7 +79,9 @@ def _validation_error(exc: ValidationError, shown: str) -> ConfigError:
 
 
 
-def load_config(path: Path) -> LoadedConfig:
+def load_config(path: Path, *, check_paths: bool = True) -> LoadedConfig:
+    """fabula.yml, validated; `check_paths`: and the files it names checked on this machine (not
+    where fabula's program runs away from the app's folder, on the platform host)."""
     path = Path(path)
     shown = shown_path(path)
     raw = parse_file(path, shown)
@@ -91,6 +93,8 @@ def load_config(path: Path) -> LoadedConfig:
     except ValidationError as exc:
         raise _validation_error(exc, shown) from None
     loaded = LoadedConfig(path=resolve(path), project=project)
+    if not check_paths:
+        return loaded
     try:
         check_machine(loaded, shown)
     except (OSError, ValueError) as exc:  # a name too long, a loop of symlinks... on the way to a path

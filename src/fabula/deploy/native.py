@@ -115,7 +115,21 @@ def bring_up(ctx: Context, group: NativeWebGroup, release: Release) -> list[Host
 def admit(ctx: Context, group: NativeWebGroup, count: int, release: Release) -> list[str]:
     """The group's members once it has `count`, recorded; each member new to fabula converged
     and put in service (`fabula scale`). The names of those converged."""
-    members = group.wait_members(count, LAUNCH_TIMEOUT)
+    return _admit(ctx, group.wait_members(count, LAUNCH_TIMEOUT), release)
+
+
+def keep(ctx: Context, group: NativeWebGroup, release: Release) -> dict:
+    """fabula's program on the platform host, once a round (autoscaling/controller.py): the
+    members the group launched by itself (its scaling policy's, a replacement of an unhealthy
+    one) converged and put in service; those it terminated forgotten."""
+    members = group.in_service()
+    gone = sorted({r.name for r in ctx.state.by_role("web")} - {m.name for m in members})
+    take_out(ctx, gone)   # the group deregisters what it terminates; a target left behind goes too
+    converged = _admit(ctx, members, release)
+    return {"converged": converged, "forgotten": gone}
+
+
+def _admit(ctx: Context, members: list[Member], release: Release) -> list[str]:
     new = [m.name for m in members if m.name not in ctx.state.servers]
     record_members(ctx, members)
     take_out(ctx, new)

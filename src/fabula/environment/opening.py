@@ -11,6 +11,7 @@ from fabula.context import Context
 from fabula.environment import sharing
 from fabula.errors import ConfigError
 from fabula.output import Output
+from fabula.program_home import CONTROLLER_HOME
 from fabula.providers.base import IngressRule, Provider
 from fabula.providers.local import LocalProvider
 from fabula.roles import ROLES
@@ -35,7 +36,11 @@ def _ssh(paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int) ->
 
 def _aws(paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int) -> Provider:
     from fabula.providers.aws import AwsProvider
-    return AwsProvider(paths, env, state, euid, role_rules=role_ingress())
+    # set by the program's own environment on the worker (AwsProvider.program_home): it reaches
+    # the instances from inside the VPC
+    within = os.environ.get(CONTROLLER_HOME)
+    return AwsProvider(paths, env, state, euid, role_rules=role_ingress(),
+                       controller_home=Path(within) if within else None)
 
 
 # provider: -> how to make it (fabula.yml's section of the same name configures it)
@@ -47,8 +52,8 @@ PROVIDERS: dict[str, ProviderFactory] = {
 
 
 def open_environment(config_path: Path, env_name: str, out: Output, *, root: Path | None = None,
-                     euid: int | None = None, shared: bool = True) -> Context:
-    config = load_config(config_path)
+                     euid: int | None = None, shared: bool = True, check_paths: bool = True) -> Context:
+    config = load_config(config_path, check_paths=check_paths)
     env = config.environment(env_name)
     paths = EnvPaths(root or state_root(), config.project.project, env_name)
     state = EnvState.load(paths) or EnvState(project=paths.project, env=env_name, provider=env.provider)

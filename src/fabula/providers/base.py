@@ -4,11 +4,12 @@ from __future__ import annotations
 import abc
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -257,6 +258,10 @@ class NativeWebGroup(WebGroup):
         `timeout` seconds."""
 
     @abc.abstractmethod
+    def in_service(self) -> list[Member]:
+        """The members running and in service in the group now (those still launching are not)."""
+
+    @abc.abstractmethod
     def terminate(self, name: str) -> None:
         """Terminate a member (drained before, by the caller), the desired count decremented:
         the group launches no replacement."""
@@ -316,13 +321,25 @@ def pack_shared(files: dict[str, Path], archive: IO[bytes]) -> None:
                 tar.add(local, arcname=name)
 
 
+def extract_plain(tar: tarfile.TarFile, folder: Path) -> None:
+    """Extract files and folders only, each inside `folder` (tarfile's "data" filter, which the
+    Python of Debian 12, 3.11.2, where fabula's program runs on AWS, does not have yet)."""
+    for member in tar.getmembers():
+        path = PurePosixPath(member.name)
+        if path.is_absolute() or ".." in path.parts or not (member.isfile() or member.isdir()):
+            raise FabulaError(f"the shared files hold {member.name!r}, which is not a plain file or folder inside "
+                              "their archive", "replace the shared files with a command of this fabula")
+        member.mode &= 0o755 if member.isdir() else 0o644
+    tar.extractall(folder)  # noqa: S202 - every member checked above
+
+
 def unpack_shared(archive: IO[bytes], files: dict[str, Path]) -> None:
     """Put the shared copies of a tar stream made by pack_shared over this machine's files and
     folders (root's only); a name the stream does not hold leaves this machine's copy as it is."""
     with tempfile.TemporaryDirectory(prefix="fabula-shared-") as tmp:
         unpacked = Path(tmp)
         with tarfile.open(fileobj=archive) as tar:
-            tar.extractall(unpacked, filter="data")
+            extract_plain(tar, unpacked)
         for name, local in files.items():
             source = unpacked / name
             if source.is_dir():
@@ -333,6 +350,18 @@ def unpack_shared(archive: IO[bytes], files: dict[str, Path]) -> None:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, local)
                 local.chmod(0o600)
+
+
+@dataclass(frozen=True)
+class ProgramHome:
+    """fabula's own program on the platform host: `python` has fabula installed, `config` is the
+    environment's fabula.yml there, `state_root` the program's FABULA_STATE_DIR; `environment`
+    what else its environment holds."""
+
+    python: str
+    config: str
+    state_root: str
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 class Provider(abc.ABC):
@@ -408,6 +437,17 @@ class Provider(abc.ABC):
     def platform_host(self) -> Host:
         """Where the load balancer's own files and fabula's long-running programs (the autoscaler)
         live: the machine's own namespace locally; an instance of fabula's elsewhere."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Let go of what the provider holds open (connections): a long-running program opens the
+        environment again every round."""
+
+    def program_home(self, config: Path, state_root: Path, python: str) -> ProgramHome:
+        """Where fabula's own program runs on platform_host(): by default the platform host
+        shares this machine's files (the local provider's namespaces), so this machine's
+        interpreter, `config` and `state_root`. A provider whose platform host does not ships
+        fabula there (program_home.ship), on `python` (the app's, which the host has)."""
+        return ProgramHome(sys.executable, str(config), str(state_root))
 
     @abc.abstractmethod
     def apply_firewall(self, host: Host, rules: list[IngressRule | EgressRule]) -> bool:

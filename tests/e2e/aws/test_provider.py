@@ -1,6 +1,7 @@
 """`provider: aws` end to end in the lab: create, a page through the (stand-in) load balancer,
-the Auto Scaling group in `describe`, `exec` on an instance, a second create that changes
-nothing on AWS, and destroy leaving nothing tagged and no instance running."""
+the Auto Scaling group in `describe`, `exec` on an instance, an instance the group launches by
+itself converged by fabula's program on the worker, a second create that changes nothing on AWS,
+and destroy leaving nothing tagged and no instance running."""
 from __future__ import annotations
 
 import httpx
@@ -25,11 +26,44 @@ def test_create_serves_the_app_through_the_load_balancer(lab, environment):
         [(name, "InService", "healthy") for name in webs]
 
 
-
 def test_exec_runs_on_the_instance(environment):
     worker = environment.server("worker1")
     ran = environment.exec("worker1", "hostname", "-I")
     assert ran.returncode == 0 and worker["address"] in ran.stdout.split()
+
+
+def test_what_the_group_launches_by_itself_is_converged_and_serves(lab, environment):
+    """As the group's own scaling policy would: its desired count raised and lowered on AWS,
+    not through fabula. fabula's program on the worker (shipped there: its own runtime, config
+    and state, credentials from the instance's metadata) converges the new instance, which then
+    answers through the load balancer, and forgets the one the group terminates."""
+    group = environment.describe()["autoscaling"]["platform_group"]["name"]
+    autoscaling = lab.client("autoscaling")
+    before = {s["name"] for s in environment.describe()["servers"] if s["role"] == "web"}
+    autoscaling.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=3, HonorCooldown=False)
+    (launched,) = {i["InstanceId"] for i in autoscaling.describe_auto_scaling_groups(
+        AutoScalingGroupNames=[group])["AutoScalingGroups"][0]["Instances"]} - before
+    answered: set[str] = set()
+
+    def served_by_the_new_instance() -> bool:
+        try:
+            answered.add(httpx.get(environment.url + "/api/info", verify=False, timeout=5).json()["server"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        return launched in answered
+    wait_for(served_by_the_new_instance, 300, interval=0.5,
+             message=f"{launched}, launched by the group itself, answering through the load balancer")
+    assert launched in {s["name"] for s in environment.describe()["servers"] if s["role"] == "web"}
+
+    autoscaling.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=2, HonorCooldown=False)
+
+    def recorded_as_the_group_has_them() -> bool:
+        members = {i["InstanceId"] for i in autoscaling.describe_auto_scaling_groups(
+            AutoScalingGroupNames=[group])["AutoScalingGroups"][0]["Instances"]}
+        webs = {s["name"] for s in environment.describe()["servers"] if s["role"] == "web"}
+        return len(members) == 2 and webs == members
+    wait_for(recorded_as_the_group_has_them, 120, interval=1,
+             message="the instance the group terminated forgotten by fabula")
 
 
 def test_a_second_create_changes_nothing_on_aws(lab, environment):

@@ -119,6 +119,10 @@ class Cloud:
         return self._client("s3")
 
     @property
+    def iam(self) -> Any:
+        return self._client("iam")
+
+    @property
     def sts(self) -> Any:
         return self._client("sts")
 

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fabula.providers.aws.cloud import AwsError, Cloud, aws_errors, described
+from botocore.exceptions import ClientError
+
+from fabula.providers.aws.cloud import AwsError, Cloud, aws_errors, described, error_code
 from fabula.providers.aws.group import ROOT_VOLUME_GIB
 from fabula.providers.aws.network import Network
 
@@ -22,6 +24,7 @@ RELEASE_TAG = "fabula:release"
 FIXED_ROLES = ("worker", "cache", "db-primary", "db-replica")
 DB_ROLES = ("db-primary", "db-replica")
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+PROFILE_WAIT = 60.0   # seconds a new instance profile may take to reach EC2
 
 
 @dataclass(frozen=True)
@@ -113,15 +116,17 @@ def ensure_key_pair(cloud: Cloud, public_key: str) -> str:
 
 @aws_errors
 def launch(cloud: Cloud, *, name: str, role: str, image: str, instance_type: str, subnet_id: str,
-           security_group_ids: Sequence[str], key_name: str) -> Instance:
+           security_group_ids: Sequence[str], key_name: str, instance_profile: str | None = None) -> Instance:
+    """`instance_profile`: the instance's role (the worker's: controller_role.py)."""
     ec2 = cloud.ec2
     images = ec2.describe_images(ImageIds=[image])["Images"]
     if not images:
         raise AwsError(f"image {image} does not exist in {cloud.region}",
                        "give `aws.ami` an image of this region (or leave it out for Debian 12's current one)")
     tags = {SERVER_TAG: name, ROLE_TAG: role}
-    made = ec2.run_instances(
-        ImageId=image, InstanceType=instance_type, MinCount=1, MaxCount=1, KeyName=key_name,
+    profile = {"IamInstanceProfile": {"Name": instance_profile}} if instance_profile else {}
+    made = run_instances(
+        cloud, **profile, ImageId=image, InstanceType=instance_type, MinCount=1, MaxCount=1, KeyName=key_name,
         SubnetId=subnet_id, SecurityGroupIds=list(security_group_ids),
         BlockDeviceMappings=[{"DeviceName": images[0].get("RootDeviceName", "/dev/xvda"), "Ebs": {
             "Encrypted": True, "VolumeType": "gp3", "VolumeSize": ROOT_VOLUME_GIB, "DeleteOnTermination": True}}],
@@ -130,6 +135,21 @@ def launch(cloud: Cloud, *, name: str, role: str, image: str, instance_type: str
         TagSpecifications=[{"ResourceType": kind, "Tags": cloud.tags(cloud.name(name), **tags)}
                            for kind in ("instance", "volume")])
     return Instance.of(made["Instances"][0])
+
+
+def run_instances(cloud: Cloud, **request: Any) -> dict[str, Any]:
+    """RunInstances, again while a new instance profile is not yet known to EC2 (IAM's changes
+    take seconds to reach it)."""
+    waited = 0.0
+    while True:
+        try:
+            return dict(cloud.ec2.run_instances(**request))
+        except ClientError as exc:
+            if "IamInstanceProfile" not in request or error_code(exc) != "InvalidParameterValue" or \
+                    "iamInstanceProfile" not in str(exc) or waited >= PROFILE_WAIT:
+                raise
+        cloud.sleep(5)
+        waited += 5
 
 
 @aws_errors

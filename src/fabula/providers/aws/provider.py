@@ -4,6 +4,7 @@ instances.py reached over the ssh provider's transport (access.py) and prepared 
 (web.py), and the S3 state bucket as the team's shared store (store.py)."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -14,12 +15,13 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fabula import machine_users, pki, secrets
+from fabula import machine_users, pki, program_home, secrets
 from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig, SshConfig
 from fabula.errors import FabulaError, PrerequisiteError
+from fabula.program_home import CONTROLLER_HOME
+from fabula.providers.aws import controller_role, instances, teardown
 from fabula.providers.aws import group as web_group
-from fabula.providers.aws import instances, teardown
 from fabula.providers.aws.access import Access, SshAccess
 from fabula.providers.aws.cloud import AwsError, Cloud, translate
 from fabula.providers.aws.controlplane import ControlPlane, ensure_control_plane, ensure_web_tier
@@ -29,13 +31,28 @@ from fabula.providers.aws.network import Network, ensure_network, fence, server_
 from fabula.providers.aws.statebucket import StateBucket
 from fabula.providers.aws.store import FILES, BucketStore
 from fabula.providers.aws.web import AlbLoadBalancer, AwsWebGroup
-from fabula.providers.base import SYSTEM_PATH, EgressRule, Host, IngressRule, Provider, SharedStore
+from fabula.providers.base import (
+    SYSTEM_PATH,
+    EgressRule,
+    Host,
+    IngressRule,
+    ProgramHome,
+    Provider,
+    SharedStore,
+)
 from fabula.providers.ssh.preparation import Preparation
 from fabula.providers.ssh.scripts import DEBIAN_VERSION, FACTS, HostFacts
 from fabula.state import EnvPaths, EnvState, write_atomically
 
 AddressChoice = Callable[[Instance, "str | None"], str]
 RoleRules = Mapping[str, Sequence[IngressRule]]
+SHIPPED_KEY = "ssh-key"
+# where AWS is, when not at its public endpoints: passed on to fabula's program on the worker
+ENDPOINTS = ("AWS_ENDPOINT_URL", "AWS_EC2_METADATA_SERVICE_ENDPOINT")
+
+
+def private_address(instance: Instance, jump: str | None) -> str:
+    return instance.private_ip
 
 
 class AwsProvider(Provider):
@@ -45,21 +62,28 @@ class AwsProvider(Provider):
     def __init__(self, paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int = 0, *,
                  role_rules: RoleRules, session: Any = None, access: Access | None = None,
                  address: AddressChoice = ssh_address, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, controller_home: Path | None = None):
         """`role_rules`: each role's ingress rules, for the security groups (roles are above the
         providers); `session` a boto3 session (default: the environment's credentials);
         `access` how instances are reached (default: SSH); `address` which of an instance's
-        addresses fabula connects to (default: ssh_address); `sleep` and `clock` pace the waits."""
+        addresses fabula connects to (default: ssh_address); `sleep` and `clock` pace the waits.
+        `controller_home`: this is fabula's program on the worker (program_home), in that folder:
+        inside the VPC, it reaches instances at their private addresses, with no jump host, with
+        known_hosts of its own."""
         assert env.aws is not None  # EnvironmentConfig requires the section with `provider: aws`
         self.paths, self.env, self.state, self.aws = paths, env, state, env.aws
         self.ssh: SshConfig = env.ssh or SshConfig()
+        self.controller_home = controller_home
+        known_hosts = self.ssh.known_hosts or Path.home() / ".ssh" / "known_hosts"
+        if controller_home is not None:
+            self.ssh = self.ssh.model_copy(update={"jump": None})
+            address, known_hosts = private_address, controller_home / "known_hosts"
         self.role_rules, self.address, self.clock = role_rules, address, clock
         self.cloud = Cloud.open(paths.project, paths.env, self.aws.region, session=session, sleep=sleep)
         self.accounts = Accounts(paths.tag)
         # the security groups are the firewall: the boot unit loads no nftables file
         self.preparation = Preparation(paths.project, paths.env, paths.tag, self.accounts, firewall=False)
-        self.known_hosts = KnownHosts(self.ssh.known_hosts or Path.home() / ".ssh" / "known_hosts",
-                                      paths.env_dir / RECORD)
+        self.known_hosts = KnownHosts(known_hosts, paths.env_dir / RECORD)
         self._access = access
         self.load_balancer = AlbLoadBalancer(self.cloud, env.lb.https_port)
         self.store = BucketStore(StateBucket(self.cloud, self.aws.state_bucket))
@@ -67,12 +91,17 @@ class AwsProvider(Provider):
         self._network: Network | None = None
         self._instances: dict[str, Instance] = {}
         self._key_name: str | None = None
+        self._profile: str | None = None   # the worker's instance profile, once ensure_network made it
 
     @property
     def access(self) -> Access:
         if self._access is None:
             self._access = SshAccess(self.ssh, self._key_file(), self.known_hosts.path)
         return self._access
+
+    def close(self) -> None:
+        if isinstance(self._access, SshAccess):
+            self._access.close()
 
     def shared_store(self) -> SharedStore:
         return self.store
@@ -131,7 +160,9 @@ class AwsProvider(Provider):
         return ""   # the VPC's subnets are AWS's to give (ensure_network)
 
     def _key_file(self) -> Path:
-        return self.ssh.key if self.ssh.key is not None else secrets.ssh_key(self.paths)
+        if self.ssh.key is not None:
+            return self.controller_home / SHIPPED_KEY if self.controller_home is not None else self.ssh.key
+        return secrets.ssh_key(self.paths)   # the environment's own: in the shared files
 
     def _public_key(self) -> str:
         public = self._key_file().with_name(self._key_file().name + ".pub")
@@ -173,6 +204,7 @@ class AwsProvider(Provider):
             secrets={name: getattr(values, name) for name in secrets.NAMES}, release=self.state.release,
             key_name=self._key_pair())
         self._network = self._plane.network
+        self._profile = controller_role.ensure_instance_profile(self.cloud, self.aws.state_bucket)
         # the Auto Scaling group's instances get addresses of AWS's choosing, anywhere in the VPC:
         # what admits the app servers (pg_hba: roles/postgres.client_networks) is its range, as
         # the local provider's subnet; the security groups are what admits only web and worker
@@ -245,9 +277,12 @@ class AwsProvider(Provider):
                 instance_type=self.aws.instance_types.by_role()[role],
                 subnet_id=instances.choose_subnet(role, network, instances.find(self.cloud)),
                 security_group_ids=[groups[kind] for kind in server_groups(role)],
-                key_name=self._key_pair())
+                key_name=self._key_pair(), instance_profile=self._worker_profile(role))
         elif role in FIXED_ROLES:
             instances.set_role(self.cloud, instance, role)
+            profile = self._worker_profile(role)
+            if profile is not None:
+                controller_role.attach(self.cloud, instance.id, profile)
         if instance.state != "running":
             instance = instances.wait_running(self.cloud, instance.id)
         self._instances[name] = instance
@@ -262,6 +297,14 @@ class AwsProvider(Provider):
         self.preparation.ensure_accounts(host)
         self.preparation.make_tree(host)
         return host
+
+    def _worker_profile(self, role: str) -> str | None:
+        """The worker's instance profile (fabula's program runs there); none for other roles."""
+        if role != "worker":
+            return None
+        if self._profile is None:
+            self._profile = controller_role.ensure_instance_profile(self.cloud, self.aws.state_bucket)
+        return self._profile
 
     def host(self, name: str) -> Host:
         record = self.state.servers.get(name)
@@ -287,6 +330,23 @@ class AwsProvider(Provider):
             raise FabulaError("an aws environment runs fabula's programs on its worker, and it has none",
                               "set `servers: {worker: 1}` in fabula.yml and run `fabula create`")
         return self.host(workers[0].name)
+
+    def program_home(self, config: Path, state_root: Path, python: str) -> ProgramHome:
+        """fabula shipped to the worker (program_home.ship), its program reaching AWS as this
+        machine does: the instance's role on AWS; where AWS_ENDPOINT_URL points elsewhere (a
+        stand-in for AWS: moto), there too, and to its instance metadata (credentials)."""
+        host = self.platform_host()
+        files = {SHIPPED_KEY: self.ssh.key.read_bytes()} if self.ssh.key is not None else {}
+        python_there, home = program_home.ship(host, root=self.paths.root, python=python, config=config,
+                                               files=files)
+        state = home / "state"
+        env_dir = state / self.paths.project / self.paths.env
+        host.make_dirs([state / self.paths.project, env_dir], mode=0o700)
+        # the releases the worker has are those the program converges new web servers with
+        host.check(["ln", "-sfn", str(host.path("releases")), str(env_dir / "releases")])
+        environment = {CONTROLLER_HOME: str(home)}
+        environment.update({name: os.environ[name] for name in ENDPOINTS if os.environ.get(name)})
+        return ProgramHome(str(python_there), str(home / "fabula.yml"), str(state), environment)
 
     def apply_firewall(self, host: Host, rules: list[IngressRule | EgressRule]) -> bool:
         """The security groups are the firewall (their rules were made from every role's by

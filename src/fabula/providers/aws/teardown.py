@@ -20,7 +20,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from fabula.providers.aws import parameters
+from fabula.providers.aws import controller_role, parameters
 from fabula.providers.aws.cloud import Cloud, aws_errors, is_not_found
 from fabula.providers.aws.loadbalancer import our_certificates
 
@@ -104,6 +104,7 @@ def leftovers(cloud: Cloud) -> list[str]:
     left += [f"instance {i}" for i in _instances(cloud)]
     left += [f"launch template {t['LaunchTemplateName']}" for t in _templates(cloud)]
     left += [f"key pair {k}" for k in _key_pairs(cloud)]
+    left += controller_role.leftovers(cloud)
     left += [f"security group {g['GroupName']}" for g in _security_groups(cloud)]
     left += [f"certificate {arn}" for arn in _certificates(cloud)]
     left += [f"parameter {parameters.prefix(cloud)}{n}" for n in parameters.names(cloud)]
@@ -148,6 +149,7 @@ def destroy(cloud: Cloud) -> list[str]:
         cloud.ec2.get_waiter("instance_terminated").wait(InstanceIds=instances, WaiterConfig={
             "Delay": 5, "MaxAttempts": int(cloud.wait_timeout // 5)})
         removed += [f"instance {i}" for i in instances]
+    removed += controller_role.remove(cloud)   # (the worker, which used it, is gone)
     for template in _templates(cloud):
         if _gone(cloud.ec2.delete_launch_template, LaunchTemplateId=template["LaunchTemplateId"]):
             removed.append(f"launch template {template['LaunchTemplateName']}")

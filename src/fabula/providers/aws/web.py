@@ -196,7 +196,7 @@ class AwsWebGroup(NativeWebGroup):
         return self._launch_from(release)
 
     @aws_errors
-    def _in_service(self) -> list[Member]:
+    def in_service(self) -> list[Member]:
         """The members the group counts in service (InService: the group registered them with
         the target group by then), whose instance is running."""
         group = self._group() or {}
@@ -207,7 +207,7 @@ class AwsWebGroup(NativeWebGroup):
     def wait_members(self, count: int, timeout: float) -> list[Member]:
         deadline = self.clock() + timeout
         while True:
-            members = self._in_service()
+            members = self.in_service()
             if len(members) == count:
                 return members
             if self.clock() > deadline:
