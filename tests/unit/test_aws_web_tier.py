@@ -318,3 +318,6 @@ def test_the_workers_program_converges_what_the_group_launched_by_itself_within_
     assert [a["IamInstanceProfile"]["Arn"].rsplit("/", 1)[-1] for a in worker] == [role]
     keeper.keep(ctx, group)   # nothing new: nothing done
     assert sorted(r.name for r in ctx.state.by_role("web")) == sorted(group.members())
+    provider.cloud.counter.reset()
+    keeper.keep(ctx, group)   # the group as the state had it last: the shared files are not read again
+    assert sorted(provider.cloud.counter.calls) == ["autoscaling.DescribeAutoScalingGroups", "ec2.DescribeInstances"]

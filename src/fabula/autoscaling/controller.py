@@ -50,6 +50,7 @@ from fabula.autoscaling.policy import (
 )
 from fabula.context import Context
 from fabula.deploy import native
+from fabula.environment import sharing
 from fabula.environment.audit import AUTOSCALER_ACTION
 from fabula.environment.lock import now_iso
 from fabula.environment.opening import open_environment
@@ -143,6 +144,8 @@ class Controller:
         self.holding: set[str] = set()
         self.recovered = False
         self.last_error: str | None = None
+        # a platform's group: its members in service when the state last had exactly them
+        self.kept: set[str] | None = None
 
     # -- the log --------------------------------------------------------------------------
     def log(self, ctx: Context, entry: dict) -> None:
@@ -189,13 +192,13 @@ class Controller:
 
     def _round(self) -> float:
         try:
-            ctx = open_environment(self.config_path, self.env_name, self.out, check_paths=not self.shipped)
+            # the shared files (a team's store) are read below, when the round needs them
+            ctx = open_environment(self.config_path, self.env_name, self.out, check_paths=not self.shipped,
+                                   shared=False)
         except FabulaError as exc:
             self.error(f"cannot read {self.config_path}: {exc}")
             return DEFAULT_INTERVAL
         group = ctx.env.web_group()
-        if not ctx.paths.state_file.exists():
-            return group.interval  # not created yet, or destroyed: nothing to keep
         platform_group = ctx.provider.web_group(ctx)
         if platform_group is not None:
             try:
@@ -203,6 +206,9 @@ class Controller:
             finally:
                 ctx.provider.close()
             return group.interval
+        sharing.refresh(ctx)
+        if not ctx.paths.state_file.exists():
+            return group.interval  # not created yet, or destroyed: nothing to keep
         if not self.recovered:
             self.recover(ctx)
             self.out.step(PROGRAM, f"watching {ctx.project}/{ctx.env_name}: min {group.min}, max {group.max}, "
@@ -283,6 +289,12 @@ class Controller:
         if not self.recovered:
             self.recovered = True
             self.out.step(PROGRAM, f"keeping {ctx.project}/{ctx.env_name}'s web group: converging what it launches")
+        serving = {m.name for m in group.in_service()}
+        if serving == self.kept:
+            return  # as the state was when it last matched: the shared files need not be read again
+        sharing.refresh(ctx)
+        if not ctx.paths.state_file.exists():
+            return  # not created yet, or destroyed
 
         def changed(c: Context) -> tuple[list[str], list[str]]:
             members = {m.name for m in group.in_service()}
@@ -292,7 +304,9 @@ class Controller:
         new, gone = changed(ctx)
         if not new and not gone:
             self.last_error = None
+            self.kept = serving
             return
+        self.kept = None
         if ctx.state.release is None:
             return  # `create` has not finished yet: it converges them itself
         reason = "; ".join(part for part in (

@@ -4,6 +4,8 @@ itself converged by fabula's program on the worker, a second create that changes
 and destroy leaving nothing tagged and no instance running."""
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from tests.helpers import wait_for
@@ -40,6 +42,7 @@ def test_what_the_group_launches_by_itself_is_converged_and_serves(lab, environm
     group = environment.describe()["autoscaling"]["platform_group"]["name"]
     autoscaling = lab.client("autoscaling")
     before = {s["name"] for s in environment.describe()["servers"] if s["role"] == "web"}
+    asked = time.monotonic()
     autoscaling.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=3, HonorCooldown=False)
     (launched,) = {i["InstanceId"] for i in autoscaling.describe_auto_scaling_groups(
         AutoScalingGroupNames=[group])["AutoScalingGroups"][0]["Instances"]} - before
@@ -53,6 +56,7 @@ def test_what_the_group_launches_by_itself_is_converged_and_serves(lab, environm
         return launched in answered
     wait_for(served_by_the_new_instance, 300, interval=0.5,
              message=f"{launched}, launched by the group itself, answering through the load balancer")
+    lab.log(f"the group's own scale-out: {launched} answered {time.monotonic() - asked:.1f}s after the launch")
     assert launched in {s["name"] for s in environment.describe()["servers"] if s["role"] == "web"}
 
     autoscaling.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=2, HonorCooldown=False)
