@@ -285,7 +285,7 @@ def test_describe_lines_show_the_group_and_its_decisions():
 def test_describe_lines_show_the_platforms_own_group_in_its_words():
     report = {"configured": True, "min": 2, "desired": 2, "max": 8, "metric": "requests", "target": 100.0,
               "in_service": 2, "demand": {"total": None, "per_server": None, "source": "load balancer"},
-              "suspended": [], "controller": "the platform's group and its scaling policy", "decisions": [],
+              "suspended": [], "controller": "running, converging what the platform's group launches", "decisions": [],
               "platform_group": {
                   "name": "shop-production-web", "exists": True, "min": 2, "desired": 3, "max": 8,
                   "release": "0123456789ab", "suspended": ["AZRebalance"],
@@ -295,7 +295,7 @@ def test_describe_lines_show_the_platforms_own_group_in_its_words():
                                 {"name": "i-2", "lifecycle": "Pending", "health": "Healthy", "target": None,
                                  "release": "0123456789ab"}]}}
     lines = describe_lines(report)
-    assert "autoscaler the platform's group and its scaling policy" in lines[1]
+    assert "autoscaler running, converging what the platform's group launches" in lines[1]
     assert lines[2] == ("  platform group shop-production-web: desired 3 (min 2, max 8), release 0123456789ab; "
                         "target tracking: ALBRequestCountPerTarget at 6000; suspended: AZRebalance")
     assert lines[3] == "    i-1: InService, Healthy, target healthy, release 0123456789ab"

@@ -190,3 +190,33 @@ def test_a_failed_change_is_logged_and_retried_after_a_backoff(world, monkeypatc
     run(world, 2)  # 15 s after the failure
     assert len(world.calls) == 2
     assert history.read(world.paths)[0][-1]["outcome"] == "failed"
+
+
+def test_on_fixed_hosts_a_dead_host_is_recorded_once_and_brought_back_when_it_answers(world, monkeypatch):
+    from fabula.autoscaling import hosts
+
+    env = EnvironmentConfig.model_validate({
+        "provider": "ssh", "ssh": {"user": "root"},
+        "hosts": {"lb1": {"role": "lb", "address": "10.9.0.2"}, "web1": {"role": "web", "address": "10.9.0.10"},
+                  "web2": {"role": "web", "address": "10.9.0.11"}, "cache1": {"role": "cache", "address": "10.9.0.3"},
+                  "db1": {"role": "db-primary", "address": "10.9.0.4"}}})
+    opened = controller_module.open_environment
+
+    def open_fixed(config_path, env_name, out, **options):
+        ctx = opened(config_path, env_name, out, **options)
+        ctx.env = env
+        ctx.provider.close = lambda: None
+        return ctx
+    up = {"web1": True, "web2": True, "cache1": True, "db1": True}
+    brought: list[str] = []
+    monkeypatch.setattr(controller_module, "open_environment", open_fixed)
+    monkeypatch.setattr(hosts, "probe", lambda ctx: dict(up))
+    monkeypatch.setattr(hosts, "bring_back", lambda ctx, name: brought.append(name) or {"restarted": True})
+    up["web2"] = False
+    run(world, hosts.DOWN_AFTER + 5)   # switched off for a while
+    up["web2"] = True
+    run(world, 3)
+    records = [r for r in history.read(world.paths)[0] if r["details"].get("host") == "web2"]
+    assert [(r["details"]["decision"], r["outcome"]) for r in records] == [("host down", "ok"), ("host back", "ok")]
+    assert records[1]["details"]["restarted"] is True and brought == ["web2"]
+    assert world.calls == []   # fixed hosts: nothing scaled, nothing replaced

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fabula.autoscaling import hosts
 from fabula.autoscaling.actions import (
     Locked,
     converge,
@@ -89,6 +90,11 @@ def start_controller(ctx: Context) -> None:
     launches by itself; the group's own policy keeps its size."""
     host = ctx.provider.platform_host()
     home = ctx.provider.program_home(ctx.config.path, ctx.paths.root, ctx.config.project.app.python)
+    if home is None:   # (ssh without `ssh.key`: the only case)
+        ctx.out.warn(f"fabula's program is not started on {host.name}: it reaches the hosts with `ssh.key`, and "
+                     "fabula.yml gives none (an agent's key stays on this machine); without it a dead host's "
+                     "services come back only with the next `fabula create` where systemd does not run")
+        return
     supervisor = Supervisor(host)
     supervisor.ensure_running()
     if not supervisor.apply([controller_program(ctx, home)]):
@@ -97,6 +103,10 @@ def start_controller(ctx: Context) -> None:
     if ctx.provider.web_group(ctx) is not None:
         ctx.out.step(PROGRAM, f"running on {host.name}: it converges and puts in service the web servers the "
                               "platform's group launches by itself (its scaling policy, replacements)")
+        return
+    if ctx.env.fixed_inventory:
+        ctx.out.step(PROGRAM, f"running on {host.name}: it records a host that stops answering, and starts its "
+                              "services again when it answers")
         return
     group = group_config(ctx)
     limits = bounds(group)
@@ -146,6 +156,7 @@ class Controller:
         self.last_error: str | None = None
         # a platform's group: its members in service when the state last had exactly them
         self.kept: set[str] | None = None
+        self.hosts = hosts.HostWatch()   # a fixed inventory's
 
     # -- the log --------------------------------------------------------------------------
     def log(self, ctx: Context, entry: dict) -> None:
@@ -199,6 +210,12 @@ class Controller:
             self.error(f"cannot read {self.config_path}: {exc}")
             return DEFAULT_INTERVAL
         group = ctx.env.web_group()
+        if ctx.env.fixed_inventory:
+            try:
+                self.watch(ctx)
+            finally:
+                ctx.provider.close()
+            return group.interval
         platform_group = ctx.provider.web_group(ctx)
         if platform_group is not None:
             try:
@@ -316,9 +333,34 @@ class Controller:
                     lambda c, op: native.keep(c, group, launch_configuration(c)),
                     still=lambda c: changed(c) != ([], []))
 
+    def watch(self, ctx: Context) -> None:
+        """On a fixed inventory: a host that stops answering recorded as down, one that answers
+        again brought back (autoscaling/hosts.py)."""
+        if not self.recovered:
+            self.recovered = True
+            self.out.step(PROGRAM, f"watching {ctx.project}/{ctx.env_name}'s hosts: a dead host is recorded, its "
+                                   "services started again when it answers")
+        to_record, to_restart = self.hosts.observe(hosts.probe(ctx))
+        if not to_record and not to_restart:
+            return
+        sharing.refresh(ctx)
+        def noted(op, done: dict) -> dict:
+            op.details.update(done)   # in the history too
+            return done
+
+        for name in to_record:
+            if self.change(ctx, "host down", f"{name} has not answered on SSH for {hosts.DOWN_AFTER} rounds",
+                           lambda c, op, name=name: noted(op, {"host": name})):
+                self.hosts.recorded.add(name)
+        for name in to_restart:
+            down_for = time.time() - self.hosts.down[name]
+            if self.change(ctx, "host back", f"{name} answers again after {down_for:.0f}s down",
+                           lambda c, op, name=name: noted(op, {"host": name, **hosts.bring_back(c, name)})):
+                self.hosts.forget(name)
+
     def change(self, ctx: Context, action: str, reason: str, apply: Callable, still: Callable | None = None,
-               measured: dict | None = None, **entry) -> None:
-        """One change to the group, as an operation; logged with its outcome."""
+               measured: dict | None = None, **entry) -> bool:
+        """One change to the group, as an operation; logged with its outcome. True once done."""
         self.out.step(PROGRAM, f"{action}: {reason}")
         started = self.clock()
         self.meter = None  # the change reloads the load balancer (its counters restart): measure afresh
@@ -329,14 +371,14 @@ class Controller:
                 if still is not None and not still(ctx):
                     self.notice(ctx, "skip", f"{action} no longer needed: the group changed meanwhile",
                                 key=f"changed {started}")
-                    return
+                    return False
                 done = apply(ctx, op)
         except Locked as exc:
             holder = exc.holder
             self.notice(ctx, "skip", f"{action} wanted ({reason}), but the environment is locked by "
                                      f"`{holder.command if holder else '?'}`",
                         key=f"locked {holder.id if holder else '?'}")
-            return
+            return False
         except Exception as exc:  # noqa: BLE001 - logged; the next attempt waits (backoff)
             self.failures += 1
             wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
@@ -345,7 +387,7 @@ class Controller:
             self.out.step(PROGRAM, f"{action} failed: {exc} (next attempt in {wait:.0f}s)")
             self.log(ctx, {**entry, "outcome": "failed", "error": message, "retry_in": wait,
                            "seconds": round(self.clock() - started, 1)})
-            return
+            return False
         self.failures = 0
         ended = self.clock()
         if action == SCALE_OUT:
@@ -355,6 +397,7 @@ class Controller:
         self.known_desired = current_desired(ctx)
         self.out.step(PROGRAM, f"{action} done in {ended - started:.1f}s")
         self.log(ctx, {**entry, **(done or {}), "outcome": "ok", "seconds": round(ended - started, 1)})
+        return True
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> None:

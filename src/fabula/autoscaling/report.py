@@ -38,9 +38,10 @@ def group_report(ctx: Context, health: dict[str, str], decisions: int = 5) -> di
         "demand": {"total": round(demand, 2) if demand is not None else None, "per_server": per_server,
                    "source": source},
         "suspended": list(ctx.state.autoscaling_suspended),
-        "controller": ("none (fixed hosts)" if ctx.env.fixed_inventory else
-                       "the platform's group and its scaling policy" if native is not None else
-                       controller_state(ctx) if ctx.paths.state_file.exists() else "not running"),
+        "controller": ("not running" if not ctx.paths.state_file.exists() else
+                        f"{controller_state(ctx)}, watching the hosts" if ctx.env.fixed_inventory else
+                        f"{controller_state(ctx)}, converging what the platform's group launches"
+                        if native is not None else controller_state(ctx)),
         # the last changes and held-back changes (rounds skipped under another command's lock are
         # only in `fabula autoscaling ENV decisions`: `lock` already says who holds it)
         "decisions": [d for d in read_decisions(decisions_path(ctx.paths)) if d.get("action") != "skip"][-decisions:],

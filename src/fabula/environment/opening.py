@@ -31,7 +31,8 @@ def role_ingress() -> dict[str, list[IngressRule]]:
 # second of the start of every command, `describe` of a local environment included.
 def _ssh(paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int) -> Provider:
     from fabula.providers.ssh import SshProvider
-    return SshProvider(paths, env, state, euid=euid)
+    within = os.environ.get(CONTROLLER_HOME)   # (as for aws below)
+    return SshProvider(paths, env, state, euid=euid, controller_home=Path(within) if within else None)
 
 
 def _aws(paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int) -> Provider:

@@ -139,16 +139,15 @@ def create(ctx: Context) -> None:
         ctx.state.save(ctx.paths)
         remove_surplus(ctx)
         if ctx.env.fixed_inventory:
-            ctx.out.step("web group", f"fixed inventory of {len(webs)} web host(s): no autoscaler (hosts are not "
+            ctx.out.step("web group", f"fixed inventory of {len(webs)} web host(s): not scaled (hosts are not "
                          "fabula's to make or replace)")
-        else:
-            if group is not None:
-                ctx.out.step("web group", f"the platform's own group of {len(webs)} web server(s): its scaling "
-                             "policy keeps its size")
-            # keeps the web group at its size and healthy from now on (on a platform's group:
-            # converges what the group launches by itself)
-            with op.phase("autoscaler"):
-                start_controller(ctx)
+        elif group is not None:
+            ctx.out.step("web group", f"the platform's own group of {len(webs)} web server(s): its scaling "
+                         "policy keeps its size")
+        # keeps the web group at its size and healthy from now on (on a platform's group: converges
+        # what the group launches by itself; on a fixed inventory: watches the hosts)
+        with op.phase("autoscaler"):
+            start_controller(ctx)
     activity = ctx.provider.activity()
     if activity is not None:
         ctx.out.step(ctx.provider.name, activity)

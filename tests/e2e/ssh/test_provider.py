@@ -1,9 +1,10 @@
 """What only the ssh provider has, on a lab of hosts (tests/sshlab.py): SSH admitted by every
-host's firewall from fabula's machine and `admin_sources` only, a firewall that would lock the
-operator out rolled back, sysadmin users made and removed, a second operator (another machine's
-state directory) sharing the first one's lock, state and history, and `destroy` leaving the hosts
-reachable with nothing of fabula's left. The architecture itself is the acceptance suite's
-(tests/acceptance, run for every provider)."""
+host's firewall from fabula's machine, its program on the load balancer's host and
+`admin_sources` only, a dead host recorded and its services started again when it is back, a
+firewall that would lock the operator out rolled back, sysadmin users made and removed, a
+second operator (another machine's state directory) sharing the first one's lock, state and
+history, and `destroy` leaving the hosts reachable with nothing of fabula's left. The
+architecture itself is the acceptance suite's (tests/acceptance, run for every provider)."""
 from __future__ import annotations
 
 import contextlib
@@ -71,8 +72,10 @@ def test_ssh_is_admitted_from_fabulas_machine_and_admin_sources_only(world):
             assert conn.recv(8).startswith(b"SSH-2.0")
         assert reaches(lab, ADMIN, address, 22), f"admin_sources cannot reach ssh on {address}"
         assert not reaches(lab, OUTSIDER, address, 22), f"an outsider reaches ssh on {address}"
-    # and the hosts of the environment do not reach each other's SSH
+    # and the hosts of the environment do not reach each other's SSH, but for the load balancer's
+    # host, where fabula's program watches them
     assert not reaches(lab, 1, lab.address(5), 22)
+    assert reaches(lab, 0, lab.address(5), 22)
     # the load balancer's ports are open to anyone, the web servers' 443 to it only
     assert reaches(lab, OUTSIDER, lab.address(0), 8443)
     assert not reaches(lab, OUTSIDER, lab.address(1), 443)
@@ -187,7 +190,9 @@ def test_a_fixed_inventory_cannot_scale(world):
     assert result.returncode == 2 and "fixed inventory" in result.stderr and "fix:" in result.stderr
 
 
-def test_a_dead_host_shows_in_describe_and_create_brings_its_services_back(world):
+def test_a_dead_host_shows_in_describe_and_history_and_its_services_come_back_with_it(world):
+    """The lab's hosts run no systemd: when a host comes back, only fabula's program on the load
+    balancer's host starts its services again."""
     lab, env = world
     web2 = 2   # the lab's host of web2 (tests/sshlab.py's ROLES order)
     lab.kill_all(web2)   # sshd and every process of the host: as if it were switched off
@@ -199,12 +204,24 @@ def test_a_dead_host_shows_in_describe_and_create_brings_its_services_back(world
         wait_for(lambda: env.describe()["load_balancer"]["backends"].get("web2") == "DOWN", timeout=30,
                  message="web2 out of the load balancer")
         assert httpx.get(env.url + "/", verify=False, timeout=10).status_code == 200
+        wait_for(lambda: host_events(env, "web2") == ["host down"], timeout=60, interval=1,
+                 message="web2 recorded as down in the history")
     finally:
-        lab.start_sshd(web2)
-    created = env.fabula("create", ENV, timeout=600)
-    assert created.returncode == 0, created.stderr
-    back = next(s for s in env.describe()["servers"] if s["name"] == "web2")
-    assert back["state"] == "running" and back["lb"] == "UP"
+        lab.start_sshd(web2)   # the host is back, its services are not
+
+    def serving_again() -> bool:
+        back = next(s for s in env.describe()["servers"] if s["name"] == "web2")
+        return back["state"] == "running" and back["lb"] == "UP"
+    wait_for(serving_again, timeout=180, interval=2, message="web2's services started again by fabula's program")
+    assert host_events(env, "web2") == ["host down", "host back"]
+
+
+def host_events(env: SampleEnvironment, name: str) -> list[str]:
+    """What fabula's program recorded of host `name`, oldest first."""
+    ran = env.fabula("history", ENV, "--json", "--last", "50")
+    assert ran.returncode == 0, ran.stderr
+    return [r["details"]["decision"] for r in json.loads(ran.stdout)
+            if (r.get("details") or {}).get("host") == name and r.get("outcome") == "ok"]
 
 
 def test_a_host_taken_out_of_hosts_is_removed_by_the_next_create(world):

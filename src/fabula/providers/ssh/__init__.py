@@ -15,12 +15,21 @@ from pathlib import Path, PurePosixPath
 
 import asyncssh
 
-from fabula import machine_users
+from fabula import machine_users, program_home
 from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig, SshConfig
 from fabula.errors import FabulaError, PrerequisiteError
 from fabula.parallel import at_once
-from fabula.providers.base import SYSTEM_PATH, EgressRule, Host, IngressRule, Provider, SharedStore
+from fabula.program_home import CONTROLLER_HOME
+from fabula.providers.base import (
+    SYSTEM_PATH,
+    EgressRule,
+    Host,
+    IngressRule,
+    ProgramHome,
+    Provider,
+    SharedStore,
+)
 from fabula.providers.haproxy import PACKAGES as LB_PACKAGES
 from fabula.providers.haproxy import HAProxyLoadBalancer
 from fabula.providers.ssh import scripts
@@ -31,6 +40,8 @@ from fabula.providers.ssh.transport import SshHost, SshPool, SshTarget, host_key
 from fabula.state import EnvPaths, EnvState
 from fabula.templates import render
 
+SHIPPED_KEY = "ssh-key"
+APP_ROLES = ("web", "worker", "cache", "db-primary", "db-replica")
 ROLLBACK_AFTER = 90   # seconds: a firewall fabula could not confirm is undone on the host by then
 
 
@@ -38,10 +49,17 @@ class SshProvider(Provider):
     name = "ssh"
     load_balancer: HAProxyLoadBalancer
 
-    def __init__(self, paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int = 0):
+    def __init__(self, paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int = 0,
+                 controller_home: Path | None = None):
+        """`controller_home`: this is fabula's program on the load balancer's host (program_home),
+        in that folder: it reaches the hosts directly, with the key and host keys shipped there."""
         self.paths, self.env, self.state = paths, env, state
         assert env.ssh is not None  # EnvironmentConfig gives an ssh environment its section
         self.ssh: SshConfig = env.ssh
+        if controller_home is not None:
+            self.ssh = self.ssh.model_copy(update={
+                "jump": None, "key": controller_home / SHIPPED_KEY if self.ssh.key is not None else None,
+                "known_hosts": controller_home / "known_hosts"})
         self.accounts = Accounts(paths.tag)
         self.preparation = Preparation(paths.project, paths.env, paths.tag, self.accounts)
         self.env_root = self.preparation.env_root
@@ -57,6 +75,35 @@ class SshProvider(Provider):
 
     def shared_store(self) -> SharedStore:
         return self.store
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def program_home(self, config: Path, state_root: Path, python: str) -> ProgramHome | None:
+        """fabula shipped to the load balancer's host (program_home.ship) with what it needs to
+        reach the hosts: `ssh.key` and their host keys as this machine knows them. None without
+        `ssh.key`: an agent's key does not go there."""
+        if self.ssh.key is None:
+            return None
+        host = self.platform_host()
+        files = {"known_hosts": self._known_hosts_lines(),
+                 SHIPPED_KEY: Path(self.ssh.key).expanduser().read_bytes()}
+        python_there, home = program_home.ship(host, root=self.paths.root, python=python, config=config,
+                                               files=files)
+        state = home / "state"
+        host.make_dirs([state / self.paths.project, state / self.paths.project / self.paths.env], mode=0o700)
+        return ProgramHome(str(python_there), str(home / "fabula.yml"), str(state), {CONTROLLER_HOME: str(home)})
+
+    def _known_hosts_lines(self) -> bytes:
+        """The lines of this machine's known_hosts for the inventory's hosts (hashed or not)."""
+        lines: list[str] = []
+        for host in self.env.hosts.values():
+            target = self._target(host.address)
+            name = host.address if self.ssh.port == 22 else f"[{host.address}]:{self.ssh.port}"
+            found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(target.known_hosts_file())],
+                                   capture_output=True, text=True, env={"PATH": SYSTEM_PATH})
+            lines += [line for line in found.stdout.splitlines() if line and not line.startswith("#")]
+        return "".join(f"{line}\n" for line in lines).encode()
 
     # -- the inventory ------------------------------------------------------------------------
     def _target(self, address: str) -> SshTarget:
@@ -156,7 +203,9 @@ class SshProvider(Provider):
         self._make_tree(lb)
         self.apply_firewall(lb, [IngressRule(self.env.lb.https_port, "https from anywhere", from_anywhere=True),
                                  IngressRule(self.env.lb.http_port, "http from anywhere", from_anywhere=True),
-                                 EgressRule(443, "https to the web servers", to_roles=("web",))])
+                                 EgressRule(443, "https to the web servers", to_roles=("web",)),
+                                 EgressRule(self.ssh.port, "ssh from fabula's program to the hosts",
+                                            to_roles=APP_ROLES)])
         self._ensure_sysadmins()
 
     def ensure_accounts(self) -> Accounts:
@@ -229,7 +278,9 @@ class SshProvider(Provider):
                                                                             else []))
             ingress.append((rule.port, sources, rule.description))
         egress = [(r.port, self._addresses(r.to_roles), r.description) for r in rules if isinstance(r, EgressRule)]
-        admins = [*self.env.admin_sources, ipaddress.ip_network(host.client_address())]
+        # fabula's program on the load balancer's host reaches every host over SSH too
+        admins = [*self.env.admin_sources, ipaddress.ip_network(host.client_address()),
+                  ipaddress.ip_network(lb_address)]
         ruleset = render(__file__, "firewall.nft.j2", server=host.name, project=self.paths.project,
                          env=self.paths.env, table=self.table, ssh_port=self.ssh.port,
                          environment4=self._addresses(("lb", "web", "worker", "cache", "db-primary", "db-replica")),
