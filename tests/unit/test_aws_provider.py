@@ -215,7 +215,12 @@ def test_the_shared_store_admits_one_holder(aws: None, tmp_path: Path):
 def test_firewall_is_the_groups_and_fencing_swaps_them(aws: None, tmp_path: Path):
     p = provider(tmp_path)
     hosts = create_fixed(p)
-    assert p.apply_firewall(hosts["db1"], []) is False   # made in its groups
+    # made in its groups; on the instance, its metadata (the role's credentials) is root's only
+    assert p.apply_firewall(hosts["db1"], []) is True
+    guard = hosts["db1"].path("etc", "firewall.confirmed")   # (loaded at boot by the server's unit)
+    assert "ip daddr 169.254.169.254 meta skuid != 0 reject" in hosts["db1"].text(guard)
+    assert hosts["db1"].ran("nft", "-f", str(guard))
+    assert p.apply_firewall(hosts["db1"], []) is False
     p.state.servers["db1"].rebuild = True
     assert p.apply_firewall(hosts["db1"], []) is True
     assert p.apply_firewall(hosts["db1"], []) is False

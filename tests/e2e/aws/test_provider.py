@@ -34,6 +34,15 @@ def test_exec_runs_on_the_instance(environment):
     assert ran.returncode == 0 and worker["address"] in ran.stdout.split()
 
 
+def test_the_instance_metadata_is_roots_only(environment):
+    """fabula's program on the worker takes the instance role's credentials there; the app's
+    users (Celery runs on the worker) are refused at once."""
+    script = ("import socket\ntry:\n    socket.create_connection(('169.254.169.254', 80), 3)\n"
+              "except OSError as exc:\n    print(type(exc).__name__)")
+    ran = environment.exec("worker1", "runuser", "-u", environment.accounts.app, "--", "python3", "-c", script)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ConnectionRefusedError", ran.stdout + ran.stderr
+
+
 def test_what_the_group_launches_by_itself_is_converged_and_serves(lab, environment):
     """As the group's own scaling policy would: its desired count raised and lowered on AWS,
     not through fabula. fabula's program on the worker (shipped there: its own runtime, config

@@ -51,6 +51,19 @@ SHIPPED_KEY = "ssh-key"
 ENDPOINTS = ("AWS_ENDPOINT_URL", "AWS_EC2_METADATA_SERVICE_ENDPOINT")
 
 
+METADATA_TABLE = "fabula-metadata"
+METADATA_GUARD = f"""# written by fabula: the instance's metadata service (its role's credentials) is root's only
+table inet {METADATA_TABLE} {{}}
+flush table inet {METADATA_TABLE}
+table inet {METADATA_TABLE} {{
+  chain output {{
+    type filter hook output priority 0; policy accept;
+    ip daddr 169.254.169.254 meta skuid != 0 reject comment "the instance metadata: root's only"
+  }}
+}}
+"""
+
+
 def private_address(instance: Instance, jump: str | None) -> str:
     return instance.private_ip
 
@@ -81,8 +94,8 @@ class AwsProvider(Provider):
         self.role_rules, self.address, self.clock = role_rules, address, clock
         self.cloud = Cloud.open(paths.project, paths.env, self.aws.region, session=session, sleep=sleep)
         self.accounts = Accounts(paths.tag)
-        # the security groups are the firewall: the boot unit loads no nftables file
-        self.preparation = Preparation(paths.project, paths.env, paths.tag, self.accounts, firewall=False)
+        # the security groups are the firewall; the boot unit loads the instance's metadata guard
+        self.preparation = Preparation(paths.project, paths.env, paths.tag, self.accounts)
         self.known_hosts = KnownHosts(known_hosts, paths.env_dir / RECORD)
         self._access = access
         self.load_balancer = AlbLoadBalancer(self.cloud, env.lb.https_port)
@@ -322,7 +335,7 @@ class AwsProvider(Provider):
         return sorted({i.name for i in instances.find(self.cloud) if i.role in FIXED_ROLES})
 
     def prepare_host(self, host: Host, packages: tuple[str, ...]) -> None:
-        self.preparation.install(host, packages)
+        self.preparation.install(host, ("nftables", *packages))   # (the metadata guard)
 
     def platform_host(self) -> Host:
         workers = self.state.by_role("worker")
@@ -366,7 +379,18 @@ class AwsProvider(Provider):
             changed = instances.set_groups(self.cloud, instance, [groups[k] for k in server_groups(host.role)])
         if changed:
             self._instances.pop(host.name, None)   # its groups changed: described again when asked
-        return changed
+        return self._guard_metadata(host) or changed
+
+    def _guard_metadata(self, host: Host) -> bool:
+        """The instance's metadata service for root only: fabula's program on the worker takes
+        the instance role's credentials there, and the app (Celery runs there) must not. Loaded
+        now and, by the server's unit, at boot."""
+        path = host.path("etc", "firewall.confirmed")
+        changed = host.put_file(path, METADATA_GUARD, mode=0o600)
+        if changed or not host.run(["nft", "list", "table", "inet", METADATA_TABLE]).ok:
+            host.check(["nft", "-f", str(path)])
+            return True
+        return False
 
     def remove_server(self, name: str, drained: bool = False) -> None:
         member = instances.find_member(self.cloud, name) if name.startswith("i-") else None
