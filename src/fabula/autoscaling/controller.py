@@ -90,11 +90,6 @@ def start_controller(ctx: Context) -> None:
     launches by itself; the group's own policy keeps its size."""
     host = ctx.provider.platform_host()
     home = ctx.provider.program_home(ctx.config.path, ctx.paths.root, ctx.config.project.app.python)
-    if home is None:   # (ssh without `ssh.key`: the only case)
-        ctx.out.warn(f"fabula's program is not started on {host.name}: it reaches the hosts with `ssh.key`, and "
-                     "fabula.yml gives none (an agent's key stays on this machine); without it a dead host's "
-                     "services come back only with the next `fabula create` where systemd does not run")
-        return
     supervisor = Supervisor(host)
     supervisor.ensure_running()
     if not supervisor.apply([controller_program(ctx, home)]):

@@ -442,12 +442,11 @@ class Provider(abc.ABC):
         """Let go of what the provider holds open (connections): a long-running program opens the
         environment again every round."""
 
-    def program_home(self, config: Path, state_root: Path, python: str) -> ProgramHome | None:
+    def program_home(self, config: Path, state_root: Path, python: str) -> ProgramHome:
         """Where fabula's own program runs on platform_host(): by default the platform host
         shares this machine's files (the local provider's namespaces), so this machine's
         interpreter, `config` and `state_root`. A provider whose platform host does not ships
-        fabula there (program_home.ship), on `python` (the app's, which the host has); None
-        where it cannot run (what it would need is missing: the provider says why)."""
+        fabula there (program_home.ship), on `python` (the app's, which the host has)."""
         return ProgramHome(sys.executable, str(config), str(state_root))
 
     @abc.abstractmethod

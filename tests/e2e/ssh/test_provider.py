@@ -81,6 +81,20 @@ def test_ssh_is_admitted_from_fabulas_machine_and_admin_sources_only(world):
     assert not reaches(lab, OUTSIDER, lab.address(1), 443)
 
 
+def test_the_programs_key_logs_in_from_the_load_balancers_host_only(world):
+    """fabula's program on the load balancer's host reaches the hosts with the environment's own
+    key, which no other address may use (admin_sources reach SSH, but not with it)."""
+    lab, env = world
+    key = env.state_dir / env.describe()["project"] / ENV / "secrets" / "ssh_ed25519"
+
+    def logs_in(source: int) -> bool:
+        return sh("ip", "netns", "exec", lab.namespaces[source], "ssh", "-i", str(key), "-o", "BatchMode=yes",
+                  "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                  "-o", "ConnectTimeout=5", f"root@{lab.address(5)}", "true", check=False).returncode == 0
+    assert logs_in(0)
+    assert not logs_in(ADMIN)
+
+
 def test_a_sysadmin_logs_in_with_her_key_and_has_passwordless_sudo(world):
     lab, env = world
     alice = Path(env.app_dir.parent / "alice")

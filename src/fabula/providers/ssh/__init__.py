@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 import asyncssh
 
-from fabula import machine_users, program_home
+from fabula import machine_users, program_home, secrets
 from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig, SshConfig
 from fabula.errors import FabulaError, PrerequisiteError
@@ -40,7 +40,7 @@ from fabula.providers.ssh.transport import SshHost, SshPool, SshTarget, host_key
 from fabula.state import EnvPaths, EnvState
 from fabula.templates import render
 
-SHIPPED_KEY = "ssh-key"
+SHIPPED_KEY = "ssh-key"   # the environment's own key, on the load balancer's host
 APP_ROLES = ("web", "worker", "cache", "db-primary", "db-replica")
 ROLLBACK_AFTER = 90   # seconds: a firewall fabula could not confirm is undone on the host by then
 
@@ -58,8 +58,8 @@ class SshProvider(Provider):
         self.ssh: SshConfig = env.ssh
         if controller_home is not None:
             self.ssh = self.ssh.model_copy(update={
-                "jump": None, "key": controller_home / SHIPPED_KEY if self.ssh.key is not None else None,
-                "known_hosts": controller_home / "known_hosts"})
+                "jump": None, "key": controller_home / SHIPPED_KEY, "known_hosts": controller_home / "known_hosts"})
+        self._program_sources: list[str] | None = None
         self.accounts = Accounts(paths.tag)
         self.preparation = Preparation(paths.project, paths.env, paths.tag, self.accounts)
         self.env_root = self.preparation.env_root
@@ -79,20 +79,36 @@ class SshProvider(Provider):
     def close(self) -> None:
         self.pool.close()
 
-    def program_home(self, config: Path, state_root: Path, python: str) -> ProgramHome | None:
+    def program_home(self, config: Path, state_root: Path, python: str) -> ProgramHome:
         """fabula shipped to the load balancer's host (program_home.ship) with what it needs to
-        reach the hosts: `ssh.key` and their host keys as this machine knows them. None without
-        `ssh.key`: an agent's key does not go there."""
-        if self.ssh.key is None:
-            return None
+        reach the hosts: the environment's own key (authorized on every host from the load
+        balancer's host only: _authorize_program) and their host keys as this machine knows them."""
         host = self.platform_host()
-        files = {"known_hosts": self._known_hosts_lines(),
-                 SHIPPED_KEY: Path(self.ssh.key).expanduser().read_bytes()}
+        files = {"known_hosts": self._known_hosts_lines(), SHIPPED_KEY: secrets.ssh_key(self.paths).read_bytes()}
         python_there, home = program_home.ship(host, root=self.paths.root, python=python, config=config,
                                                files=files)
         state = home / "state"
         host.make_dirs([state / self.paths.project, state / self.paths.project / self.paths.env], mode=0o700)
         return ProgramHome(str(python_there), str(home / "fabula.yml"), str(state), {CONTROLLER_HOME: str(home)})
+
+    def program_sources(self) -> list[str]:
+        """The load balancer's host's own addresses, which fabula's program there connects from."""
+        if self._program_sources is None:
+            found = self.platform_host().check(["hostname", "-I"]).stdout.split()
+            self._program_sources = sorted({a for a in found if _is_ipv4(a)}
+                                           | {_ipv4(self.load_balancer.public_address)})
+        return self._program_sources
+
+    def _authorize_program(self, host: SshHost) -> None:
+        """The environment's own key may log in as `ssh.user`, from the load balancer's host only,
+        with no forwarding: what fabula's program there needs, and nothing more."""
+        public = secrets.ssh_key(self.paths).with_name(secrets.SSH_KEY_FILE + ".pub").read_text().split()
+        line = (f'from="{",".join(self.program_sources())}",no-agent-forwarding,no-port-forwarding,'
+                f"no-X11-forwarding {public[0]} {public[1]} {self._program_mark()}")
+        host.check(["sh", "-c", scripts.AUTHORIZE, "sh", self.ssh.user, self._program_mark(), line])
+
+    def _program_mark(self) -> str:
+        return f"fabula-{self.paths.tag}-program"
 
     def _known_hosts_lines(self) -> bytes:
         """The lines of this machine's known_hosts for the inventory's hosts (hashed or not)."""
@@ -207,6 +223,7 @@ class SshProvider(Provider):
                                  EgressRule(self.ssh.port, "ssh from fabula's program to the hosts",
                                             to_roles=APP_ROLES)])
         self._ensure_sysadmins()
+        self._authorize_program(lb)
 
     def ensure_accounts(self) -> Accounts:
         self._each(self._all_hosts(), self.preparation.ensure_accounts)
@@ -243,6 +260,7 @@ class SshProvider(Provider):
             self.state.save(self.paths)
         host = self._ssh_host(name, role, record.address)
         self._make_tree(host)
+        self._authorize_program(host)
         return host
 
     def _make_tree(self, host: SshHost) -> None:
@@ -280,7 +298,7 @@ class SshProvider(Provider):
         egress = [(r.port, self._addresses(r.to_roles), r.description) for r in rules if isinstance(r, EgressRule)]
         # fabula's program on the load balancer's host reaches every host over SSH too
         admins = [*self.env.admin_sources, ipaddress.ip_network(host.client_address()),
-                  ipaddress.ip_network(lb_address)]
+                  *(ipaddress.ip_network(a) for a in self.program_sources())]
         ruleset = render(__file__, "firewall.nft.j2", server=host.name, project=self.paths.project,
                          env=self.paths.env, table=self.table, ssh_port=self.ssh.port,
                          environment4=self._addresses(("lb", "web", "worker", "cache", "db-primary", "db-replica")),
@@ -347,6 +365,7 @@ class SshProvider(Provider):
             host.check(["sh", "-c", scripts.REMOVE_SYSADMIN, "sh", name, self._sudoers(name)])
         host.check(["sh", "-c", scripts.REMOVE_ACCOUNTS, "sh", self.accounts.group,
                     *self.accounts.users().values()], timeout=60)
+        host.check(["sh", "-c", scripts.AUTHORIZE, "sh", self.ssh.user, self._program_mark(), ""])
         host.check(["rm", "-rf", "--", str(self.env_root)], timeout=300)
         # the team lock's files (the lock this command holds goes with its channel)
         host.run(["rm", "-f", "--", str(self.store.lock_file), str(self.store.holder_file)])
@@ -371,6 +390,14 @@ class SshProvider(Provider):
         # the users its releases were built as, on this machine
         removed += [f"user {name}" for name in machine_users.remove(self.accounts, self.paths.root / ".accounts.lock")]
         return removed
+
+
+def _is_ipv4(address: str) -> bool:
+    try:
+        ipaddress.IPv4Address(address)
+        return True
+    except ValueError:
+        return False
 
 
 def _ipv4(address: str) -> str:

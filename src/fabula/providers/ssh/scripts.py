@@ -158,3 +158,24 @@ while pids=$(pgrep -f -- "$dir/") && [ -n "$pids" ] && [ $i -lt 100 ]; do
   sleep 0.2; i=$((i+1))
 done
 """
+
+# $1 the login user fabula uses, $2 the mark that names fabula's line (its comment), $3 the line
+# (empty: the line is removed): fabula's program's key in the user's authorized_keys, with the
+# user's own lines, owner and mode kept
+AUTHORIZE = f"""exec 9>{LOCK}; flock 9
+set -e
+user=$1 mark=$2 line=$3
+home=$(getent passwd "$user" | cut -d: -f6)
+[ -n "$home" ] && [ -d "$home" ] || {{ echo "no home folder for user $user" >&2; exit 1; }}
+dir=$home/.ssh file=$home/.ssh/authorized_keys
+if [ ! -d "$dir" ]; then [ -n "$line" ] || exit 0; mkdir -m 700 "$dir"; chown "$user:" "$dir"; fi
+if [ ! -f "$file" ]; then
+  [ -n "$line" ] || exit 0
+  install -m 600 -o "$user" -g "$(id -g "$user")" /dev/null "$file"
+fi
+tmp=$(mktemp "$dir/.fabula-keys.XXXXXX")
+grep -v -F -e " $mark" "$file" >"$tmp" || true
+[ -z "$line" ] || printf '%s\\n' "$line" >>"$tmp"
+chown --reference="$file" "$tmp"; chmod --reference="$file" "$tmp"
+if cmp -s "$tmp" "$file"; then rm -f "$tmp"; else mv -f "$tmp" "$file"; fi
+"""
