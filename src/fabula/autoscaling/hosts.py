@@ -1,8 +1,8 @@
 """fabula's program on a fixed inventory (`provider: ssh`), whose hosts are not fabula's to
 replace: it watches them. A host whose SSH port has not answered for DOWN_AFTER rounds in a row
-is recorded as down (the history, `fabula describe`); when it answers again, its firewall and its
-supervisor are started again, and with the supervisor every service of its role. Where systemd
-runs, the server's unit does that at boot too; where it does not, nothing else would. A fenced
+is recorded as down (the history, `fabula describe`); when it answers again, its supervisor is
+started again (its firewall first), and with it every service of its role. Where systemd runs,
+the server's unit does that at boot too; where it does not, nothing else would. A fenced
 former primary is left as it is: only `fabula db reset-replicas` brings it back, as a replica.
 The load balancer's host runs the program itself: it is not watched."""
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from fabula.context import Context
 from fabula.errors import FabulaError
-from fabula.roles import firewall_rules
 from fabula.supervisor import Supervisor
 
 DOWN_AFTER = 3        # rounds without an answer before a host counts as down
@@ -83,9 +82,10 @@ def bring_back(ctx: Context, name: str) -> dict:
         return {"restarted": False, "why": "not a server of the environment's state"}
     if record.rebuild:
         return {"restarted": False, "why": "fenced: `fabula db reset-replicas` rebuilds it as a replica"}
-    host = ctx.host(name)
-    ctx.provider.apply_firewall(host, firewall_rules(ctx, record))
-    supervisor = Supervisor(host)
+    # its firewall too: where systemd does not run, the supervisor's start loads the last one
+    # fabula confirmed, as the server's unit does at boot (not one made again here, which would
+    # admit this program's address rather than the operators')
+    supervisor = Supervisor(ctx.host(name))
     supervisor.ensure_running()
     programs = sorted(supervisor.status())
     supervisor.wait_running(programs, timeout=RESTART_TIMEOUT)

@@ -226,7 +226,13 @@ def test_a_dead_host_shows_in_describe_and_history_and_its_services_come_back_wi
     def serving_again() -> bool:
         back = next(s for s in env.describe()["servers"] if s["name"] == "web2")
         return back["state"] == "running" and back["lb"] == "UP"
-    wait_for(serving_again, timeout=180, interval=2, message="web2's services started again by fabula's program")
+    project = env.describe()["project"]
+    log = Path("/srv/fabula", project, ENV, "lb1", "log", "autoscaler.log")   # (the lab's hosts share files)
+    try:
+        wait_for(serving_again, timeout=180, interval=2, message="web2's services started again by fabula's program")
+    except AssertionError as exc:
+        described = next(s for s in env.describe()["servers"] if s["name"] == "web2")
+        raise AssertionError(f"{exc}\nweb2: {described}\nfabula's program:\n{log.read_text()[-3000:]}") from None
     assert host_events(env, "web2") == ["host down", "host back"]
 
 
@@ -234,8 +240,13 @@ def host_events(env: SampleEnvironment, name: str) -> list[str]:
     """What fabula's program recorded of host `name`, oldest first."""
     ran = env.fabula("history", ENV, "--json", "--last", "50")
     assert ran.returncode == 0, ran.stderr
-    return [r["details"]["decision"] for r in json.loads(ran.stdout)
-            if (r.get("details") or {}).get("host") == name and r.get("outcome") == "ok"]
+    records = json.loads(ran.stdout)
+    found = [r["details"]["decision"] for r in records
+             if (r.get("details") or {}).get("host") == name and r.get("outcome") == "ok"]
+    if not found:   # (shown by wait_for if it never comes)
+        raise AssertionError("the history's last records: " + "; ".join(
+            f"{r.get('command')} {r.get('outcome')} {r.get('details')}" for r in records[-4:]))
+    return found
 
 
 def test_a_host_taken_out_of_hosts_is_removed_by_the_next_create(world):

@@ -360,12 +360,13 @@ class SshProvider(Provider):
 
     def _remove_environment(self, host: SshHost) -> str:
         """The environment's users, sysadmins and tree on `host`, once its server there is gone."""
+        # first: fabula's program's key must not outlive a destroy that fails further on
+        host.check(["sh", "-c", scripts.AUTHORIZE, "sh", self.ssh.user, self._program_mark(), ""])
         made = json.loads(host.read_file(self.env_root / "sysadmins.json") or b"[]")
         for name in made:
             host.check(["sh", "-c", scripts.REMOVE_SYSADMIN, "sh", name, self._sudoers(name)])
         host.check(["sh", "-c", scripts.REMOVE_ACCOUNTS, "sh", self.accounts.group,
                     *self.accounts.users().values()], timeout=60)
-        host.check(["sh", "-c", scripts.AUTHORIZE, "sh", self.ssh.user, self._program_mark(), ""])
         host.check(["rm", "-rf", "--", str(self.env_root)], timeout=300)
         # the team lock's files (the lock this command holds goes with its channel)
         host.run(["rm", "-f", "--", str(self.store.lock_file), str(self.store.holder_file)])

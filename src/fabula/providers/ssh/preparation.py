@@ -128,8 +128,12 @@ class Preparation:
     def start_supervisord(self, host: Host) -> bool:
         """Host.start_supervisord for the hosts this prepares: where systemd runs, the server's
         supervisord started through its unit (written first if it is missing or differs), so
-        that systemd supervises it; False where systemd does not run (it is started directly)."""
+        that systemd supervises it; False where systemd does not run (it is started directly),
+        once the server's firewall is loaded as the unit would (a host back from a reboot has none)."""
         if not self.facts(host).systemd:
+            if self.firewall:
+                host.check(["sh", "-c", '[ ! -s "$1" ] || nft -f "$1"', "sh",
+                            str(host.path("etc", "firewall.confirmed"))])
             return False
         self.boot_unit(host)
         host.check(["systemctl", "start", self.unit_name(host)])
