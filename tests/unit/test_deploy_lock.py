@@ -322,3 +322,39 @@ def test_a_command_that_finds_the_directory_destroyed_meanwhile_starts_afresh(ct
     monkeypatch.setattr(audit, "_acquire", destroyed_first)
     with operation(ctx, "create"):
         assert lock.report(ctx.paths)["pid"] == os.getpid()
+
+
+class BusyStore:
+    """A team's shared store whose lock is held by the holders `busy` names, one acquire each."""
+
+    def __init__(self, busy: list[dict]):
+        self.busy, self.asked = list(busy), 0
+
+    def acquire(self, holder: dict) -> dict | None:
+        self.asked += 1
+        return self.busy.pop(0) if self.busy else None
+
+    def release(self) -> None:
+        pass
+
+    def interrupted(self) -> dict | None:
+        return None
+
+    def pull(self, files) -> None:
+        pass
+
+
+def test_a_command_waits_for_the_change_of_fabulas_program_on_the_hosts_but_not_for_another_command(tmp_path,
+                                                                                                   monkeypatch):
+    from fabula.environment import sharing
+
+    monkeypatch.setattr(sharing.time, "sleep", lambda seconds: None)
+    ctx = SimpleNamespace(out=Output(quiet=True), paths=EnvPaths(tmp_path, "p", "e"), env_name="e")
+    program = {"id": "a1", "owner": "root@lb1", "action": "autoscale", "command": "fabula autoscaler e (host back)"}
+    store = BusyStore([program, program])
+    holder = lock.Holder.of_this_process("deploy", "fabula deploy e")
+    sharing.take(ctx, store, holder, {"action": "deploy"}, autoscaler="autoscale", wait=60)
+    assert store.asked == 3   # taken once the program's change was over
+    other = {**program, "action": "deploy", "command": "fabula deploy e"}
+    with pytest.raises(FabulaError, match="locked by"):
+        sharing.take(ctx, BusyStore([other]), holder, {"action": "deploy"}, autoscaler="autoscale", wait=60)

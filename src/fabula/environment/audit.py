@@ -122,7 +122,7 @@ def operation(ctx: Context, action: str, command: str | None = None, force: bool
     store = None if nested else ctx.provider.shared_store()
     if store is not None:
         try:
-            sharing.take(ctx, store, holder, asdict(holder))
+            sharing.take(ctx, store, holder, asdict(holder), autoscaler=AUTOSCALER_ACTION, wait=AUTOSCALER_WAIT)
         except BaseException:
             release(ctx, holder)
             raise

@@ -4,6 +4,7 @@ refreshed when a command opens the environment and again once it holds the lock,
 when a changing command ends."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from fabula.context import Context
@@ -38,9 +39,21 @@ def refresh(ctx: Context) -> None:
     ctx.state.reload(ctx.paths)
 
 
-def take(ctx: Context, store: SharedStore, holder: Holder, as_dict: dict) -> None:
-    """The store's lock for `holder`, then its files: an error naming whoever holds the lock."""
-    current = store.acquire(as_dict)
+def take(ctx: Context, store: SharedStore, holder: Holder, as_dict: dict, *, autoscaler: str = "",
+         wait: float = 0) -> None:
+    """The store's lock for `holder`, then its files: an error naming whoever holds the lock.
+    A lock held for action `autoscaler` (fabula's program on the platform host, changing one
+    server) is waited for, up to `wait` seconds, unless `holder` is that program itself."""
+    deadline, said = time.monotonic() + wait, False
+    while True:
+        current = store.acquire(as_dict)
+        if current is None or holder.action == autoscaler or current.get("action") != autoscaler \
+                or time.monotonic() > deadline:
+            break
+        if not said:
+            ctx.out.step(holder.action, "waiting for the change of fabula's program on the hosts to finish")
+            said = True
+        time.sleep(1)
     if current is not None:
         who = Holder.from_json(current)
         raise FabulaError(f"environment {ctx.env_name} is locked by {who.describe()} (the team's lock, held on "

@@ -237,8 +237,11 @@ def test_a_dead_host_shows_in_describe_and_history_and_its_services_come_back_wi
 
 
 def host_events(env: SampleEnvironment, name: str) -> list[str]:
-    """What fabula's program recorded of host `name`, oldest first."""
-    ran = env.fabula("history", ENV, "--json", "--last", "50")
+    """What fabula's program recorded of host `name`, oldest first, as the hosts have it (read
+    from a state directory of its own: this module's first one has a command cut off before,
+    whose files it keeps until its next changing command)."""
+    reader = SampleEnvironment(env.app_dir, env.app_dir.parent / "history-reader", ENV)
+    ran = reader.fabula("history", ENV, "--json", "--last", "50")
     assert ran.returncode == 0, ran.stderr
     records = json.loads(ran.stdout)
     found = [r["details"]["decision"] for r in records
