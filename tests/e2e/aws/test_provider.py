@@ -5,9 +5,12 @@ and destroy leaving nothing tagged and no instance running."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 
+from fabula.accounts import Accounts
+from fabula.state import EnvPaths
 from tests.helpers import wait_for
 
 
@@ -39,7 +42,9 @@ def test_the_instance_metadata_is_roots_only(environment):
     users (Celery runs on the worker) are refused at once."""
     script = ("import socket\ntry:\n    socket.create_connection(('169.254.169.254', 80), 3)\n"
               "except OSError as exc:\n    print(type(exc).__name__)")
-    ran = environment.exec("worker1", "runuser", "-u", environment.accounts.app, "--", "python3", "-c", script)
+    project = environment.describe()["project"]
+    app_user = Accounts(EnvPaths(environment.state_dir, project, environment.name).tag).app
+    ran = environment.exec("worker1", "runuser", "-u", app_user, "--", "python3", "-c", script)
     assert ran.returncode == 0 and ran.stdout.strip() == "ConnectionRefusedError", ran.stdout + ran.stderr
 
 
@@ -63,8 +68,13 @@ def test_what_the_group_launches_by_itself_is_converged_and_serves(lab, environm
         except (httpx.HTTPError, ValueError, KeyError):
             pass
         return launched in answered
-    wait_for(served_by_the_new_instance, 300, interval=0.5,
-             message=f"{launched}, launched by the group itself, answering through the load balancer")
+    try:
+        wait_for(served_by_the_new_instance, 300, interval=0.5,
+                 message=f"{launched}, launched by the group itself, answering through the load balancer")
+    except AssertionError as exc:   # what fabula's program says (the lab's instances share files)
+        log = Path("/srv/fabula", environment.describe()["project"], environment.name, "worker1", "log",
+                   "autoscaler.log")
+        raise AssertionError(f"{exc}\nfabula's program:\n{log.read_text()[-3000:]}") from None
     lab.log(f"the group's own scale-out: {launched} answered {time.monotonic() - asked:.1f}s after the launch")
     assert launched in {s["name"] for s in environment.describe()["servers"] if s["role"] == "web"}
 

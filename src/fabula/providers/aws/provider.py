@@ -350,6 +350,15 @@ class AwsProvider(Provider):
         stand-in for AWS: moto), there too, and to its instance metadata (credentials)."""
         host = self.platform_host()
         files = {SHIPPED_KEY: self.ssh.key.read_bytes()} if self.ssh.key is not None else {}
+        # the instances' keys as this machine trusts them, at the addresses the worker reaches them
+        # at (it trusts the group's new instances on first contact, as create does)
+        lines = []
+        for name in sorted(set(self.list_servers()) | set(self.state.servers)):   # the group's members too
+            instance = self._instances.get(name) or self._find(name)
+            if instance is not None:   # (named as ensure_server records them)
+                keys = self.known_hosts.keys(self.address(instance, self.ssh.jump))
+                lines += [f"{instance.private_ip} {key}\n" for key in keys]
+        files["known_hosts"] = "".join(lines).encode()
         python_there, home = program_home.ship(host, root=self.paths.root, python=python, config=config,
                                                files=files)
         state = home / "state"
