@@ -17,15 +17,16 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import fabula
 from fabula.errors import FabulaError
-from fabula.providers.base import SYSTEM_PATH, Host
+from fabula.providers.base import SYSTEM_PATH, Host, ProgramHome
 
 # fabula's own dependencies the program does not need: uv builds releases, which it never does
 NOT_SHIPPED = {"uv"}
-# what the build of the runtime may take from the operator's environment (the package index)
+# what a build (a release's, the runtime's) may take from the operator's environment: how to
+# reach the package index, nothing else (no SUDO_*, tokens, PATH entries)
 PASSED_THROUGH = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
                   "SSL_CERT_FILE", "SSL_CERT_DIR", "UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX",
                   "UV_INDEX", "UV_NATIVE_TLS")
@@ -114,16 +115,17 @@ def build_runtime(root: Path, python: str, uv: str | None = None) -> tuple[str, 
 
 # -- shipping it -----------------------------------------------------------------------------------
 
-def ship(host: Host, *, root: Path, python: str, config: Path, state_root_name: str = "state",
-         files: dict[str, bytes] | None = None) -> tuple[PurePosixPath, PurePosixPath]:
+def ship(host: Host, *, root: Path, python: str, config: Path, project: str, env: str,
+         files: dict[str, bytes] | None = None) -> ProgramHome:
     """fabula's runtime and `config` onto `host`, under its tree's `controller` folder (root's
-    only), with `files` (name -> content, mode 0600) beside them; (the runtime's interpreter
-    there, the controller folder). A runtime shipped before is not sent again; older ones go."""
+    only), with `files` (name -> content, mode 0600) beside them and a state directory for the
+    program's copy of environment `project`/`env`. A runtime shipped before is not sent again;
+    older ones go."""
     key, runtime = build_runtime(root, python)
     home = host.path("controller")
-    runtimes = home / "runtime"
+    runtimes, state = home / "runtime", home / "state"
     shipped = runtimes / key
-    host.make_dirs([home, runtimes, home / state_root_name], mode=0o700)
+    host.make_dirs([home, runtimes, state, state / project, state / project / env], mode=0o700)
     if host.stat(shipped) is None:   # (a runtime is renamed there once whole)
         partial = runtimes / f"{key}.partial"
         host.check(["rm", "-rf", str(partial)])
@@ -135,4 +137,5 @@ def ship(host: Host, *, root: Path, python: str, config: Path, state_root_name: 
     host.put_file(home / "fabula.yml", config.read_bytes(), mode=0o600)
     for name, content in (files or {}).items():
         host.put_file(home / name, content, mode=0o600)
-    return shipped / "bin" / "python", home
+    return ProgramHome(str(shipped / "bin" / "python"), str(home / "fabula.yml"), str(state),
+                       {CONTROLLER_HOME: str(home)})

@@ -14,7 +14,7 @@ from fabula import machine_users, secrets
 from fabula.accounts import Accounts
 from fabula.context import Context, Release
 from fabula.errors import FabulaError
-from fabula.program_home import uv_binary
+from fabula.program_home import PASSED_THROUGH, uv_binary
 from fabula.providers.base import SYSTEM_PATH
 from fabula.roles.appserver import app_variables
 from fabula.runtime import __file__ as runtime_init
@@ -39,11 +39,6 @@ def resolve(ctx: Context, rev: str = "HEAD") -> tuple[str, str]:
     return commit, prefix
 
 
-# what a build may take from the operator's environment: how to reach the package index, nothing
-# else (no SUDO_*, tokens, PATH entries)
-PASSED_THROUGH = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-                  "SSL_CERT_FILE", "SSL_CERT_DIR", "UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX",
-                  "UV_INDEX", "UV_NATIVE_TLS")
 
 
 def build_environment(ctx: Context, work: Path, release_id: str) -> dict[str, str]:

@@ -3,7 +3,7 @@ a runtime that runs fabula without this machine, sent once, with the environment
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from fabula import program_home
 from fabula.testing import FakeHost
@@ -26,14 +26,15 @@ def test_shipping_sends_the_runtime_once_and_the_config_as_roots_only(tmp_path):
     config = tmp_path / "fabula.yml"
     config.write_text("project: polls\n")
     host = FakeHost("worker1", "worker", "10.0.0.5")
-    python, home = program_home.ship(host, root=tmp_path, python="/usr/bin/python3", config=config,
-                                     files={"ssh-key": b"KEY"})
+    shipped = program_home.ship(host, root=tmp_path, python="/usr/bin/python3", config=config, project="p",
+                                env="e", files={"ssh-key": b"KEY"})
+    python, home = PurePosixPath(shipped.python), PurePosixPath(shipped.environment[program_home.CONTROLLER_HOME])
     assert home == host.path("controller") and python.parent.parent.parent == home / "runtime"
     assert len(host.copied) == 1
     assert host.text(home / "fabula.yml") == "project: polls\n"
     assert (host.files[home / "fabula.yml"].mode, host.files[home / "ssh-key"].mode) == (0o600, 0o600)
     assert host.stat(home).mode == 0o700
-    program_home.ship(host, root=tmp_path, python="/usr/bin/python3", config=config)
+    program_home.ship(host, root=tmp_path, python="/usr/bin/python3", config=config, project="p", env="e")
     assert len(host.copied) == 1   # the same fabula: not sent again
     # the runtimes of other fabulas go
     assert host.ran("find", str(home / "runtime"), "-mindepth", "1", "-maxdepth", "1", "!", "-name",

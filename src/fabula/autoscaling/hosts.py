@@ -88,7 +88,7 @@ def bring_back(ctx: Context, name: str) -> dict:
     supervisor = Supervisor(ctx.host(name))
     supervisor.ensure_running()
     programs = sorted(supervisor.status())
-    supervisor.wait_running(programs, timeout=RESTART_TIMEOUT)
     if not programs:
         raise FabulaError(f"{name}: its supervisor runs no program", f"run `fabula create {ctx.env_name}`")
+    supervisor.wait_running(programs, timeout=RESTART_TIMEOUT)
     return {"restarted": True, "programs": programs}

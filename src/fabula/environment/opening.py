@@ -31,17 +31,19 @@ def role_ingress() -> dict[str, list[IngressRule]]:
 # second of the start of every command, `describe` of a local environment included.
 def _ssh(paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int) -> Provider:
     from fabula.providers.ssh import SshProvider
-    within = os.environ.get(CONTROLLER_HOME)   # (as for aws below)
-    return SshProvider(paths, env, state, euid=euid, controller_home=Path(within) if within else None)
+    return SshProvider(paths, env, state, euid=euid, controller_home=_controller_home())
 
 
 def _aws(paths: EnvPaths, env: EnvironmentConfig, state: EnvState, euid: int) -> Provider:
     from fabula.providers.aws import AwsProvider
-    # set by the program's own environment on the worker (AwsProvider.program_home): it reaches
-    # the instances from inside the VPC
+    return AwsProvider(paths, env, state, euid, role_rules=role_ingress(), controller_home=_controller_home())
+
+
+def _controller_home() -> Path | None:
+    """Where fabula was shipped, when this is its program on the platform host (set by the
+    program's environment: Provider.program_home); None for a command run by an operator."""
     within = os.environ.get(CONTROLLER_HOME)
-    return AwsProvider(paths, env, state, euid, role_rules=role_ingress(),
-                       controller_home=Path(within) if within else None)
+    return Path(within) if within else None
 
 
 # provider: -> how to make it (fabula.yml's section of the same name configures it)

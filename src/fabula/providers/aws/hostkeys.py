@@ -6,10 +6,9 @@ are ever removed: it keeps them in the environment's state directory."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
-from fabula.providers.base import SYSTEM_PATH
+from fabula.providers.ssh.transport import recorded_keys
 from fabula.state import write_atomically
 
 RECORD = "known_hosts.fabula.json"
@@ -31,12 +30,7 @@ class KnownHosts:
 
     def keys(self, name: str) -> list[str]:
         """The keys ("ssh-ed25519 AAAA...") the file holds for `name` (its hashed lines too)."""
-        if not self.path.is_file():
-            return []
-        found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(self.path)], capture_output=True, text=True,
-                               env={"PATH": SYSTEM_PATH})
-        return [" ".join(line.split()[-2:]) for line in found.stdout.splitlines()
-                if line.strip() and not line.startswith("#")]
+        return recorded_keys(self.path, name)
 
     def has(self, name: str) -> bool:
         return any(name in line.split(" ", 1)[0].split(",") for line in self._lines() if not line.startswith("#"))

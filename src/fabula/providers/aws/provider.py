@@ -9,8 +9,9 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -19,7 +20,6 @@ from fabula import machine_users, pki, program_home, secrets
 from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig, SshConfig
 from fabula.errors import FabulaError, PrerequisiteError
-from fabula.program_home import CONTROLLER_HOME
 from fabula.providers.aws import controller_role, instances, teardown
 from fabula.providers.aws import group as web_group
 from fabula.providers.aws.access import Access, SshAccess
@@ -359,16 +359,13 @@ class AwsProvider(Provider):
                 keys = self.known_hosts.keys(self.address(instance, self.ssh.jump))
                 lines += [f"{instance.private_ip} {key}\n" for key in keys]
         files["known_hosts"] = "".join(lines).encode()
-        python_there, home = program_home.ship(host, root=self.paths.root, python=python, config=config,
-                                               files=files)
-        state = home / "state"
-        env_dir = state / self.paths.project / self.paths.env
-        host.make_dirs([state / self.paths.project, env_dir], mode=0o700)
+        home = program_home.ship(host, root=self.paths.root, python=python, config=config,
+                                 project=self.paths.project, env=self.paths.env, files=files)
         # the releases the worker has are those the program converges new web servers with
+        env_dir = PurePosixPath(home.state_root, self.paths.project, self.paths.env)
         host.check(["ln", "-sfn", str(host.path("releases")), str(env_dir / "releases")])
-        environment = {CONTROLLER_HOME: str(home)}
-        environment.update({name: os.environ[name] for name in ENDPOINTS if os.environ.get(name)})
-        return ProgramHome(str(python_there), str(home / "fabula.yml"), str(state), environment)
+        endpoints = {name: os.environ[name] for name in ENDPOINTS if os.environ.get(name)}
+        return replace(home, environment={**home.environment, **endpoints})
 
     def apply_firewall(self, host: Host, rules: list[IngressRule | EgressRule]) -> bool:
         """The security groups are the firewall (their rules were made from every role's by

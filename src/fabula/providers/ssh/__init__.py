@@ -20,7 +20,6 @@ from fabula.accounts import Accounts
 from fabula.config import EnvironmentConfig, SshConfig
 from fabula.errors import FabulaError, PrerequisiteError
 from fabula.parallel import at_once
-from fabula.program_home import CONTROLLER_HOME
 from fabula.providers.base import (
     SYSTEM_PATH,
     EgressRule,
@@ -36,7 +35,7 @@ from fabula.providers.ssh import scripts
 from fabula.providers.ssh.preparation import TREE, Preparation
 from fabula.providers.ssh.scripts import HostFacts
 from fabula.providers.ssh.shared import HostStore
-from fabula.providers.ssh.transport import SshHost, SshPool, SshTarget, host_key_error
+from fabula.providers.ssh.transport import SshHost, SshPool, SshTarget, host_key_error, recorded_keys
 from fabula.state import EnvPaths, EnvState
 from fabula.templates import render
 
@@ -85,11 +84,8 @@ class SshProvider(Provider):
         balancer's host only: _authorize_program) and their host keys as this machine knows them."""
         host = self.platform_host()
         files = {"known_hosts": self._known_hosts_lines(), SHIPPED_KEY: secrets.ssh_key(self.paths).read_bytes()}
-        python_there, home = program_home.ship(host, root=self.paths.root, python=python, config=config,
-                                               files=files)
-        state = home / "state"
-        host.make_dirs([state / self.paths.project, state / self.paths.project / self.paths.env], mode=0o700)
-        return ProgramHome(str(python_there), str(home / "fabula.yml"), str(state), {CONTROLLER_HOME: str(home)})
+        return program_home.ship(host, root=self.paths.root, python=python, config=config, project=self.paths.project,
+                                 env=self.paths.env, files=files)
 
     def program_sources(self) -> list[str]:
         """The load balancer's host's own addresses, which fabula's program there connects from."""
@@ -111,15 +107,10 @@ class SshProvider(Provider):
         return f"fabula-{self.paths.tag}-program"
 
     def _known_hosts_lines(self) -> bytes:
-        """The lines of this machine's known_hosts for the inventory's hosts (hashed or not)."""
-        lines: list[str] = []
-        for host in self.env.hosts.values():
-            target = self._target(host.address)
-            name = host.address if self.ssh.port == 22 else f"[{host.address}]:{self.ssh.port}"
-            found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(target.known_hosts_file())],
-                                   capture_output=True, text=True, env={"PATH": SYSTEM_PATH})
-            lines += [line for line in found.stdout.splitlines() if line and not line.startswith("#")]
-        return "".join(f"{line}\n" for line in lines).encode()
+        """The lines of this machine's known_hosts for the inventory's hosts."""
+        targets = [self._target(host.address) for host in self.env.hosts.values()]
+        return "".join(f"{t.known_hosts_name()} {key}\n" for t in targets
+                       for key in recorded_keys(t.known_hosts_file(), t.known_hosts_name())).encode()
 
     # -- the inventory ------------------------------------------------------------------------
     def _target(self, address: str) -> SshTarget:
@@ -301,7 +292,7 @@ class SshProvider(Provider):
                   *(ipaddress.ip_network(a) for a in self.program_sources())]
         ruleset = render(__file__, "firewall.nft.j2", server=host.name, project=self.paths.project,
                          env=self.paths.env, table=self.table, ssh_port=self.ssh.port,
-                         environment4=self._addresses(("lb", "web", "worker", "cache", "db-primary", "db-replica")),
+                         environment4=self._addresses(("lb", *APP_ROLES)),
                          ssh4=sorted({str(n) for n in admins if n.version == 4}),
                          ssh6=sorted({str(n) for n in admins if n.version == 6}), ingress=ingress, egress=egress)
         path, saved = host.path("etc", "firewall.nft"), host.path("etc", "firewall.before")

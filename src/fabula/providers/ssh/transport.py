@@ -186,6 +186,17 @@ class SshTarget:
         return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
 
 
+def recorded_keys(known_hosts: Path, name: str) -> list[str]:
+    """The keys ("ssh-ed25519 AAAA...") `known_hosts` records for `name` (a known_hosts name:
+    "10.0.0.4" or "[10.0.0.4]:2222"), its hashed lines too."""
+    if not known_hosts.is_file():
+        return []
+    found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(known_hosts)], capture_output=True, text=True,
+                           env={"PATH": SYSTEM_PATH})
+    return [" ".join(line.split()[-2:]) for line in found.stdout.splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
 def host_key_error(name: str, target: SshTarget) -> FabulaError:
     """An unknown key, or one that differs from the recorded one (asyncssh raises the same error
     for both; the difference matters to the user: a changed key may be an attack)."""
