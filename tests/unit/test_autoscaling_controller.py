@@ -220,3 +220,33 @@ def test_on_fixed_hosts_a_dead_host_is_recorded_once_and_brought_back_when_it_an
     assert [(r["details"]["decision"], r["outcome"]) for r in records] == [("host down", "ok"), ("host back", "ok")]
     assert records[1]["details"]["restarted"] is True and brought == ["web2"]
     assert world.calls == []   # fixed hosts: nothing scaled, nothing replaced
+
+
+def test_on_fixed_hosts_a_failed_restart_is_tried_again_after_its_backoff_only(world, monkeypatch):
+    from fabula.autoscaling import hosts
+    from fabula.autoscaling.controller import BACKOFF_FIRST
+
+    env = EnvironmentConfig.model_validate({
+        "provider": "ssh", "ssh": {"user": "root"},
+        "hosts": {"lb1": {"role": "lb", "address": "10.9.0.2"}, "web1": {"role": "web", "address": "10.9.0.10"},
+                  "cache1": {"role": "cache", "address": "10.9.0.3"},
+                  "db1": {"role": "db-primary", "address": "10.9.0.4"}}})
+    opened = controller_module.open_environment
+
+    def open_fixed(config_path, env_name, out, **options):
+        ctx = opened(config_path, env_name, out, **options)
+        ctx.env, ctx.provider.close = env, (lambda: None)
+        return ctx
+    up = {"web1": False, "cache1": True, "db1": True}
+    tries: list[float] = []
+
+    def failing(ctx, name):
+        tries.append(world.clock.now)
+        raise RuntimeError("its supervisord does not start")
+    monkeypatch.setattr(controller_module, "open_environment", open_fixed)
+    monkeypatch.setattr(hosts, "probe", lambda ctx: dict(up))
+    monkeypatch.setattr(hosts, "bring_back", failing)
+    run(world, hosts.DOWN_AFTER)
+    up["web1"] = True
+    run(world, int(BACKOFF_FIRST) + 2)
+    assert len(tries) == 2 and tries[1] - tries[0] >= BACKOFF_FIRST   # not once a round

@@ -302,8 +302,8 @@ class Controller:
             self.recovered = True
             self.out.step(PROGRAM, f"keeping {ctx.project}/{ctx.env_name}'s web group: converging what it launches")
         serving = {m.name for m in group.in_service()}
-        if serving == self.kept:
-            return  # as the state was when it last matched: the shared files need not be read again
+        if serving == self.kept or self.clock() < self.retry_at:
+            return  # as the state was when it last matched (or backing off after a failed change)
         sharing.refresh(ctx)
         if not ctx.paths.state_file.exists():
             return  # not created yet, or destroyed
@@ -336,8 +336,8 @@ class Controller:
             self.out.step(PROGRAM, f"watching {ctx.project}/{ctx.env_name}'s hosts: a dead host is recorded, its "
                                    "services started again when it answers")
         to_record, to_restart = self.hosts.observe(hosts.probe(ctx))
-        if not to_record and not to_restart:
-            return
+        if not to_record and not to_restart or self.clock() < self.retry_at:
+            return  # (or backing off after a failed change: its hosts are still down, or back)
         sharing.refresh(ctx)
         def noted(op, done: dict) -> dict:
             op.details.update(done)   # in the history too
