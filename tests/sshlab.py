@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +147,30 @@ def _sshd_config(lab: Lab, i: int) -> str:
 
 
 @contextmanager
-def ssh_lab(count: int) -> Iterator[Lab]:
+def _outside(lab: Lab) -> Iterator[None]:
+    """The lab's hosts reach the outside world (the package index) through this machine: a
+    default route to the bridge's address, masqueraded, as a host behind a NAT gateway."""
+    table = f"fbssh-{lab.tag}"
+    subnet = f"10.251.{lab.subnet}.0/24"
+    forwarding = Path("/proc/sys/net/ipv4/ip_forward")
+    before = forwarding.read_text().strip()
+    ruleset = (f"table ip {table} {{\n"
+               f"  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n"
+               f"    ip saddr {subnet} oifname != \"{lab.bridge}\" masquerade\n  }}\n}}\n")
+    subprocess.run(["nft", "-f", "-"], input=ruleset, text=True, check=True)
+    try:
+        forwarding.write_text("1")
+        for ns in lab.namespaces:
+            sh("ip", "-n", ns, "route", "add", "default", "via", f"10.251.{lab.subnet}.1")
+        yield
+    finally:
+        forwarding.write_text(before)
+        sh("nft", "delete", "table", "ip", table, check=False)
+
+
+@contextmanager
+def ssh_lab(count: int, outside: bool = False) -> Iterator[Lab]:
+    """`count` hosts; `outside`: they reach the outside world too (see _outside)."""
     if os.geteuid() != 0:
         pytest.skip("the ssh transport's end-to-end tests need root (network namespaces)")
     if not Path("/usr/sbin/sshd").exists():
@@ -190,7 +213,8 @@ def ssh_lab(count: int) -> Iterator[Lab]:
         lab.known_hosts.write_text("\n".join(known) + "\n")
         for i in range(count):
             lab.start_sshd(i)
-        yield lab
+        with _outside(lab) if outside else nullcontext():
+            yield lab
     finally:
         for i, ns in enumerate(lab.namespaces):
             try:
@@ -206,10 +230,11 @@ ROLES = {"lb1": "lb", "web1": "web", "web2": "web", "worker1": "worker", "cache1
          "db2": "db-replica"}
 
 
-def ssh_keys(lab: Lab, https_port: int, http_port: int, hosts: dict[str, str] = ROLES, first: int = 0) -> str:
+def ssh_keys(lab: Lab, https_port: int, http_port: int, hosts: dict[str, str] = ROLES, first: int = 0,
+             build: str = "auto") -> str:
     """An ssh environment's keys as fabula.yml lines: the lab's hosts from `first` on, with `hosts`'
-    names and roles, reached with the lab's key and known_hosts file."""
-    lines = [f"    ssh: {{user: root, key: {lab.key}, known_hosts: {lab.known_hosts}}}",
+    names and roles, reached with the lab's key and known_hosts file; releases built as `build` says."""
+    lines = [f"    ssh: {{user: root, key: {lab.key}, known_hosts: {lab.known_hosts}, build: {build}}}",
              f"    lb: {{https_port: {https_port}, http_port: {http_port}}}", "    hosts:"]
     lines += [f"      {name}: {{role: {role}, address: {lab.address(first + i)}}}"
               for i, (name, role) in enumerate(hosts.items())]

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from fabula import machine_users, secrets
 from fabula.accounts import Accounts
 from fabula.context import Context, Release
 from fabula.errors import FabulaError
-from fabula.program_home import PASSED_THROUGH, uv_binary
+from fabula.program_home import PASSED_THROUGH
 from fabula.providers.base import SYSTEM_PATH
+from fabula.release_builders import Builder, OnHost, ThisMachine
 from fabula.roles.appserver import app_variables
 from fabula.runtime import __file__ as runtime_init
 
@@ -41,7 +41,7 @@ def resolve(ctx: Context, rev: str = "HEAD") -> tuple[str, str]:
 
 
 
-def build_environment(ctx: Context, work: Path, release_id: str) -> dict[str, str]:
+def build_environment(ctx: Context, work: PurePosixPath, release_id: str, cache: PurePosixPath) -> dict[str, str]:
     """The build's whole environment: the app's variables with the environment's real values (its
     settings are imported by collectstatic), uv's settings, and a fixed PATH."""
     # DATABASE_URL's socket folder is one of the build's own, where no PgBouncer listens: the build
@@ -51,7 +51,7 @@ def build_environment(ctx: Context, work: Path, release_id: str) -> dict[str, st
                               app_user=Accounts(ctx.paths.tag).app, pgbouncer_dir=str(work / "run" / "pgbouncer"))
     passed = {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ}
     return {**passed, **variables, "PATH": SYSTEM_PATH, "LANG": "C.UTF-8",
-            "UV_CACHE_DIR": str(wheel_cache(ctx)), "UV_NO_PROGRESS": "1", "UV_PYTHON_DOWNLOADS": "never"}
+            "UV_CACHE_DIR": str(cache), "UV_NO_PROGRESS": "1", "UV_PYTHON_DOWNLOADS": "never"}
 
 
 def wheel_cache(ctx: Context) -> Path:
@@ -60,14 +60,9 @@ def wheel_cache(ctx: Context) -> Path:
     return ctx.paths.env_dir / "cache" / "uv"
 
 
-def as_user(user: str, argv: list[str]) -> list[str]:
-    """argv run as `user` (with its groups), unable to gain privileges back (setuid programs)."""
-    return ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--init-groups",
-            "--no-new-privs", *argv]
-
-
 def build_accounts(ctx: Context) -> Accounts:
-    """The environment's users on this machine, where its releases are built."""
+    """The environment's users on this machine, where its releases are built (or unpacked, when
+    a host builds them)."""
     accounts = Accounts(ctx.paths.tag)
     machine_users.ensure(accounts, f"fabula {ctx.paths.project}/{ctx.paths.env}", ctx.paths.root / ".accounts.lock")
     return accounts
@@ -75,8 +70,9 @@ def build_accounts(ctx: Context) -> Accounts:
 
 def build(ctx: Context, rev: str = "HEAD") -> Release:
     """Build the release of `rev` once. Everything that runs the app's code or its requirements'
-    (uv's build backends, collectstatic) runs as the environment's app user, never as root; the
-    finished release is root's and read-only to the app."""
+    (uv's build backends, collectstatic) runs as the environment's app user, never as root, on
+    this machine or the host the provider names (release_builders); the finished release is
+    root's, here, and read-only to the app."""
     commit, prefix = resolve(ctx, rev)
     release_id = commit[:12]
     final = ctx.paths.releases_dir / release_id
@@ -85,72 +81,36 @@ def build(ctx: Context, rev: str = "HEAD") -> Release:
         return Release(release_id, commit, str(final))
     if ctx.secrets is None:
         ctx.secrets = secrets.load_or_create(ctx.paths)
-    # built here, whatever the provider: as the environment's app user of this machine
     accounts = build_accounts(ctx)
-    user = accounts.app
     ctx.paths.releases_dir.mkdir(parents=True, exist_ok=True)
     work = ctx.paths.releases_dir / f".build-{release_id}"
     log_path = ctx.paths.releases_dir / f"{release_id}.build.log"
-    env = build_environment(ctx, work, release_id)  # fails before anything is made without servers
-    shutil.rmtree(work, ignore_errors=True)
-    for path in (work, wheel_cache(ctx)):
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.chown(path, user, accounts.group)
-    for parent in (wheel_cache(ctx).parent,):
-        parent.chmod(0o755)
+    place = ctx.provider.build_place()
     started = time.monotonic()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as log:
-        def step(what: str, argv: list[str], **kwargs) -> None:
-            log.write(f"$ {' '.join(argv)}\n")
-            log.flush()
-            proc = subprocess.run(as_user(user, argv), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  cwd=str(work), **kwargs)
-            if proc.returncode != 0:
-                log.flush()
-                tail = "\n".join(log_path.read_text().splitlines()[-12:])
-                raise FabulaError(f"release {release_id}: {what} failed:\n{tail}",
-                                  f"the whole log is {log_path}")
-
-        def succeeds(argv: list[str]) -> bool:
-            return subprocess.run(as_user(user, argv), env=env, cwd=str(work), capture_output=True).returncode == 0
-
-        ctx.out.step("release", f"building {release_id} from {commit[:12]} on {ctx.provider.release_platform()}")
-        tree = f"{commit}:{prefix}" if prefix else commit
-        toplevel = _git(ctx.config.source_dir, "rev-parse", "--show-toplevel")
-        archive = subprocess.run(["git", "-C", toplevel, "archive", "--format=tar", tree],
-                                 capture_output=True)
-        if archive.returncode != 0:
-            raise FabulaError(f"release {release_id}: git archive failed: {archive.stderr.decode().strip()}")
-        step("unpacking the code", ["mkdir", "-p", str(work / "code"), str(work / ".home")])
-        step("unpacking the code", ["tar", "-x", "--no-same-owner", "-C", str(work / "code")], input=archive.stdout)
-        app = ctx.config.project.app
-        code = (work / "code").resolve()
-        for name, relative in (("app.requirements", app.requirements), ("app.manage", app.manage)):
-            # resolved: a committed symlink must not lead the build out of the release's code
-            found = (code / relative).resolve()
-            if not found.is_relative_to(code) or not found.is_file():
-                raise FabulaError(f"release {release_id}: {name}: {relative} is not a file of the revision",
-                                  f"commit {relative} (a file, not a link out of the repository) or set {name} "
-                                  "in fabula.yml")
-        uv = uv_binary()
-        step("creating the virtualenv", [uv, "venv", "--relocatable", "--python", app.python, str(work / "venv")])
-        python = str(work / "venv" / "bin" / "python")
-        step("installing the requirements", [uv, "pip", "install", "--python", python,
-                                             "-r", str(work / "code" / app.requirements)])
-        if not succeeds([python, "-c", "import gunicorn"]):
-            step("installing gunicorn", [uv, "pip", "install", "--python", python, "gunicorn==23.0.0"])
-        if app.celery and not succeeds([python, "-c", "import celery"]):
-            raise FabulaError(f"release {release_id}: app.celery is set but celery is not in "
-                              f"{app.requirements}", f"add celery to {app.requirements}")
-        ctx.out.step("release", "collecting static files")
-        step("collectstatic", [python, str(work / "code" / app.manage), "collectstatic", "--noinput"])
+        builder: Builder = (ThisMachine(release_id, accounts.app, log, log_path, work, wheel_cache(ctx))
+                            if place.host is None else OnHost(release_id, accounts.app, log, log_path, place.host))
+        # made before anything is: it fails without servers
+        builder.env = build_environment(ctx, builder.work, release_id, builder.cache)
+        ctx.out.step("release", f"building {release_id} from {commit[:12]} on {place.why}")
+        shutil.rmtree(work, ignore_errors=True)
+        builder.prepare(accounts.group)
+        try:
+            _build_in(ctx, builder, commit, prefix)
+            if place.host is not None:
+                work.mkdir(mode=0o700)
+                shutil.chown(work, accounts.app, accounts.group)
+                builder.bring_here(work, accounts.app)
+        finally:
+            builder.cleanup()
     shutil.rmtree(work / ".home", ignore_errors=True)
     (work / "fabula").mkdir()
     shutil.copy(Path(runtime_init).parent / "fabula_wsgi.py", work / "fabula" / "fabula_wsgi.py")
     (work / METADATA).write_text(json.dumps({
         "id": release_id, "commit": commit, "built_at": time.time(),
-        "build_seconds": round(time.monotonic() - started, 2)}))
+        "build_seconds": round(time.monotonic() - started, 2),
+        "built_on": "this machine" if place.host is None else place.host.name}))
     # immutable from now on: root's, readable by the environment's services, writable by none
     subprocess.run(["chown", "-R", "--no-dereference", "root:root", str(work)], check=True)
     subprocess.run(["chmod", "-R", "u+rwX,go+rX,go-w", str(work)], check=True)
@@ -158,6 +118,35 @@ def build(ctx: Context, rev: str = "HEAD") -> Release:
     work.rename(final)
     ctx.out.step("release", f"{release_id} built in {time.monotonic() - started:.1f}s")
     return Release(release_id, commit, str(final))
+
+
+def _build_in(ctx: Context, builder: Builder, commit: str, prefix: str) -> None:
+    """The code, its virtualenv and its static files, in the builder's folder."""
+    release_id = builder.release_id
+    tree = f"{commit}:{prefix}" if prefix else commit
+    toplevel = _git(ctx.config.source_dir, "rev-parse", "--show-toplevel")
+    archive = subprocess.run(["git", "-C", toplevel, "archive", "--format=tar", tree], capture_output=True)
+    if archive.returncode != 0:
+        raise FabulaError(f"release {release_id}: git archive failed: {archive.stderr.decode().strip()}")
+    builder.put_code(archive.stdout)
+    app = ctx.config.project.app
+    for name, relative in (("app.requirements", app.requirements), ("app.manage", app.manage)):
+        if not builder.is_code_file(relative):
+            raise FabulaError(f"release {release_id}: {name}: {relative} is not a file of the revision",
+                              f"commit {relative} (a file, not a link out of the repository) or set {name} "
+                              "in fabula.yml")
+    uv, work = builder.uv, builder.work
+    builder.step("creating the virtualenv", [uv, "venv", "--relocatable", "--python", app.python, str(work / "venv")])
+    python = str(work / "venv" / "bin" / "python")
+    builder.step("installing the requirements", [uv, "pip", "install", "--python", python,
+                                                 "-r", str(work / "code" / app.requirements)])
+    if not builder.succeeds([python, "-c", "import gunicorn"]):
+        builder.step("installing gunicorn", [uv, "pip", "install", "--python", python, "gunicorn==23.0.0"])
+    if app.celery and not builder.succeeds([python, "-c", "import celery"]):
+        raise FabulaError(f"release {release_id}: app.celery is set but celery is not in "
+                          f"{app.requirements}", f"add celery to {app.requirements}")
+    ctx.out.step("release", "collecting static files")
+    builder.step("collectstatic", [python, str(work / "code" / app.manage), "collectstatic", "--noinput"])
 
 
 def load(ctx: Context, release_id: str) -> Release | None:

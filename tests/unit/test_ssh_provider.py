@@ -19,6 +19,7 @@ from fabula.environment.lock import Holder
 from fabula.errors import ConfigError, FabulaError
 from fabula.output import Output
 from fabula.providers.base import SharedStore
+from fabula.providers.ssh import SshProvider
 from fabula.providers.ssh.scripts import HostFacts
 from fabula.providers.ssh.shared import _record
 from fabula.state import EnvPaths, EnvState, ServerRecord
@@ -166,3 +167,50 @@ def test_opening_keeps_the_files_a_command_cut_off_here_left(tmp_path: Path):
     lock.lock_path(ctx.paths).unlink()
     sharing.refresh(ctx)
     assert store.pulled == 1
+
+
+def provider_with(tmp_path: Path, here: str, hosts: dict[str, str], build: str = "auto"):
+    """An ssh provider of SSH's environment (`ssh.build` set), this machine's facts and the hosts'
+    given (names to a facts line); preparing a host only records it."""
+    config = load_config(write(tmp_path, SSH.replace("ssh: {user: deploy,", f"ssh: {{build: {build}, user: deploy,")))
+    env = config.environment("production")
+    provider = SshProvider(EnvPaths(tmp_path / "state", "shop", "production"), env,
+                           EnvState(project="shop", env="production"))
+    prepared: list[tuple[str, tuple[str, ...]]] = []
+    provider.this_machine = lambda: HostFacts.parse(here)   # type: ignore[method-assign]
+    provider.facts = lambda host: HostFacts.parse(hosts.get(host.name, "debian 12 amd64 3.11 yes"))  # type: ignore[method-assign]
+    provider.preparation.make_tree = lambda host: None  # type: ignore[method-assign]
+    provider.preparation.install = lambda host, packages: prepared.append((host.name, packages))  # type: ignore[method-assign]
+    return provider, prepared
+
+
+def test_releases_are_built_here_when_the_app_hosts_match_this_machine(tmp_path: Path):
+    provider, prepared = provider_with(tmp_path, "debian 12 amd64 3.11 yes", {})
+    place = provider.build_place()
+    assert place.host is None and place.why.startswith("this machine") and prepared == []
+
+
+def test_releases_are_built_on_the_worker_host_when_this_machine_differs(tmp_path: Path):
+    provider, prepared = provider_with(tmp_path, "ubuntu 24.04 arm64 3.12 yes", {})
+    place = provider.build_place()
+    assert place.host is not None and place.host.name == "worker1"
+    assert "this machine runs ubuntu 24.04, arm64, Python 3.12" in place.why
+    assert prepared == [("worker1", ("python3-venv",))]
+    # asked for, even when this machine would do
+    provider, _ = provider_with(tmp_path, "debian 12 amd64 3.11 yes", {}, build="worker")
+    assert provider.build_place().host.name == "worker1"
+
+
+def test_a_build_here_that_would_not_run_on_the_hosts_is_refused_naming_the_fix(tmp_path: Path):
+    provider, prepared = provider_with(tmp_path, "ubuntu 24.04 arm64 3.12 yes", {}, build="here")
+    with pytest.raises(FabulaError) as refused:
+        provider.build_place()
+    assert "web1 runs debian 12, amd64, Python 3.11" in refused.value.message
+    assert "ssh.build: auto" in (refused.value.hint or "") and prepared == []
+
+
+def test_app_hosts_of_different_systems_are_named(tmp_path: Path):
+    provider, prepared = provider_with(tmp_path, "ubuntu 24.04 arm64 3.12 yes", {"web2": "debian 12 arm64 3.11 yes"})
+    with pytest.raises(FabulaError) as refused:
+        provider.build_place()
+    assert "unlike web2" in refused.value.message and prepared == []

@@ -65,13 +65,13 @@ def history_table(title: str, records: list[dict]) -> Table:
 def releases_table(report: dict) -> Table:
     table = Table(title=f"{report['project']} / {report['environment']} releases "
                         f"(group uses {report['group_release'] or '-'})")
-    for column in ("release", "commit", "built at", "build", "group", "servers"):
+    for column in ("release", "commit", "built at", "build", "built on", "group", "servers"):
         table.add_column(column)
     for r in report["releases"]:
         built = f"{r['build_seconds']:.1f}s" if r["build_seconds"] is not None else "-"
         when = _short_time(r["built_at"]) if r["built"] else "[red]not on disk[/]"
-        table.add_row(r["id"], r["commit"] or "-", when, built, "[green]yes[/]" if r["group"] else "",
-                      " ".join(r["servers"]))
+        table.add_row(r["id"], r["commit"] or "-", when, built, r["built_on"] or "-",
+                      "[green]yes[/]" if r["group"] else "", " ".join(r["servers"]))
     return table
 
 

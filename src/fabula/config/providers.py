@@ -83,6 +83,10 @@ class SshConfig(Strict):
     jump: Annotated[str, Field(max_length=300), pattern(JUMP, "a jump host `[user@]host[:port]`")] | None = None
     known_hosts: SafePath | None = Field(default=None, description=(
         "where host keys are recorded and checked (default ~/.ssh/known_hosts); `fabula trust ENV` records them"))
+    build: Literal["auto", "here", "worker"] = Field(default="auto", description=(
+        "where releases are built: `here` (the machine fabula runs on), `worker` (the worker host, as the app's "
+        "user there), or `auto`: here when the web and worker hosts run this machine's Debian release, "
+        "architecture and Python, else on the worker host"))
 
 
 class InventoryHost(Strict):

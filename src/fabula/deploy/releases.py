@@ -72,10 +72,11 @@ def releases_report(ctx: Context) -> dict:
         if server.release:
             running.setdefault(server.release, []).append(server.name)
     rows = [{"id": r["id"], "commit": r.get("commit"), "built_at": _iso(r.get("built_at")),
-             "build_seconds": r.get("build_seconds"), "built": True} for r in built_releases(ctx)]
+             "build_seconds": r.get("build_seconds"), "built_on": r.get("built_on", "this machine"), "built": True}
+            for r in built_releases(ctx)]
     # a release in use but no longer on disk is shown too: its servers still run it
     in_use = {rid for rid in (ctx.state.release, *running) if rid is not None} - {r["id"] for r in rows}
-    rows += [{"id": rid, "commit": None, "built_at": None, "build_seconds": None, "built": False}
+    rows += [{"id": rid, "commit": None, "built_at": None, "build_seconds": None, "built_on": None, "built": False}
              for rid in sorted(in_use)]
     for row in rows:
         row["group"] = row["id"] == ctx.state.release

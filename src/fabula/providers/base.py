@@ -154,6 +154,14 @@ class Host(abc.ABC):
 
 
 @dataclass(frozen=True)
+class BuildPlace:
+    """Where a release is built: on this machine (`host` None), or on one of the environment's
+    hosts, whose distribution, architecture and Python the app's servers share."""
+    why: str
+    host: Host | None = None
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str
     address: str
@@ -385,10 +393,11 @@ class Provider(abc.ABC):
         raise FabulaError(f"provider {self.name} reaches its servers without host keys: there is nothing to trust",
                           "`fabula trust` is for environments with `provider: ssh`")
 
-    def release_platform(self) -> str:
-        """Releases are built on this machine: why they run on the servers (said in the build's
-        output); an error naming the difference when they would not."""
-        return "this machine, whose system the servers share"
+    def build_place(self) -> BuildPlace:
+        """Where releases are built, and why there (said in the build's output): this machine
+        when the servers run its system, else one of the environment's hosts, prepared for it;
+        an error naming the difference when neither would do."""
+        return BuildPlace("this machine, whose system the servers share")
 
     @abc.abstractmethod
     def check_prerequisites(self) -> None:

@@ -32,6 +32,9 @@ ADMIN, OUTSIDER = len(ROLES), len(ROLES) + 1   # two more hosts of the lab, not 
 SPARE = len(ROLES) + 2   # one the inventory gains, then loses
 
 
+CREATED: list[str] = []   # the first create's steps
+
+
 def reaches(lab: Lab, source: int, address: str, port: int) -> bool:
     """Whether host `source` of the lab opens a TCP connection to address:port."""
     result = sh("ip", "netns", "exec", lab.namespaces[source], "timeout", "3", "bash", "-c",
@@ -48,16 +51,18 @@ def users_line(key: Path) -> str:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[tuple[Lab, SampleEnvironment]]:
-    with ssh_lab(len(ROLES) + 3) as lab:
+    # the hosts reach the package index, as real ones do: the worker host builds the releases
+    with ssh_lab(len(ROLES) + 3, outside=True) as lab:
         base = Path(tempfile.mkdtemp(prefix="fabula-ssh-", dir="/var/tmp"))
         base.chmod(0o755)
-        keys = (ssh_keys(lab, 8443, 8080) + f"    admin_sources: [{lab.address(ADMIN)}/32]\n"
+        keys = (ssh_keys(lab, 8443, 8080, build="worker") + f"    admin_sources: [{lab.address(ADMIN)}/32]\n"
                 + users_line(base / "alice"))
         app = make_app_repo(base / "app", f"ssh-{os.urandom(3).hex()}", ENV, keys, provider="ssh", servers=None)
         env = SampleEnvironment(app, base / "state", ENV)
         try:
             created = env.fabula("create", ENV, timeout=900)
             assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
+            CREATED.append(created.stderr)   # the steps; stdout is what `describe` shows
             yield lab, env
         finally:
             env.fabula("destroy", ENV, "--yes", timeout=300)
@@ -79,6 +84,21 @@ def test_ssh_is_admitted_from_fabulas_machine_and_admin_sources_only(world):
     # the load balancer's ports are open to anyone, the web servers' 443 to it only
     assert reaches(lab, OUTSIDER, lab.address(0), 8443)
     assert not reaches(lab, OUTSIDER, lab.address(1), 443)
+
+
+def test_the_worker_host_builds_the_release_and_keeps_only_its_wheel_cache(world):
+    lab, env = world
+    assert f"on worker1 ({lab.address(3)}): ssh.build is worker" in CREATED[0]
+    listed = env.fabula("release", "list", ENV, "--json")
+    [release] = [r for r in json.loads(listed.stdout)["releases"] if r["group"]]
+    assert release["built_on"] == "worker1"
+    # the virtualenv built there runs the app on the web hosts
+    served = httpx.get(env.url + "/api/info", verify=False, timeout=10).json()
+    assert served["release"] == release["id"]
+    # the build ran as the environment's app user there, and left only uv and the wheel cache
+    build = Path("/srv/fabula", env.describe()["project"], ENV, "worker1", ".build")   # the lab shares this disk
+    assert sorted(p.name for p in build.iterdir()) == ["cache", "uv"]
+    assert build.owner() == build.joinpath("cache").owner() != "root"
 
 
 def test_the_programs_key_logs_in_from_the_load_balancers_host_only(world):

@@ -33,6 +33,7 @@ from fabula.providers.aws.store import FILES, BucketStore
 from fabula.providers.aws.web import AlbLoadBalancer, AwsWebGroup
 from fabula.providers.base import (
     SYSTEM_PATH,
+    BuildPlace,
     EgressRule,
     Host,
     IngressRule,
@@ -156,7 +157,7 @@ class AwsProvider(Provider):
             error = translate(exc, self.cloud.counter)
             raise PrerequisiteError(f"the AWS credentials do not work: {error.message}", error.hint) from None
 
-    def release_platform(self) -> str:
+    def build_place(self) -> BuildPlace:
         """Releases are built here: the instances run Debian 12 of the instance types' architecture."""
         here = HostFacts.parse(subprocess.run(["sh", "-c", FACTS], capture_output=True, text=True,
                                               env={"PATH": SYSTEM_PATH}).stdout)
@@ -166,7 +167,7 @@ class AwsProvider(Provider):
                               f"Debian {DEBIAN_VERSION} on {wanted[2]}: a virtualenv built here would not "
                               "run there", "run fabula from a Debian 12 machine of the instances' architecture "
                               "(e.g. the worker instance)")
-        return f"this machine: it matches the instances ({here.describe()})"
+        return BuildPlace(f"this machine: it matches the instances ({here.describe()})")
 
     # -- the control plane -----------------------------------------------------------------------------
     def allocate_subnet(self) -> str:

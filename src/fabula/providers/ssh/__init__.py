@@ -22,6 +22,7 @@ from fabula.errors import FabulaError, PrerequisiteError
 from fabula.parallel import at_once
 from fabula.providers.base import (
     SYSTEM_PATH,
+    BuildPlace,
     EgressRule,
     Host,
     IngressRule,
@@ -179,22 +180,40 @@ class SshProvider(Provider):
                 fh.writelines(changed)
         return lines
 
-    def release_platform(self) -> str:
-        """A release is built here (its virtualenv holds compiled wheels): the app's hosts must run
-        the same distribution, architecture and Python as this machine."""
-        here = HostFacts.parse(subprocess.run(["sh", "-c", scripts.FACTS], capture_output=True, text=True,
-                                              env={"PATH": SYSTEM_PATH}).stdout)
-        app_hosts = [h for h in self._all_hosts() if h.role in ("web", "worker")]
-        differ = [(h, f) for h, f in zip(app_hosts, self._each(app_hosts, self.facts), strict=True)
-                  if (f.distribution, f.version, f.architecture, f.python) !=
-                  (here.distribution, here.version, here.architecture, here.python)]
-        if differ:
-            raise FabulaError(f"releases are built on this machine ({here.describe()}), but "
+    def build_place(self) -> BuildPlace:
+        """This machine when the app's hosts run its distribution, architecture and Python (a
+        virtualenv holds compiled wheels and the interpreter's path); else, or when `ssh.build` is
+        `worker`, the worker host (the first web host without one), prepared for it here."""
+        here = self.this_machine()
+        app_hosts = [h for h in self._all_hosts() if h.role in ("worker", "web")]
+        app_hosts.sort(key=lambda h: h.role != "worker")
+        facts = self._each(app_hosts, self.facts)
+        system = [(f.distribution, f.version, f.architecture, f.python) for f in facts]
+        differ = [(h, f) for h, f, s in zip(app_hosts, facts, system, strict=True)
+                  if s != (here.distribution, here.version, here.architecture, here.python)]
+        choice = self.ssh.build
+        if choice == "here" and differ:
+            raise FabulaError(f"releases are built on this machine ({here.describe()}) (ssh.build: here), but "
                               + "; ".join(f"{h.name} runs {f.describe()}" for h, f in differ)
                               + ": a virtualenv built here would not run there",
-                              "run fabula from a machine like the hosts (e.g. a Debian 12 machine of the same "
-                              "architecture, or the worker host itself)")
-        return f"this machine: it matches the app's hosts ({here.describe()})"
+                              "set `ssh.build: auto` (or `worker`) in fabula.yml: the worker host builds them")
+        if choice == "here" or (choice == "auto" and not differ):
+            return BuildPlace(f"this machine: it matches the app's hosts ({here.describe()})")
+        builder, its = app_hosts[0], facts[0]
+        unlike = [h.name for h, s in zip(app_hosts, system, strict=True) if s != system[0]]
+        if unlike:
+            raise FabulaError(f"the app's hosts run different systems: {builder.name} runs {its.describe()}, unlike "
+                              f"{', '.join(unlike)}; one release runs on all of them",
+                              "give the web and worker hosts the same Debian release, architecture and Python")
+        self.preparation.make_tree(builder)
+        self.preparation.install(builder, ("python3-venv",))
+        reason = ("ssh.build is worker" if choice == "worker"
+                  else f"this machine runs {here.describe()}, the app's hosts {its.describe()}")
+        return BuildPlace(f"{builder.name} ({builder.address}): {reason}", host=builder)
+
+    def this_machine(self) -> HostFacts:
+        return HostFacts.parse(subprocess.run(["sh", "-c", scripts.FACTS], capture_output=True, text=True,
+                                              env={"PATH": SYSTEM_PATH}).stdout)
 
     def facts(self, host: SshHost) -> HostFacts:
         return self.preparation.facts(host)
