@@ -6,10 +6,11 @@ set -euo pipefail
 # openssh-server for its sshd binary only: the ssh provider's tests start their own sshd in each
 # test namespace (tests/e2e/ssh); the machine's own ssh service is kept off (below); wrk for
 # bench/throughput.py's load; python3-venv for the ssh provider's builds on a worker host (its
-# namespace shares this machine's packages)
+# namespace shares this machine's packages); debootstrap and systemd-container (systemd-nspawn) for
+# the ssh tests' host that boots systemd from a Debian tree of its own
 PACKAGES=(haproxy nginx-light pgbouncer redis-server rabbitmq-server postgresql-15 postgresql-client-15
           nftables supervisor iproute2 util-linux git curl ca-certificates openssh-server openssh-client socat sudo
-          python3-venv wrk)
+          python3-venv wrk debootstrap systemd-container)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,7 @@ its own sshd (`ip netns exec NS /usr/sbin/sshd -D -e -f CONFIG`) with its own ho
 client key and known_hosts file for the test. Everything goes afterwards, also when a test fails."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -54,7 +55,8 @@ class Lab:
     key: Path
     known_hosts: Path
     namespaces: list[str] = field(default_factory=list)
-    sshd: dict[str, subprocess.Popen] = field(default_factory=dict)
+    sshd: dict[str, subprocess.Popen] = field(default_factory=dict)   # or its systemd-nspawn
+    roots: dict[int, Path] = field(default_factory=dict)   # the hosts that boot systemd: their trees
 
     @property
     def bridge(self) -> str:
@@ -70,11 +72,40 @@ class Lab:
         return self.tmp / f"host{i}" / "sshd_config"
 
     def start_sshd(self, i: int) -> None:
+        if i in self.roots:
+            return self.boot(i)
         ns = self.namespaces[i]
         log = (self.tmp / f"host{i}" / "sshd.log").open("ab")
         self.sshd[ns] = subprocess.Popen(["ip", "netns", "exec", ns, "/usr/sbin/sshd", "-D", "-e",
                                           "-f", str(self.config(i))], stdout=log, stderr=log)
         wait_for(lambda: self.accepts(i), 15, interval=0.05, message=f"sshd of {ns} accepting")
+
+    def boot(self, i: int) -> None:
+        """Host i powered on: systemd-nspawn boots its tree's systemd in its namespace (a fresh
+        kernel's network state: no nftables table of a former boot), which starts its own sshd."""
+        ns = self.namespaces[i]
+        sh("ip", "netns", "exec", ns, "nft", "flush", "ruleset")
+        log = (self.tmp / f"host{i}" / "console.log").open("ab")
+        self.sshd[ns] = subprocess.Popen(
+            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", f"--network-namespace-path=/run/netns/{ns}",
+             "--capability=CAP_NET_ADMIN",   # its own network: a real host's root has it (nftables)
+             f"--machine=fbssh-{self.tag}-{i}", "--directory", str(self.roots[i]), "--boot", "--console=passive"],
+            stdout=log, stderr=log)
+        wait_for(lambda: self.accepts(i), 120, interval=0.2, message=f"host {i}'s systemd starting its sshd")
+
+    def init(self, i: int) -> int:
+        """The pid of host i's systemd (PID 1 in its tree), for nsenter."""
+        for pid in sh("ip", "netns", "pids", self.namespaces[i]).stdout.split():
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                nspid = next(line for line in status.splitlines() if line.startswith("NSpid:")).split()
+                if nspid[-1] == "1" and len(nspid) > 2:
+                    return int(pid)
+        raise AssertionError(f"host {i} runs no systemd")
+
+    def on(self, i: int, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+        """argv as root on host i, which boots systemd: inside its tree and namespaces."""
+        return sh("nsenter", "-t", str(self.init(i)), "-a", *argv, check=check)
 
     def accepts(self, i: int) -> bool:
         try:
@@ -92,7 +123,9 @@ class Lab:
             except ProcessLookupError:
                 pass
         if ns in self.sshd:
-            self.sshd.pop(ns).wait(10)
+            process = self.sshd.pop(ns)
+            process.kill()   # systemd-nspawn, whose machine is gone: it is not in the namespace
+            process.wait(10)
         wait_for(lambda: not sh("ip", "netns", "pids", ns, check=False).stdout.split(), 10,
                  message=f"no process left in {ns}")
 
@@ -168,9 +201,37 @@ def _outside(lab: Lab) -> Iterator[None]:
         sh("nft", "delete", "table", "ip", table, check=False)
 
 
+# a Debian 12 host as systemd-nspawn boots it: systemd, sshd, and what fabula's preparation needs
+# to begin (the rest it installs itself, from Debian's mirror through the lab's NAT)
+ROOT_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "ca-certificates")
+MIRROR = "http://deb.debian.org/debian"
+
+
+def debian_tree(lab: Lab, i: int) -> Path:
+    """Host i's own Debian 12 tree (debootstrap), its sshd with the lab's host key and key."""
+    if not shutil.which("systemd-nspawn") or not shutil.which("debootstrap"):
+        pytest.skip("systemd-container and debootstrap are not installed (make setup)")
+    root = lab.tmp / f"root{i}"
+    made = sh("debootstrap", "--variant=minbase", f"--include={','.join(ROOT_PACKAGES)}", "bookworm", str(root),
+              MIRROR, check=False)
+    if made.returncode != 0:
+        raise AssertionError(f"debootstrap failed:\n{made.stdout[-2000:]}\n{made.stderr[-2000:]}")
+    for old in (root / "etc" / "ssh").glob("ssh_host_*"):
+        old.unlink()
+    hostdir = lab.tmp / f"host{i}"
+    for suffix in ("", ".pub"):
+        shutil.copy(hostdir / f"host_ed25519{suffix}", root / "etc" / "ssh" / f"ssh_host_ed25519_key{suffix}")
+    (root / "root" / ".ssh").mkdir(mode=0o700, exist_ok=True)
+    shutil.copy(f"{lab.key}.pub", root / "root" / ".ssh" / "authorized_keys")
+    (root / "etc" / "hostname").write_text(f"host{i}\n")
+    return root
+
+
 @contextmanager
-def ssh_lab(count: int, outside: bool = False) -> Iterator[Lab]:
-    """`count` hosts; `outside`: they reach the outside world too (see _outside)."""
+def ssh_lab(count: int, outside: bool = False, systemd: tuple[int, ...] = ()) -> Iterator[Lab]:
+    """`count` hosts; `outside`: they reach the outside world too (see _outside); the hosts of
+    `systemd` boot a Debian 12 tree of their own with systemd (debian_tree), the others run an
+    sshd of the lab's on this machine's tree."""
     if os.geteuid() != 0:
         pytest.skip("the ssh transport's end-to-end tests need root (network namespaces)")
     if not Path("/usr/sbin/sshd").exists():
@@ -211,9 +272,11 @@ def ssh_lab(count: int, outside: bool = False) -> Iterator[Lab]:
             known += [f"{lab.address(i)} {' '.join(public)}",
                       f"[{lab.address(i)}]:{AWKWARD_PORT} {' '.join(public)}"]
         lab.known_hosts.write_text("\n".join(known) + "\n")
-        for i in range(count):
-            lab.start_sshd(i)
+        for i in systemd:
+            lab.roots[i] = debian_tree(lab, i)
         with _outside(lab) if outside else nullcontext():
+            for i in range(count):
+                lab.start_sshd(i)
             yield lab
     finally:
         for i, ns in enumerate(lab.namespaces):
@@ -222,6 +285,11 @@ def ssh_lab(count: int, outside: bool = False) -> Iterator[Lab]:
             finally:   # a namespace's failure leaves the others' cleanup to run
                 sh("ip", "netns", "del", ns, check=False)
         sh("ip", "link", "del", lab.bridge, check=False)
+        for i, root in lab.roots.items():   # what systemd-nspawn leaves of a machine: a folder, a lock
+            shutil.rmtree(f"/run/systemd/nspawn/propagate/fbssh-{tag}-{i}", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                tree = root.stat()
+                Path(f"/run/systemd/nspawn/locks/inode-{tree.st_dev}:{tree.st_ino}").unlink()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
