@@ -1,10 +1,11 @@
 """A serial deploy under load, with 2 and 4 web servers: the deploy's wall time, the requests
 served and failed (must be 0), and latency p50/p99 during the deploy against the same load,
 same environment, without a deploy (measured first, side by side in one run). Then, in an
-environment with autoscaling (target 4 requests/s per server, interval 1 s, health_grace 3 s):
-the time from a load step to a new web server taking traffic, and from a web server's death
-(kill -9 of everything in its namespace) to its replacement taking traffic: the first response
-a new server gives (/api/info names the server that answered), with the autoscaler's steps.
+environment with autoscaling (target 4 requests/s per server, interval 1 s, health_grace 3 s),
+without and then with a warm pool of one server (autoscaling.warm): the time from a load step to
+a new web server taking traffic, and from a web server's death (kill -9 of everything in its
+namespace) to its replacement taking traffic: the first response a new server gives (/api/info
+names the server that answered), with the autoscaler's steps.
 
 Run as root: `.venv/bin/python bench/deploy.py [--webs 2 4]`.
 """
@@ -139,8 +140,19 @@ def scenario(base: Path, webs: int) -> dict:
         env.destroy()
 
 
-AUTOSCALING = ("    autoscaling: {min: 1, desired: 1, max: 2, metric: requests, target: 4, scale_out_cooldown: 0, "
-               "scale_in_cooldown: 600, health_grace: 3, interval: 1, window: 3}\n")
+def autoscaling(warm: int) -> str:
+    return ("    autoscaling: {min: 1, desired: 1, max: 2, metric: requests, target: 4, scale_out_cooldown: 0, "
+            f"scale_in_cooldown: 600, health_grace: 3, interval: 1, window: 3, warm: {warm}}}\n")
+
+
+def warm_ready(env: Environment, since_wall: float) -> bool:
+    """The warm pool has a server the autoscaler finished starting after `since_wall`, still warm."""
+    path = env.env_dir / "autoscaler.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    started = {n for e in entries if e.get("action") == "warm" and e.get("outcome") == "ok"
+               and e.get("ts", 0) >= since_wall for n in e.get("warmed", [])}
+    servers = json.loads((env.env_dir / "state.json").read_text())["servers"]
+    return any(servers.get(n, {}).get("warm") for n in started)
 
 
 def autoscaler_steps(env: Environment, since_wall: float) -> list[dict]:
@@ -154,19 +166,25 @@ def autoscaler_steps(env: Environment, since_wall: float) -> list[dict]:
             for e in entries if isinstance(e.get("ts"), (int, float)) and e["ts"] >= since_wall and e.get("outcome")]
 
 
-def autoscaling_scenario(base: Path) -> dict:
+def autoscaling_scenario(base: Path, warm: int) -> dict:
     """Taking traffic is what the clients see: the first response a new web server gives (the
-    sample app's /api/info names the server that answered it)."""
+    sample app's /api/info names the server that answered it). With `warm`, the warm pool is
+    waited for before the load step, and refilled before the kill."""
     env = Environment.new(base, f"bscale-{secrets.token_hex(2)}", ENV,
-                          servers="{web: 1, worker: 1, cache: 1, db-primary: 1, db-replica: 0}", extra=AUTOSCALING)
+                          servers="{web: 1, worker: 1, cache: 1, db-primary: 1, db-replica: 0}",
+                          extra=autoscaling(warm))
     try:
         created(env)
+        if warm:
+            wait_for(lambda: warm_ready(env, 0), 120, message="the warm pool started")
         first = set(env.web_health())
         with Load(env.url) as load:  # 4 clients: far above 4 requests/s for one server
             loaded, loaded_wall = time.monotonic(), time.time()
             answered = wait_for(lambda: load.first_answer(loaded, first), 120,
                                 message="a second web server taking traffic")
             wait_for(lambda: len(load.servers_since(time.monotonic() - 1)) == 2, 60, message="both servers answering")
+            if warm:   # refilled under the load, before the kill
+                wait_for(lambda: warm_ready(env, loaded_wall), 120, message="the warm pool refilled")
             before = load.servers_since(loaded)
             victim = sorted(before)[0]
             killed = time.monotonic()
@@ -176,7 +194,7 @@ def autoscaling_scenario(base: Path) -> dict:
         # the replacement's entry is written when the change ends, after its server answered
         wait_for(lambda: any(s["action"] == "replace" for s in autoscaler_steps(env, loaded_wall)), 60,
                  message="the replacement logged")
-        return {"load_step_to_new_server_s": round(answered - loaded, 1),
+        return {"warm": warm, "load_step_to_new_server_s": round(answered - loaded, 1),
                 "new_server": sorted(load.servers_since(loaded) - first)[:1],
                 "death_to_replacement_s": round(replaced - killed, 1), "killed": victim,
                 "killed_at_s": round(killed - loaded, 1), "steps": autoscaler_steps(env, loaded_wall),
@@ -194,7 +212,8 @@ def main() -> None:
     base = temp_base("fabula-bench-")
     try:
         results = [scenario(base, n) for n in args.webs]
-        scaling = None if args.no_autoscaling else autoscaling_scenario(base)
+        # without and with a warm pool, one after the other
+        scaling = [] if args.no_autoscaling else [autoscaling_scenario(base, warm) for warm in (0, 1)]
     except BenchError as exc:
         raise SystemExit(f"bench/deploy.py failed: {exc}") from None
     finally:
@@ -211,14 +230,20 @@ def main() -> None:
     for r in results:   # where a deploy's time goes: its own seconds (the CLI's start aside) and its phases
         print(f"{r['webs']} web servers: deploy's own {r['own_s']} s; phases: "
               + ", ".join(f"{name} {sec} s" for name, sec in r["phases"]))
-    if scaling:
-        print(f"autoscaling: load step -> new server taking traffic {scaling['load_step_to_new_server_s']} s; "
-              f"web server killed -> replacement taking traffic {scaling['death_to_replacement_s']} s "
-              f"({scaling['failed_requests']} requests failed, while the load balancer had the dead server)")
-        print(f"  the autoscaler's changes (seconds after the load step; {scaling['killed']} killed at "
-              f"+{scaling['killed_at_s']} s): " + "; ".join(
+    for run in scaling:
+        print(f"autoscaling, warm pool {run['warm']}: load step -> new server taking traffic "
+              f"{run['load_step_to_new_server_s']} s; web server killed -> replacement taking traffic "
+              f"{run['death_to_replacement_s']} s ({run['failed_requests']} requests failed, while the load "
+              "balancer had the dead server)")
+        print(f"  the autoscaler's changes (seconds after the load step; {run['killed']} killed at "
+              f"+{run['killed_at_s']} s): " + "; ".join(
                   f"{s['action']} from +{s['started_s']} s, took {s['seconds']} s ({s['outcome']})"
-                  for s in scaling["steps"]))
+                  for s in run["steps"]))
+    if len(scaling) == 2:
+        cold, warm = scaling
+        print(f"warm pool of 1 / none: load step -> in service "
+              f"{warm['load_step_to_new_server_s'] / cold['load_step_to_new_server_s']:.2f}; death -> replacement "
+              f"{warm['death_to_replacement_s'] / cold['death_to_replacement_s']:.2f}")
     save_results("deploy", {"deploys": results, "autoscaling": scaling})
 
 

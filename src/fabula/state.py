@@ -144,6 +144,9 @@ class ServerRecord:
     # a database server that must be rebuilt from the primary before it serves (e.g. a fenced
     # former primary): it admits no connections and is not used as a replica until then
     rebuild: bool = False
+    # a web server of the group's warm pool: started from the group's release, out of the load
+    # balancer and not a member, until a scale-out or a replacement puts it in service
+    warm: bool = False
 
 
 @dataclass
@@ -196,7 +199,11 @@ class EnvState:
         write_atomically(paths.state_file, json.dumps(asdict(self), indent=2).encode())
 
     def by_role(self, role: str) -> list[ServerRecord]:
-        return [s for s in self.servers.values() if s.role == role]
+        """The servers of `role`; of the web servers, the group's members (not its warm pool)."""
+        return [s for s in self.servers.values() if s.role == role and not s.warm]
+
+    def warm_pool(self) -> list[ServerRecord]:
+        return [s for s in self.servers.values() if s.warm]
 
     def one(self, role: str) -> ServerRecord | None:
         found = self.by_role(role)

@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 
 from fabula import pki, secrets
 from fabula import release as releases
+from fabula.autoscaling import warm_pool
 from fabula.autoscaling.log import decisions_path, log_decision
 from fabula.autoscaling.policy import PROCESSES, check_desired, current_desired, failing
 from fabula.context import Context, Release
@@ -116,7 +117,11 @@ def converge(ctx: Context, op: Operation, health: dict[str, str] | None = None) 
     if len(webs) < desired:
         release = launch_configuration(ctx)
         with op.phase(f"launch {desired - len(webs)}"):
-            done["launched"] += launch(ctx, release, desired - len(webs))
+            # the warm pool's first: in service in about a second
+            done["from_warm_pool"] = warm_pool.take(ctx, release, desired - len(webs))
+            done["launched"] += done["from_warm_pool"]
+            if len(done["launched"]) < desired - len(webs):
+                done["launched"] += launch(ctx, release, desired - len(webs) - len(done["launched"]))
     elif len(webs) > desired:
         health = ctx.provider.load_balancer.health() if health is None else health
         leaving = victims(ctx, len(webs) - desired, health)
@@ -142,11 +147,12 @@ def replace(ctx: Context, op: Operation, name: str) -> dict[str, list[str]]:
     a few seconds sooner, and the group is never smaller than it already is."""
     release = launch_configuration(ctx)
     with op.phase("launch"):
-        new = launch(ctx, release)[0]
+        warm = warm_pool.take(ctx, release, 1)
+        new = (warm or launch(ctx, release))[0]
     with op.phase(f"retire {name}"):
         retire_web_server(ctx, name)
-    op.details.update(replaced=name, launched=[new])
-    return {"retired": [name], "launched": [new]}
+    op.details.update(replaced=name, launched=[new], from_warm_pool=warm)
+    return {"retired": [name], "launched": [new], "from_warm_pool": warm}
 
 
 # -- the operator's commands -------------------------------------------------------------------

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fabula.autoscaling import hosts
+from fabula.autoscaling import hosts, warm_pool
 from fabula.autoscaling.actions import (
     Locked,
     converge,
@@ -62,6 +62,7 @@ from fabula.state import EnvPaths
 from fabula.supervisor import Program, Supervisor
 
 PROGRAM = "autoscaler"
+WARM = "warm"   # the decisions log's action of a change to the warm pool
 DEFAULT_INTERVAL = 2.0
 # after a failed change the autoscaler waits before trying again: 15 s, 30 s, ... up to 10 min
 BACKOFF_FIRST, BACKOFF_MAX = 15.0, 600.0
@@ -284,16 +285,30 @@ class Controller:
             if decision.action != HOLD:
                 self.notice(ctx, HOLD, f"{decision.action} to {decision.desired} wanted ({decision.reason}), but "
                                        "scaling is suspended", key="scaling suspended", **measured)
+            self.keep_warm(ctx, suspended)
             return group.interval
         if decision.action == HOLD:
             if decision.blocked and decision.blocked != "pending":
                 self.notice(ctx, HOLD, decision.reason, key=decision.blocked, **measured)
+            self.keep_warm(ctx, suspended)   # after the group's own changes: a scale-out takes from it first
             return group.interval
         self.change(ctx, decision.action, decision.reason,
                     lambda c, op: set_desired(c, op, decision.desired, health),
                     still=lambda c: current_desired(c) == desired, measured=measured,
                     **{"from": desired, "to": decision.desired})
         return group.interval
+
+    def keep_warm(self, ctx: Context, suspended: set[str]) -> None:
+        """The warm pool refilled, or started again from the group's release (warm_pool.py); held
+        with healing, whose servers it provides."""
+        reason = warm_pool.upkeep(ctx)
+        if reason is None:
+            return
+        if "healing" in suspended:
+            self.notice(ctx, HOLD, f"{reason}, but healing is suspended", key="warm pool held")
+            return
+        self.change(ctx, WARM, reason, lambda c, op: warm_pool.keep(c, op, launch_configuration(c)),
+                    still=lambda c: warm_pool.upkeep(c) is not None)
 
     def keep(self, ctx: Context, group: NativeWebGroup) -> None:
         """On a platform's own group: its size is its policy's; what the group launched by itself

@@ -35,6 +35,7 @@ def group_report(ctx: Context, health: dict[str, str], decisions: int = 5) -> di
         "scale_out_cooldown": group.scale_out_cooldown, "scale_in_cooldown": group.scale_in_cooldown,
         "health_grace": group.health_grace, "interval": group.interval,
         "servers": members, "in_service": len(serving),
+        "warm": {"wanted": group.warm, "servers": [r.name for r in ctx.state.warm_pool()]},
         "demand": {"total": round(demand, 2) if demand is not None else None, "per_server": per_server,
                    "source": source},
         "suspended": list(ctx.state.autoscaling_suspended),

@@ -36,8 +36,9 @@ def print_table(out: Output, report: dict) -> None:
             r = s["replication"]
             lag = f", lag {r['lag_bytes']} B" if r["lag_bytes"] is not None else ""
             services += f" ({r['state']} {r['sync_state'] or ''}{lag})"
-        table.add_row(s["name"], s["role"], s["address"], _status_style(s["state"]), services,
-                      s["release"] or "-", _status_style(s["lb"]) if s["role"] == "web" else "")
+        table.add_row(s["name"], s["role"] + (" (warm)" if s.get("warm") else ""), s["address"],
+                      _status_style(s["state"]), services, s["release"] or "-",
+                      _status_style(s["lb"]) if s["role"] == "web" and not s.get("warm") else "")
     out.console.print(table)
     lb = report["load_balancer"]
     running = "[green]running[/]" if lb["running"] else "[red]not running[/]"

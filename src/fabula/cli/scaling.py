@@ -37,6 +37,10 @@ def describe_lines(report: dict) -> list[str]:
              f"(min {report['min']}, max {report['max']}), {kind}",
              f"  {target}demand now {now}; autoscaler {report['controller']}; "
              f"suspended: {', '.join(report['suspended']) or 'none'}"]
+    warm = report.get("warm") or {"wanted": 0, "servers": []}
+    if warm["wanted"] or warm["servers"]:
+        lines.append(f"  warm pool: {len(warm['servers'])} of {warm['wanted']} "
+                     f"({', '.join(warm['servers']) or 'none yet'}), out of the load balancer until taken")
     lines += platform_group_lines(report.get("platform_group"))
     for entry in report["decisions"]:
         lines.append("  " + decision_line(entry))

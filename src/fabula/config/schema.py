@@ -120,6 +120,10 @@ class AutoscalingConfig(Strict):
     interval: Annotated[float, Field(ge=0.5, le=300, allow_inf_nan=False)] = 2
     window: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = Field(default=10, description=(
         "seconds the demand is averaged over before it is compared with the target"))
+    warm: Annotated[int, Field(ge=0, le=8)] = Field(default=0, description=(
+        "web servers kept started from the group's release, out of the load balancer, so that a scale-out or "
+        "the replacement of a failed server puts one in service at once (an Auto Scaling group's warm pool); "
+        "each costs a web server's memory"))
 
 
 
@@ -250,6 +254,9 @@ class EnvironmentConfig(Strict):
             if group.get("metric", "requests") != "requests":
                 raise ValueError("autoscaling.metric: an Auto Scaling group tracks requests per target "
                                  "(ALBRequestCountPerTarget): use `metric: requests` on `provider: aws`")
+            if group.get("warm"):
+                raise ValueError("autoscaling.warm: the Auto Scaling group's warm pool is not used by fabula yet: "
+                                 "leave `warm` out on `provider: aws`")
             data["autoscaling"] = {**group, "metric": "requests"}
         return data
 
@@ -326,9 +333,9 @@ class EnvironmentConfig(Strict):
     def addresses_needed(self) -> int:
         """Server addresses the environment can use at once: the other servers, the web group's
         max, and one web server more while one is replaced (a serial deploy, self-healing)."""
-        group_max = self.web_group().max
-        assert group_max is not None
-        return self.servers.total() - self.servers.web + group_max + 1
+        group = self.web_group()
+        assert group.max is not None
+        return self.servers.total() - self.servers.web + group.max + group.warm + 1
 
     @model_validator(mode="after")
     def _pool_fits(self):
@@ -339,9 +346,9 @@ class EnvironmentConfig(Strict):
         if capacity < needed:
             others, group_max = self.servers.total() - self.servers.web, self.web_group().max
             if self.autoscaling is not None:
-                raise ValueError(f"autoscaling.max: {group_max} web servers (and one more while one is replaced) "
-                                 f"and {others} other servers need {needed} addresses, but subnet {subnet} "
-                                 f"holds {capacity}: lower max or use a larger subnet")
+                raise ValueError(f"autoscaling.max: {group_max} web servers (and one more while one is replaced, "
+                                 f"and the warm pool's) and {others} other servers need {needed} addresses, but "
+                                 f"subnet {subnet} holds {capacity}: lower max or use a larger subnet")
             raise ValueError(f"subnet {subnet} holds {capacity} server addresses but {needed} are needed "
                              f"({self.servers.total()} servers, and one web server more while one is replaced): "
                              "use a larger subnet (e.g. a /24)")

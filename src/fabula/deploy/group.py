@@ -41,13 +41,13 @@ def wait_healthy(ctx: Context, names: list[str], timeout: float = 60) -> None:
                           f"(GET /healthcheck.html over HTTPS)", f"see `fabula logs {ctx.env_name} {down[0]}`")
 
 
-def reserve_web_servers(ctx: Context, release: Release, count: int) -> list[ServerRecord]:
-    """The records of `count` new web servers, saved before the servers exist, so that destroy
-    finds them after a crash."""
+def reserve_web_servers(ctx: Context, release: Release, count: int, warm: bool = False) -> list[ServerRecord]:
+    """The records of `count` new web servers (of the warm pool, with `warm`), saved before the
+    servers exist, so that destroy finds them after a crash."""
     records = []
     for _ in range(count):
         record = new_server(ctx.state, "web")
-        record.release = release.id
+        record.release, record.warm = release.id, warm
         ctx.state.servers[record.name] = record
         records.append(record)
     ctx.state.save(ctx.paths)

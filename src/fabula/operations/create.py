@@ -133,7 +133,7 @@ def create(ctx: Context) -> None:
             wait_in_service(ctx, [h.name for h in webs])
         built = ctx.require_release()
         for record in ctx.state.servers.values():
-            if record.role in ("web", "worker"):
+            if record.role in ("web", "worker") and not record.warm:
                 record.release = built.id
         ctx.state.release = built.id
         ctx.state.save(ctx.paths)

@@ -39,7 +39,8 @@ def server_report(ctx: Context, name: str, lb_health: dict[str, str]) -> dict:
     record = ctx.state.servers[name]
     expected = ROLES[record.role].services_for(ctx)
     report = {"name": name, "role": record.role, "address": record.address, "release": record.release,
-              "services": {s: "down" for s in expected}, "lb": lb_health.get(name) if record.role == "web" else None}
+              "services": {s: "down" for s in expected}, "lb": lb_health.get(name) if record.role == "web" else None,
+              "warm": record.warm}
     if not ctx.provider.server_exists(name):
         report["state"] = "missing"
         return report
