@@ -129,8 +129,9 @@ class Environment:
         return json.loads(self.fabula("describe", self.name, "--json").stdout)
 
     def web_health(self) -> dict[str, str]:
-        """Each web server's status in the load balancer, from `fabula describe`."""
-        return {s["name"]: s["lb"] for s in self.describe()["servers"] if s["role"] == "web"}
+        """Each web server's status in the load balancer, from `fabula describe` (the group's
+        members: not its warm pool, which is out of the load balancer)."""
+        return {s["name"]: s["lb"] for s in self.describe()["servers"] if s["role"] == "web" and not s.get("warm")}
 
     def destroy(self, attempts: int = 1, timeout: float = 600) -> str | None:
         """`fabula destroy`, tried up to `attempts` times; an error message, or None."""

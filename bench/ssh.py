@@ -3,11 +3,18 @@
 through a ControlMaster, and the local provider's `ip netns exec` for reference. On a lab of hosts
 (tests/sshlab.py: network namespaces, each running its own sshd).
 
-    sudo .venv/bin/python bench/ssh.py [--commands 200]
+With `--environment`, then the 7-host environment of the sample app on such a lab (its hosts
+reach the package index through a NAT): `fabula create` (first, then again: nothing to change),
+a release built on this machine against one built on the worker host (`ssh.build: worker`), and
+a serial deploy under load (two clients through the load balancer: requests served and failed).
+
+    sudo .venv/bin/python bench/ssh.py [--commands 200] [--environment]
 """
 from __future__ import annotations
 
 import argparse
+import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -19,7 +26,10 @@ from pathlib import Path, PurePosixPath
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fabula.providers.ssh.transport import SshPool, ssh_argv  # noqa: E402
-from tests.sshlab import ssh_lab  # noqa: E402
+from fabula.sample import RequestLoad, SampleEnvironment, commit_files, make_app_repo  # noqa: E402
+from tests.sshlab import ROLES, ssh_keys, ssh_lab  # noqa: E402
+
+ENV = "prod"
 
 
 def timed(action, n: int) -> list[float]:
@@ -31,10 +41,57 @@ def timed(action, n: int) -> list[float]:
     return times
 
 
+def seconds_of(env: SampleEnvironment, *args: str) -> float:
+    started = time.monotonic()
+    result = env.fabula(*args, timeout=900)
+    if result.returncode != 0:
+        raise SystemExit(f"`fabula {' '.join(args)}` failed:\n{result.stderr[-3000:]}")
+    return time.monotonic() - started
+
+
+def environment_figures() -> None:
+    rows: list[tuple[str, str]] = []
+    with ssh_lab(len(ROLES), outside=True) as lab:
+        base = Path(tempfile.mkdtemp(prefix="fabula-bench-ssh-", dir="/var/tmp"))
+        base.chmod(0o755)
+        app = make_app_repo(base / "app", f"bssh-{secrets.token_hex(2)}", ENV, ssh_keys(lab, 8443, 8080),
+                            provider="ssh", servers=None)
+        env = SampleEnvironment(app, base / "state", ENV)
+        try:
+            first = seconds_of(env, "create", ENV)
+            rows.append(("create, first (its release built on this machine)", f"{first:.1f} s"))
+            rows.append(("create, again (nothing to change)", f"{seconds_of(env, 'create', ENV):.1f} s"))
+            for where in ("auto", "worker"):
+                config = app / "fabula.yml"
+                config.write_text(config.read_text().replace("build: auto", f"build: {where}")
+                                  .replace("build: worker", f"build: {where}"))
+                commit_files(app, f"built {where}", {"CHANGES.txt": f"{where}\n"})
+                took = seconds_of(env, "release", "build", ENV)
+                rows.append((f"release build on {'this machine' if where == 'auto' else 'worker1'} "
+                             "(warm wheel cache there after the first)", f"{took:.1f} s"))
+            commit_files(app, "a change to deploy", {"CHANGES.txt": "deployed\n"})
+            seconds_of(env, "release", "build", ENV)   # the build is not the deploy
+            with RequestLoad(env.url) as load:
+                time.sleep(2)
+                started = time.monotonic()
+                took = seconds_of(env, "deploy", ENV, "--serial")
+                failed, served = load.between(started, time.monotonic())
+            rows.append(("serial deploy under load (2 web hosts, in place)", f"{took:.1f} s, {served} requests, "
+                                                                            f"{failed} failed"))
+        finally:
+            env.fabula("destroy", ENV, "--yes", timeout=600)
+            shutil.rmtree(base, ignore_errors=True)
+    print(f"\n{'the 7-host environment (sample app)':<62} figure")
+    for name, figure in rows:
+        print(f"{name:<62} {figure}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commands", type=int, default=200)
-    n = parser.parse_args().commands
+    parser.add_argument("--environment", action="store_true", help="then the 7-host environment's figures")
+    args = parser.parse_args()
+    n = args.commands
     rows = []
     with ssh_lab(8) as lab, SshPool() as pool:
         target = lab.target(0)
@@ -68,6 +125,8 @@ def main() -> None:
         median = statistics.median(times)
         p95 = sorted(times)[int(len(times) * 0.95) - 1]
         print(f"{name:<46} {median * 1000:>7.1f}ms {p95 * 1000:>7.1f}ms {median / ours:>7.1f}x")
+    if args.environment:
+        environment_figures()
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ class HostFacts:
 
 # $@: packages. Installs the missing ones (waiting for another apt or dpkg to finish, rather than
 # failing), with the distribution's services kept from starting meanwhile; prints what it installed.
-INSTALL = """missing=
+INSTALL = f"""exec 9>{LOCK}; flock 9
+missing=
 for p in "$@"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
+  dpkg-query -W -f='${{Status}}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
 done
 [ -n "$missing" ] || exit 0
 export DEBIAN_FRONTEND=noninteractive
