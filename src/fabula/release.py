@@ -86,13 +86,14 @@ def build(ctx: Context, rev: str = "HEAD") -> Release:
     work = ctx.paths.releases_dir / f".build-{release_id}"
     log_path = ctx.paths.releases_dir / f"{release_id}.build.log"
     place = ctx.provider.build_place()
+    builder: Builder = (ThisMachine(release_id, accounts.app, log_path, work, wheel_cache(ctx))
+                        if place.host is None else OnHost(release_id, accounts.app, log_path, place.host))
+    # made before anything is: it fails without servers
+    builder.env = build_environment(ctx, builder.work, release_id, builder.cache)
     started = time.monotonic()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as log:
-        builder: Builder = (ThisMachine(release_id, accounts.app, log, log_path, work, wheel_cache(ctx))
-                            if place.host is None else OnHost(release_id, accounts.app, log, log_path, place.host))
-        # made before anything is: it fails without servers
-        builder.env = build_environment(ctx, builder.work, release_id, builder.cache)
+        builder.log = log
         ctx.out.step("release", f"building {release_id} from {commit[:12]} on {place.why}")
         shutil.rmtree(work, ignore_errors=True)
         builder.prepare(accounts.group)

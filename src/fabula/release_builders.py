@@ -42,8 +42,10 @@ class Builder(abc.ABC):
     work: PurePosixPath
     cache: PurePosixPath   # uv's wheel cache: the environment's own
 
-    def __init__(self, release_id: str, user: str, log: IO[str], log_path: Path):
-        self.release_id, self.user, self.log, self.log_path = release_id, user, log, log_path
+    log: IO[str]   # opened by the caller once the build's environment is known
+
+    def __init__(self, release_id: str, user: str, log_path: Path):
+        self.release_id, self.user, self.log_path = release_id, user, log_path
         self.env: dict[str, str] = {}
 
     @property
@@ -92,8 +94,8 @@ class Builder(abc.ABC):
 class ThisMachine(Builder):
     """The build on the machine fabula runs on, as the environment's app user of this machine."""
 
-    def __init__(self, release_id: str, user: str, log: IO[str], log_path: Path, work: Path, cache: Path):
-        super().__init__(release_id, user, log, log_path)
+    def __init__(self, release_id: str, user: str, log_path: Path, work: Path, cache: Path):
+        super().__init__(release_id, user, log_path)
         self.work, self.cache = PurePosixPath(work), PurePosixPath(cache)
 
     @property
@@ -137,16 +139,20 @@ class ThisMachine(Builder):
 
 class OnHost(Builder):
     """The build on one of the environment's hosts (the worker host), in its tree's `.build`
-    folder, as the environment's app user there. uv comes from the package index, at this
-    fabula's pinned version, in a virtualenv of the host's own Python (a uv binary of this
-    machine may be of another architecture). The built tree comes back here as one tar."""
+    folder, as the environment's app user there; root never acts inside that folder, whose entries
+    the app user (and so the app's processes on that host) could turn into links. Files cross in a
+    folder of root's (`tmp/build-<id>`), where the app user can write its one file but replace
+    none. uv comes from the package index, at this fabula's pinned version, into a virtualenv of
+    the host's own Python (a uv binary of this machine may be of another architecture) that root
+    owns (`build-tools/uv`): no process of the app can change it."""
 
-    def __init__(self, release_id: str, user: str, log: IO[str], log_path: Path, host: Host):
-        super().__init__(release_id, user, log, log_path)
+    def __init__(self, release_id: str, user: str, log_path: Path, host: Host):
+        super().__init__(release_id, user, log_path)
         self.host = host
         self.base = host.path(".build")
         self.work, self.cache = self.base / release_id, self.base / "cache"
-        self.tools = self.base / "uv"
+        self.tools = host.path("build-tools", "uv")
+        self.crossing = host.path("tmp", f"build-{release_id}")
 
     @property
     def uv(self) -> str:
@@ -154,36 +160,64 @@ class OnHost(Builder):
 
     def prepare(self, group: str) -> None:
         self.host.make_dirs([self.base], mode=0o700, owner=self.user)
-        self.host.check(["rm", "-rf", "--", str(self.work), f"{self.work}.tar"])
-        self.step("making the build's folders", ["mkdir", "-p", "-m", "700", str(self.work / "code"),
-                                                 str(self.work / ".home"), str(self.cache)])
+        self.host.check(["rm", "-rf", "--", str(self.crossing)])
+        self.host.make_dirs([self.crossing])
+        self._step_here("making the build's folders", ["sh", "-c", 'rm -rf -- "$1" && mkdir -p -m 700 -- "$1/code" '
+                                                       '"$1/.home" "$2"', "sh", str(self.work), str(self.cache)])
         version = importlib.metadata.version("uv")
-        probe = self.host.run([self.uv, "--version"], user=self.user)
+        probe = self.host.run([self.uv, "--version"])
         if probe.ok and probe.stdout.split()[:2] == ["uv", version]:
             return
-        self.step("making uv's virtualenv (python3-venv)", ["python3", "-m", "venv", "--clear", str(self.tools)])
-        # a wheel only: nothing is built for it
-        self.step(f"installing uv {version} from the package index",
-                  [str(self.tools / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
-                   "--only-binary", ":all:", f"uv=={version}"])
+        self.host.make_dirs([self.tools.parent])
+        self._as_root("making uv's virtualenv (python3-venv)", ["python3", "-m", "venv", "--clear", str(self.tools)])
+        # a wheel only: nothing of it runs as it is installed
+        self._as_root(f"installing uv {version} from the package index",
+                      [str(self.tools / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
+                       "--only-binary", ":all:", f"uv=={version}"])
+
+    def _as_root(self, what: str, argv: list[str]) -> None:
+        """fabula's own tool installed as root: with the proxies and the index of this machine's
+        environment only (none of the app's values)."""
+        env = {k: v for k, v in self.env.items() if k.lower() in ("http_proxy", "https_proxy", "no_proxy")}
+        index = self.env.get("UV_INDEX_URL") or self.env.get("UV_DEFAULT_INDEX")
+        if index:
+            env["PIP_INDEX_URL"] = index
+        self.log.write(f"$ {' '.join(argv)}\n")
+        result = self.host.run(argv, env=env, timeout=STEP_TIMEOUT)
+        self.log.write(result.stdout + result.stderr)
+        if not result.ok:
+            self.fail(what)
 
     def put_code(self, archive: bytes) -> None:
         with tempfile.NamedTemporaryFile(prefix="fabula-code-", suffix=".tar") as fh:
             fh.write(archive)
             fh.flush()
-            self.host.push(Path(fh.name), self.work / "code.tar", mode=0o600, owner=self.user)
+            self.host.push(Path(fh.name), self.crossing / "code.tar", mode=0o644, owner="root")
         self.step("unpacking the code", ["tar", "-x", "--no-same-owner", "-C", str(self.work / "code"),
-                                         "-f", str(self.work / "code.tar")])
-        self.step("unpacking the code", ["rm", "-f", str(self.work / "code.tar")])
+                                         "-f", str(self.crossing / "code.tar")])
 
     def _run(self, argv: list[str]) -> int:
-        result = self.host.run(argv, user=self.user, env=self.env, timeout=STEP_TIMEOUT)
+        # in the build's folder, as on this machine (relative paths in the requirements resolve alike)
+        return self._call(["sh", "-c", 'cd -- "$1" && shift && exec "$@"', "sh", str(self.work), *argv])
+
+    def _step_here(self, what: str, argv: list[str]) -> None:
+        """A step run where the build's folder may not exist yet."""
+        self.log.write(f"$ {' '.join(argv)}\n")
+        if self._call(argv) != 0:
+            self.fail(what)
+
+    def _call(self, argv: list[str]) -> int:
+        # the paths of this machine's certificates mean nothing there
+        env = {k: v for k, v in self.env.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+        result = self.host.run(argv, user=self.user, env=env, timeout=STEP_TIMEOUT)
         self.log.write(result.stdout + result.stderr)
         self.log.flush()
         return result.returncode
 
     def bring_here(self, local: Path, local_user: str) -> None:
-        packed = PurePosixPath(f"{self.work}.tar")
+        packed = self.crossing / "built.tar"
+        # made by root for the app user to fill: a file it may write, in a folder it may not change
+        self.host.check(["install", "-o", self.user, "-m", "600", "/dev/null", str(packed)])
         self.step("packing the built release", ["tar", "-c", "-f", str(packed), "-C", str(self.work),
                                                 "--exclude=./.home", "."])
         fd, name = tempfile.mkstemp(prefix=f".{self.release_id}-", suffix=".tar", dir=local.parent)
@@ -192,11 +226,15 @@ class OnHost(Builder):
         try:
             self.host.fetch(packed, fetched)
             fetched.chmod(0o644)   # read by the unpacking below, which runs as the app user here
-            unpack = ThisMachine(self.release_id, local_user, self.log, self.log_path, local, local)
-            unpack.env = {"PATH": self.env.get("PATH", "/usr/bin:/bin")}
+            unpack = ThisMachine(self.release_id, local_user, self.log_path, local, local)
+            unpack.log, unpack.env = self.log, {"PATH": self.env.get("PATH", "/usr/bin:/bin")}
             unpack._unpack(fetched, PurePosixPath(local))
         finally:
             fetched.unlink(missing_ok=True)
 
     def cleanup(self) -> None:
-        self.host.run(["rm", "-rf", "--", str(self.work), f"{self.work}.tar"])
+        try:
+            self.host.run(["rm", "-rf", "--", str(self.work)], user=self.user)
+            self.host.run(["rm", "-rf", "--", str(self.crossing)])
+        except FabulaError as exc:   # a leftover the next build removes: the build's own error matters more
+            self.log.write(f"cleaning up on {self.host.name}: {exc}\n")

@@ -27,9 +27,11 @@ def plan_servers(env: EnvironmentConfig, state: EnvState, native_web_group: bool
     for role, count in wanted.items():
         existing = sorted(state.by_role(role), key=lambda s: _number(s.name))
         planned.update({s.name: s for s in existing[:count]})
+    # the web group's warm pool is kept as it is: the autoscaler sizes it (autoscaling/warm_pool.py)
+    planned.update({s.name: s for s in state.warm_pool()})
     used_names = set(planned)
     for role, count in wanted.items():
-        have = sum(1 for s in planned.values() if s.role == role)
+        have = sum(1 for s in planned.values() if s.role == role and not s.warm)
         for _ in range(count - have):
             name = _next_name(NAME_PREFIX[role], used_names)
             used_names.add(name)

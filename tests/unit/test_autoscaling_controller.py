@@ -192,6 +192,27 @@ def test_a_failed_change_is_logged_and_retried_after_a_backoff(world, monkeypatc
     assert history.read(world.paths)[0][-1]["outcome"] == "failed"
 
 
+def test_a_warm_pool_refill_that_keeps_failing_holds_back_neither_healing_nor_itself_forever(world, monkeypatch):
+    from fabula.autoscaling import warm_pool
+
+    def failing(ctx, op, release):
+        world.calls.append(("warm",))
+        raise RuntimeError("no address left")
+
+    monkeypatch.setattr(warm_pool, "upkeep", lambda ctx: "the warm pool has 0 of 1 server(s)")
+    monkeypatch.setattr(warm_pool, "keep", failing)
+    monkeypatch.setattr(controller_module, "launch_configuration", lambda ctx: None)
+    run(world, 3)
+    assert world.calls == [("warm",)]
+    [entry] = [e for e in logged(world) if e["action"] == "warm"]
+    assert (entry["outcome"], entry["retry_in"]) == ("failed", 15)
+    world.lb.status["web1"] = "DOWN"   # within the refill's backoff: healing still acts
+    run(world, 5)
+    assert ("replace", "web1") in world.calls
+    run(world, 12)   # 15 s after its failure the refill is tried again
+    assert world.calls.count(("warm",)) == 2
+
+
 def test_on_fixed_hosts_a_dead_host_is_recorded_once_and_brought_back_when_it_answers(world, monkeypatch):
     from fabula.autoscaling import hosts
 

@@ -10,6 +10,7 @@ from fabula.autoscaling import actions, warm_pool
 from fabula.autoscaling.group import web_group
 from fabula.context import Context, Release
 from fabula.deploy.group import reserve_web_servers
+from fabula.topology import plan_servers
 from tests.unit.test_web_group import ctx, in_service  # noqa: F401 - the fixture
 
 assert ctx  # the fixture, used by name below
@@ -68,3 +69,25 @@ def test_a_warm_server_of_an_older_release_is_replaced_by_one_of_the_groups(ctx)
     assert warm_pool.keep(ctx, operation(), new) == {"retired": ["web4"], "warmed": ["web5"]}
     assert [(r.name, r.release) for r in ctx.state.warm_pool()] == [("web5", "0123456789ab")]
     assert "web4" not in ctx.provider.hosts and warm_pool.upkeep(ctx) is None
+
+
+def test_a_warm_server_that_fails_its_health_check_is_retired_and_a_server_launched(ctx, monkeypatch):  # noqa: F811
+    with_pool(ctx, 1)
+    warm_pool.keep(ctx, operation(), ctx.require_release())   # web4
+    lb = ctx.provider.load_balancer
+    healthy = lb.health
+    monkeypatch.setattr(lb, "health", lambda: {**healthy(), **({"web4": "DOWN"} if "web4" in healthy() else {})})
+    monkeypatch.setattr(warm_pool, "TAKE_TIMEOUT", 0.3)
+    done = actions.replace(ctx, operation(), "web2")
+    assert done["from_warm_pool"] == [] and done["launched"] == ["web5"]
+    assert "web4" not in ctx.state.servers and "web4" not in ctx.provider.hosts
+    assert web_group(ctx).members() == ["web1", "web3", "web5"]
+
+
+def test_create_keeps_the_warm_pool_and_never_reuses_its_names(ctx):  # noqa: F811
+    with_pool(ctx, 1)
+    warm_pool.keep(ctx, operation(), ctx.require_release())   # web4
+    ctx.state.web_desired = 4
+    planned = plan_servers(ctx.env, ctx.state)
+    assert planned["web4"].warm and planned["web4"].address == ctx.state.servers["web4"].address
+    assert sorted(n for n, r in planned.items() if r.role == "web" and not r.warm) == ["web1", "web2", "web3", "web5"]

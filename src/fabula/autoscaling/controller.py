@@ -145,6 +145,9 @@ class Controller:
         self.known_desired: int | None = None
         self.failures = 0
         self.retry_at = 0.0
+        # the warm pool's own: a refill that keeps failing must not hold back healing and scaling
+        self.warm_failures = 0
+        self.warm_retry_at = 0.0
         # what held the group back in the last round, and in this one: each is logged once, when it starts
         self.held: set[str] = set()
         self.holding: set[str] = set()
@@ -302,7 +305,7 @@ class Controller:
         """The warm pool refilled, or started again from the group's release (warm_pool.py); held
         with healing, whose servers it provides."""
         reason = warm_pool.upkeep(ctx)
-        if reason is None:
+        if reason is None or self.clock() < self.warm_retry_at:
             return
         if "healing" in suspended:
             self.notice(ctx, HOLD, f"{reason}, but healing is suspended", key="warm pool held")
@@ -373,7 +376,9 @@ class Controller:
         """One change to the group, as an operation; logged with its outcome. True once done."""
         self.out.step(PROGRAM, f"{action}: {reason}")
         started = self.clock()
-        self.meter = None  # the change reloads the load balancer (its counters restart): measure afresh
+        warm = action == WARM   # out of the load balancer: it leaves the measurement alone
+        if not warm:
+            self.meter = None  # the change reloads the load balancer (its counters restart): measure afresh
         entry = {"action": action, "reason": reason, **(measured or {}), **entry}
         try:
             with group_operation(ctx, AUTOSCALER_ACTION, command=f"fabula autoscaler {ctx.env_name} ({action})") as op:
@@ -390,15 +395,23 @@ class Controller:
                         key=f"locked {holder.id if holder else '?'}")
             return False
         except Exception as exc:  # noqa: BLE001 - logged; the next attempt waits (backoff)
-            self.failures += 1
-            wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
-            self.retry_at = self.clock() + wait
+            if warm:
+                self.warm_failures += 1
+                wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.warm_failures - 1))
+                self.warm_retry_at = self.clock() + wait
+            else:
+                self.failures += 1
+                wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
+                self.retry_at = self.clock() + wait
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.out.step(PROGRAM, f"{action} failed: {exc} (next attempt in {wait:.0f}s)")
             self.log(ctx, {**entry, "outcome": "failed", "error": message, "retry_in": wait,
                            "seconds": round(self.clock() - started, 1)})
             return False
-        self.failures = 0
+        if warm:
+            self.warm_failures = 0
+        else:
+            self.failures = 0
         ended = self.clock()
         if action == SCALE_OUT:
             self.last_scale_out = ended

@@ -16,6 +16,10 @@ from fabula.deploy.group import (
 from fabula.environment.audit import Operation
 from fabula.errors import FabulaError
 
+# seconds a warm server has to pass its health check once in the load balancer (a started one
+# passes in about one): one that does not is replaced by a launch rather than waited for
+TAKE_TIMEOUT = 10
+
 
 def take(ctx: Context, release: Release, count: int) -> list[str]:
     """Up to `count` warm servers of `release` put in service: members of the group from now on.
@@ -30,7 +34,7 @@ def take(ctx: Context, release: Release, count: int) -> list[str]:
     for name in names:
         ctx.out.step(name, "from the warm pool")
     try:
-        bring_into_service(ctx, names)
+        bring_into_service(ctx, names, timeout=TAKE_TIMEOUT)
     except FabulaError as exc:
         health = ctx.provider.load_balancer.health()
         failed = [n for n in names if health.get(n) != "UP"]

@@ -110,10 +110,10 @@ def launch_or_remove_many(ctx: Context, release: Release, count: int, in_service
         raise
 
 
-def bring_into_service(ctx: Context, names: list[str]) -> None:
+def bring_into_service(ctx: Context, names: list[str], timeout: float = 60) -> None:
     already = serving(ctx)
     set_backends(ctx, [n for n in web_names(ctx) if n in names or n in already])
-    wait_healthy(ctx, names)
+    wait_healthy(ctx, names, timeout)
     for name in names:
         ctx.out.step(name, "in service")
 
