@@ -207,8 +207,10 @@ class OnHost(Builder):
             self.fail(what)
 
     def _call(self, argv: list[str]) -> int:
-        # the paths of this machine's certificates mean nothing there
+        # the paths of this machine's certificates mean nothing there: uv trusts the host's own
+        # store (ca-certificates, and whatever its admins added, e.g. a proxy's authority)
         env = {k: v for k, v in self.env.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+        env.setdefault("UV_NATIVE_TLS", "1")
         result = self.host.run(argv, user=self.user, env=env, timeout=STEP_TIMEOUT)
         self.log.write(result.stdout + result.stderr)
         self.log.flush()

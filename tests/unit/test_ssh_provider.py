@@ -195,7 +195,7 @@ def test_releases_are_built_on_the_worker_host_when_this_machine_differs(tmp_pat
     place = provider.build_place()
     assert place.host is not None and place.host.name == "worker1"
     assert "this machine runs ubuntu 24.04, arm64, Python 3.12" in place.why
-    assert prepared == [("worker1", ("python3-venv",))]
+    assert prepared == [("worker1", ("python3-venv", "ca-certificates"))]
     # asked for, even when this machine would do
     provider, _ = provider_with(tmp_path, "debian 12 amd64 3.11 yes", {}, build="worker")
     assert provider.build_place().host.name == "worker1"

@@ -206,7 +206,7 @@ class SshProvider(Provider):
                               f"{', '.join(unlike)}; one release runs on all of them",
                               "give the web and worker hosts the same Debian release, architecture and Python")
         self.preparation.make_tree(builder)
-        self.preparation.install(builder, ("python3-venv",))
+        self.preparation.install(builder, ("python3-venv", "ca-certificates"))
         reason = ("ssh.build is worker" if choice == "worker"
                   else f"this machine runs {here.describe()}, the app's hosts {its.describe()}")
         return BuildPlace(f"{builder.name} ({builder.address}): {reason}", host=builder)
