@@ -13,8 +13,6 @@ a serial deploy under load (two clients through the load balancer: requests serv
 from __future__ import annotations
 
 import argparse
-import secrets
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,8 +24,8 @@ from pathlib import Path, PurePosixPath
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fabula.providers.ssh.transport import SshPool, ssh_argv  # noqa: E402
-from fabula.sample import RequestLoad, SampleEnvironment, commit_files, make_app_repo  # noqa: E402
-from tests.sshlab import ROLES, ssh_keys, ssh_lab  # noqa: E402
+from fabula.sample import RequestLoad, SampleEnvironment, commit_files  # noqa: E402
+from tests.sshlab import ROLES, sample_environment, ssh_lab  # noqa: E402
 
 ENV = "prod"
 
@@ -51,37 +49,29 @@ def seconds_of(env: SampleEnvironment, *args: str) -> float:
 
 def environment_figures() -> None:
     rows: list[tuple[str, str]] = []
-    with ssh_lab(len(ROLES), outside=True) as lab:
-        base = Path(tempfile.mkdtemp(prefix="fabula-bench-ssh-", dir="/var/tmp"))
-        base.chmod(0o755)
-        app = make_app_repo(base / "app", f"bssh-{secrets.token_hex(2)}", ENV, ssh_keys(lab, 8443, 8080),
-                            provider="ssh", servers=None)
-        env = SampleEnvironment(app, base / "state", ENV)
-        try:
-            first = seconds_of(env, "create", ENV)
-            rows.append(("create, first (its release built on this machine)", f"{first:.1f} s"))
-            rows.append(("create, again (nothing to change)", f"{seconds_of(env, 'create', ENV):.1f} s"))
-            for n, (where, what) in enumerate((
-                    ("auto", "release build on this machine (wheel cache warm from create's)"),
-                    ("worker", "release build on worker1, its first there (uv installed, wheel cache cold)"),
-                    ("worker", "release build on worker1 again (wheel cache warm)"))):
-                config = app / "fabula.yml"
-                config.write_text(config.read_text().replace("build: auto", f"build: {where}")
-                                  .replace("build: worker", f"build: {where}"))
-                commit_files(app, f"build {n}", {"CHANGES.txt": f"{n}\n"})
-                rows.append((what, f"{seconds_of(env, 'release', 'build', ENV):.1f} s"))
-            commit_files(app, "a change to deploy", {"CHANGES.txt": "deployed\n"})
-            seconds_of(env, "release", "build", ENV)   # the build is not the deploy
-            with RequestLoad(env.url) as load:
-                time.sleep(2)
-                started = time.monotonic()
-                took = seconds_of(env, "deploy", ENV, "--serial")
-                failed, served = load.between(started, time.monotonic())
-            rows.append(("serial deploy under load (2 web hosts, in place)", f"{took:.1f} s, {served} requests, "
-                                                                            f"{failed} failed"))
-        finally:
-            env.fabula("destroy", ENV, "--yes", timeout=600)
-            shutil.rmtree(base, ignore_errors=True)
+    with ssh_lab(len(ROLES), outside=True) as lab, sample_environment(lab, "bssh", ENV) as env:
+        app = env.app_dir
+        first = seconds_of(env, "create", ENV)
+        rows.append(("create, first (its release built on this machine)", f"{first:.1f} s"))
+        rows.append(("create, again (nothing to change)", f"{seconds_of(env, 'create', ENV):.1f} s"))
+        for n, (where, what) in enumerate((
+                ("auto", "release build on this machine (wheel cache warm from create's)"),
+                ("worker", "release build on worker1, its first there (uv installed, wheel cache cold)"),
+                ("worker", "release build on worker1 again (wheel cache warm)"))):
+            config = app / "fabula.yml"
+            config.write_text(config.read_text().replace("build: auto", f"build: {where}")
+                              .replace("build: worker", f"build: {where}"))
+            commit_files(app, f"build {n}", {"CHANGES.txt": f"{n}\n"})
+            rows.append((what, f"{seconds_of(env, 'release', 'build', ENV):.1f} s"))
+        commit_files(app, "a change to deploy", {"CHANGES.txt": "deployed\n"})
+        seconds_of(env, "release", "build", ENV)   # the build is not the deploy
+        with RequestLoad(env.url) as load:
+            time.sleep(2)
+            started = time.monotonic()
+            took = seconds_of(env, "deploy", ENV, "--serial")
+            failed, served = load.between(started, time.monotonic())
+        rows.append(("serial deploy under load (2 web hosts, in place)", f"{took:.1f} s, {served} requests, "
+                                                                        f"{failed} failed"))
     print(f"\n{'the 7-host environment (sample app)':<76} figure")
     for name, figure in rows:
         print(f"{name:<76} {figure}")

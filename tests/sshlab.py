@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from fabula.providers.ssh.transport import SshTarget
+from fabula.sample import SampleEnvironment, make_app_repo
 from tests.helpers import wait_for
 
 HOSTS = 30
@@ -307,3 +308,19 @@ def ssh_keys(lab: Lab, https_port: int, http_port: int, hosts: dict[str, str] = 
     lines += [f"      {name}: {{role: {role}, address: {lab.address(first + i)}}}"
               for i, (name, role) in enumerate(hosts.items())]
     return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def sample_environment(lab: Lab, project_prefix: str, env: str = "prod") -> Iterator[SampleEnvironment]:
+    """The sample app in a throw-away folder, its environment `env` on the lab's 7 first hosts
+    (ROLES); destroyed, and the folder removed, at the end. It is not created here."""
+    base = Path(tempfile.mkdtemp(prefix="fabula-ssh-", dir="/var/tmp"))
+    base.chmod(0o755)
+    app = make_app_repo(base / "app", f"{project_prefix}-{secrets.token_hex(3)}", env, ssh_keys(lab, 8443, 8080),
+                        provider="ssh", servers=None)
+    environment = SampleEnvironment(app, base / "state", env)
+    try:
+        yield environment
+    finally:
+        environment.fabula("destroy", env, "--yes", timeout=600)
+        shutil.rmtree(base, ignore_errors=True)

@@ -15,6 +15,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -72,10 +73,11 @@ class Builder(abc.ABC):
     def cleanup(self) -> None:  # noqa: B027 - only a remote build leaves something behind
         """What the build left where it ran, but for the wheel cache."""
 
-    def step(self, what: str, argv: list[str]) -> None:
+    def step(self, what: str, argv: list[str], run: Callable[[list[str]], int] | None = None) -> None:
+        """argv by `run` (default: in the build's folder, as the build's user); a failure raises."""
         self.log.write(f"$ {' '.join(argv)}\n")
         self.log.flush()
-        if self._run(argv) != 0:
+        if (run or self._run)(argv) != 0:
             self.fail(what)
 
     def fail(self, what: str) -> None:
@@ -162,8 +164,10 @@ class OnHost(Builder):
         self.host.make_dirs([self.base], mode=0o700, owner=self.user)
         self.host.check(["rm", "-rf", "--", str(self.crossing)])
         self.host.make_dirs([self.crossing])
-        self._step_here("making the build's folders", ["sh", "-c", 'rm -rf -- "$1" && mkdir -p -m 700 -- "$1/code" '
-                                                       '"$1/.home" "$2"', "sh", str(self.work), str(self.cache)])
+        # run where the build's folder does not exist yet
+        self.step("making the build's folders", ["sh", "-c", 'rm -rf -- "$1" && mkdir -p -m 700 -- "$1/code" '
+                                                 '"$1/.home" "$2"', "sh", str(self.work), str(self.cache)],
+                  run=self._call)
         version = importlib.metadata.version("uv")
         probe = self.host.run([self.uv, "--version"])
         if probe.ok and probe.stdout.split()[:2] == ["uv", version]:
@@ -199,12 +203,6 @@ class OnHost(Builder):
     def _run(self, argv: list[str]) -> int:
         # in the build's folder, as on this machine (relative paths in the requirements resolve alike)
         return self._call(["sh", "-c", 'cd -- "$1" && shift && exec "$@"', "sh", str(self.work), *argv])
-
-    def _step_here(self, what: str, argv: list[str]) -> None:
-        """A step run where the build's folder may not exist yet."""
-        self.log.write(f"$ {' '.join(argv)}\n")
-        if self._call(argv) != 0:
-            self.fail(what)
 
     def _call(self, argv: list[str]) -> int:
         # the paths of this machine's certificates mean nothing there: uv trusts the host's own

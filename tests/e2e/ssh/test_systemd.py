@@ -5,19 +5,15 @@ at boot by the unit alone (fabula's program, which also starts a returning host'
 kept from reaching it); `destroy` removes the unit."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from fabula.sample import SampleEnvironment, make_app_repo
+from fabula.sample import SampleEnvironment
 from tests.helpers import wait_for
-from tests.sshlab import ROLES, Lab, sh, ssh_keys, ssh_lab
+from tests.sshlab import ROLES, Lab, sample_environment, sh, ssh_lab
 
 pytestmark = pytest.mark.e2e
 
@@ -29,19 +25,10 @@ LB = list(ROLES).index("lb1")
 @pytest.fixture(scope="module")
 def world() -> Iterator[tuple[Lab, SampleEnvironment]]:
     # the systemd host installs its packages from Debian's mirror, as a real one does
-    with ssh_lab(len(ROLES), outside=True, systemd=(WEB2,)) as lab:
-        base = Path(tempfile.mkdtemp(prefix="fabula-ssh-", dir="/var/tmp"))
-        base.chmod(0o755)
-        app = make_app_repo(base / "app", f"sd-{os.urandom(3).hex()}", ENV, ssh_keys(lab, 8443, 8080),
-                            provider="ssh", servers=None)
-        env = SampleEnvironment(app, base / "state", ENV)
-        try:
-            created = env.fabula("create", ENV, timeout=900)
-            assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
-            yield lab, env
-        finally:
-            env.fabula("destroy", ENV, "--yes", timeout=300)
-            shutil.rmtree(base, ignore_errors=True)
+    with ssh_lab(len(ROLES), outside=True, systemd=(WEB2,)) as lab, sample_environment(lab, "sd", ENV) as env:
+        created = env.fabula("create", ENV, timeout=900)
+        assert created.returncode == 0, f"create failed:\n{created.stdout}\n{created.stderr}"
+        yield lab, env
 
 
 def unit_of(lab: Lab) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -32,7 +31,6 @@ from fabula.providers.aws.statebucket import StateBucket
 from fabula.providers.aws.store import FILES, BucketStore
 from fabula.providers.aws.web import AlbLoadBalancer, AwsWebGroup
 from fabula.providers.base import (
-    SYSTEM_PATH,
     BuildPlace,
     EgressRule,
     Host,
@@ -42,7 +40,7 @@ from fabula.providers.base import (
     SharedStore,
 )
 from fabula.providers.ssh.preparation import Preparation
-from fabula.providers.ssh.scripts import DEBIAN_VERSION, FACTS, HostFacts
+from fabula.providers.ssh.scripts import DEBIAN_VERSION, this_machine
 from fabula.state import EnvPaths, EnvState, write_atomically
 
 AddressChoice = Callable[[Instance, "str | None"], str]
@@ -159,8 +157,7 @@ class AwsProvider(Provider):
 
     def build_place(self) -> BuildPlace:
         """Releases are built here: the instances run Debian 12 of the instance types' architecture."""
-        here = HostFacts.parse(subprocess.run(["sh", "-c", FACTS], capture_output=True, text=True,
-                                              env={"PATH": SYSTEM_PATH}).stdout)
+        here = this_machine()
         wanted = ("debian", DEBIAN_VERSION, self.aws.instance_types.architecture())
         if (here.distribution, here.version, here.architecture) != wanted:
             raise FabulaError(f"releases are built on this machine ({here.describe()}), but the instances run "

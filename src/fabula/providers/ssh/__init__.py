@@ -9,7 +9,6 @@ import ipaddress
 import json
 import shutil
 import socket
-import subprocess
 from functools import partial
 from pathlib import Path, PurePosixPath
 
@@ -21,7 +20,6 @@ from fabula.config import EnvironmentConfig, SshConfig
 from fabula.errors import FabulaError, PrerequisiteError
 from fabula.parallel import at_once
 from fabula.providers.base import (
-    SYSTEM_PATH,
     BuildPlace,
     EgressRule,
     Host,
@@ -212,8 +210,7 @@ class SshProvider(Provider):
         return BuildPlace(f"{builder.name} ({builder.address}): {reason}", host=builder)
 
     def this_machine(self) -> HostFacts:
-        return HostFacts.parse(subprocess.run(["sh", "-c", scripts.FACTS], capture_output=True, text=True,
-                                              env={"PATH": SYSTEM_PATH}).stdout)
+        return scripts.this_machine()
 
     def facts(self, host: SshHost) -> HostFacts:
         return self.preparation.facts(host)

@@ -2,7 +2,10 @@
 as $1..., never spliced into the text) and the Debian facts they report."""
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
+
+from fabula.providers.base import SYSTEM_PATH
 
 # the Debian release the hosts must run: its package names and versions are what the roles use
 DEBIAN_VERSION = "12"
@@ -40,6 +43,12 @@ class HostFacts:
 
     def describe(self) -> str:
         return f"{self.distribution} {self.version}, {self.architecture}, Python {self.python}"
+
+
+def this_machine() -> HostFacts:
+    """The facts of the machine fabula runs on (where releases are built, unless a host builds them)."""
+    return HostFacts.parse(subprocess.run(["sh", "-c", FACTS], capture_output=True, text=True,
+                                          env={"PATH": SYSTEM_PATH}).stdout)
 
 
 # $@: packages. Installs the missing ones (waiting for another apt or dpkg to finish, rather than
