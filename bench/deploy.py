@@ -135,7 +135,8 @@ def scenario(base: Path, webs: int) -> dict:
         record = next(r for r in reversed(history) if r["action"] == "deploy")
         return {"webs": webs, "deploy_s": round(seconds, 1), "baseline": base_figures,
                 "during": during.figures(seconds), "own_s": record["seconds"],
-                "phases": [(ph["name"], ph["seconds"]) for ph in record["phases"]]}
+                "phases": [(ph["name"], ph["seconds"]) for ph in record["phases"]],
+                "output": deployed.stderr.splitlines()}  # each step with its time: where the seconds go
     finally:
         env.destroy()
 

@@ -56,7 +56,8 @@ def set_host(host: Host, on: bool) -> None:
         host.run(["rm", "-f", str(flag)])
 
 
-def set_maintenance(ctx: Context, on: bool) -> None:
-    for record in ctx.state.by_role("web"):
-        set_host(ctx.host(record.name), on)
+def set_maintenance(ctx: Context, on: bool, names: list[str] | None = None) -> None:
+    """The maintenance page on or off on these web servers (default: every one of the group)."""
+    for name in [r.name for r in ctx.state.by_role("web")] if names is None else names:
+        set_host(ctx.host(name), on)
     ctx.out.step("maintenance", "on: web servers answer 503 with the maintenance page" if on else "off")

@@ -39,8 +39,6 @@ def resolve(ctx: Context, rev: str = "HEAD") -> tuple[str, str]:
     return commit, prefix
 
 
-
-
 def build_environment(ctx: Context, work: PurePosixPath, release_id: str, cache: PurePosixPath) -> dict[str, str]:
     """The build's whole environment: the app's variables with the environment's real values (its
     settings are imported by collectstatic), uv's settings, and a fixed PATH."""
@@ -50,6 +48,10 @@ def build_environment(ctx: Context, work: PurePosixPath, release_id: str, cache:
                               static_root=str(work / "static"), release_id=release_id, home=str(work / ".home"),
                               app_user=Accounts(ctx.paths.tag).app, pgbouncer_dir=str(work / "run" / "pgbouncer"))
     passed = {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ}
+    # the system's certificate store, as the hosts' builds use theirs: where a proxy or a private
+    # index has its own CA, it is there (uv's built-in roots would refuse it), and `sudo`, which
+    # drops SSL_CERT_FILE, does not change what the build trusts
+    passed.setdefault("UV_NATIVE_TLS", "1")
     return {**passed, **variables, "PATH": SYSTEM_PATH, "LANG": "C.UTF-8",
             "UV_CACHE_DIR": str(cache), "UV_NO_PROGRESS": "1", "UV_PYTHON_DOWNLOADS": "never"}
 

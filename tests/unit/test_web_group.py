@@ -299,3 +299,41 @@ def test_what_the_group_launches_by_itself_is_converged_and_what_it_terminated_f
     assert "gunicorn" in new.programs() and new.ran("ln", "-sfn", "releases/abcdef012345")
     # a round with nothing new changes nothing
     assert keep(ctx, group, ctx.require_release()) == {"converged": [], "forgotten": []}
+
+
+def test_the_new_servers_start_while_the_migration_plan_is_read(ctx, monkeypatch):
+    in_service(ctx, "web1", "web2")
+    new = Release("fedcba987654", "fedcba9876543210", ctx.require_release().path)
+    seen: list[list[str]] = []
+
+    def plan(c, release):   # while it runs, the new servers are recorded (and launching)
+        seen.append(sorted(r.name for r in c.state.by_role("web")))
+        return []
+    monkeypatch.setattr(rollout, "migration_plan", plan)
+    deploy_plan, launch = rollout.plan_while_launching(ctx, new, "serial", own_group=True)
+    assert launch is not None and seen == [["web1", "web2", "web3", "web4", "web5", "web6"]]
+    assert deploy_plan.replace == ["web1", "web2", "web3"]   # the old ones only
+    assert sorted(r.name for r in launch.records()) == ["web4", "web5", "web6"]
+    assert all("gunicorn" in ctx.provider.hosts[n].programs() for n in ("web4", "web5", "web6"))
+    assert "web4" not in ctx.provider.load_balancer.health()   # out of rotation until the deploy goes on
+
+
+def test_a_refused_plan_removes_the_servers_it_launched(ctx, monkeypatch):
+    in_service(ctx, "web1", "web2")
+    unsafe = [{"migration": "notes.0002", "operations": [
+        {"additive": False, "description": "Remove field body", "why": "old code reads it"}]}]
+    monkeypatch.setattr(rollout, "migration_plan", lambda c, release: unsafe)
+    new = Release("fedcba987654", "fedcba9876543210", ctx.require_release().path)
+    with pytest.raises(FabulaError, match="not backwards-compatible"):
+        rollout.plan_while_launching(ctx, new, "serial", own_group=True)
+    assert sorted(r.name for r in ctx.state.by_role("web")) == ["web1", "web2", "web3"]
+    assert not {"web4", "web5", "web6"} & set(ctx.provider.hosts)
+    assert sorted(b.name for b in ctx.provider.load_balancer.backends) == ["web1", "web2"]
+
+
+def test_a_providers_own_group_launches_nothing_before_the_plan(ctx, monkeypatch):
+    monkeypatch.setattr(rollout, "migration_plan", lambda c, release: [])
+    new = Release("fedcba987654", "fedcba9876543210", ctx.require_release().path)
+    plan, launch = rollout.plan_while_launching(ctx, new, None, own_group=False)
+    assert launch is None and plan.strategy == "serial"
+    assert sorted(r.name for r in ctx.state.by_role("web")) == ["web1", "web2", "web3"]

@@ -3,6 +3,7 @@ join the load balancer only once healthy, and leave it by draining, so no reques
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from fabula.context import Context, Release
 from fabula.environment.firewall import apply_firewalls
@@ -141,15 +142,22 @@ def retire_web_servers(ctx: Context, names: list[str], timeout: float = DRAIN_TI
             if not lb.wait_drained(name, timeout):
                 ctx.out.warn(f"{name} still serves requests after {timeout:.0f}s of draining: they are cut")
         at_once(draining, wait)
-        set_backends(ctx, [n for n in serving(ctx) if n not in names and n in ctx.state.servers])
     removed: list[str] = []
 
     def remove(name: str) -> None:
         ctx.provider.remove_server(name, drained=True)
         removed.append(name)
         ctx.out.step(name, "removed")
+
+    def leave_the_load_balancer() -> None:
+        set_backends(ctx, [n for n in serving(ctx) if n not in names and n in ctx.state.servers])
+    # the load balancer's new configuration (a reload) and the removals at once: drained, they get
+    # no request from the load balancer as it runs now, and its next configuration no longer has them
+    jobs: list[tuple[str, Callable[[], None]]] = [(name, partial(remove, name)) for name in names]
+    if draining:
+        jobs.insert(0, ("load balancer", leave_the_load_balancer))
     try:
-        at_once(names, remove, name=lambda n: n)
+        at_once(jobs, lambda job: job[1](), name=lambda job: job[0])
     finally:   # the state forgets those removed, also when another one could not be
         for name in removed:
             ctx.state.servers.pop(name, None)

@@ -11,9 +11,10 @@ With neither flag, the new release's migration plan against the database decides
 """
 from __future__ import annotations
 
+import copy
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from fabula.errors import FabulaError
 from fabula.maintenance import set_host, set_maintenance
 from fabula.roles import ROLES, appserver
 from fabula.roles.worker import Worker, migrate
+from fabula.state import ServerRecord
 
 PLAN_SCRIPT = Path(__file__).resolve().parent.parent / "runtime" / "fabula_migration_plan.py"
 
@@ -70,6 +72,26 @@ def migration_plan(ctx: Context, new: Release) -> list[dict]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def plan_while_launching(ctx: Context, new: Release, requested: str | None,
+                         own_group: bool) -> tuple[DeployPlan, Launch | None]:
+    """The deploy's plan, and on fabula's own web group (`own_group`, not a fixed inventory) the
+    new web servers it needs, launched while the plan is read (a Django start-up on the worker,
+    seconds under load): serial and full deploys both begin with as many new servers as there are
+    old ones, out of rotation. If the plan fails (a serial deploy refused), they go."""
+    old_servers = web_names(ctx)
+    launch = None
+    if own_group and not ctx.env.fixed_inventory and old_servers:
+        ctx.out.step("deploy", f"launching {len(old_servers)} web server(s) from {new.id} "
+                               "while the migration plan is read")
+        launch = Launch(ctx, new, len(old_servers))
+    try:
+        return plan_deploy(ctx, new, requested, old_servers), launch
+    except BaseException:
+        if launch:
+            launch.remove()
+        raise
+
+
 def choose(plan: list[dict], requested: str | None) -> tuple[str, str]:
     unsafe = [(m["migration"], op) for m in plan for op in m["operations"] if not op["additive"]]
     if unsafe:
@@ -86,12 +108,13 @@ def choose(plan: list[dict], requested: str | None) -> tuple[str, str]:
                       if count else "no migrations")
 
 
-def plan_deploy(ctx: Context, new: Release, requested: str | None) -> DeployPlan:
+def plan_deploy(ctx: Context, new: Release, requested: str | None, replace: list[str] | None = None) -> DeployPlan:
+    """`replace`: the web servers the deploy replaces (default: the group's members now)."""
     migrations = migration_plan(ctx, new)
     strategy, reason = choose(migrations, requested)
     worker = ctx.state.by_role("worker")
-    return DeployPlan(ctx.state.release, new.id, strategy, reason, migrations, web_names(ctx),
-                      worker[0].name if worker else None)
+    return DeployPlan(ctx.state.release, new.id, strategy, reason, migrations,
+                      web_names(ctx) if replace is None else replace, worker[0].name if worker else None)
 
 
 def update_workers(ctx: Context, new: Release, migrated: threading.Event | None = None) -> None:
@@ -121,14 +144,46 @@ def using_release(ctx: Context, release: Release):
         ctx.release = previous
 
 
-def launch_or_clean_up(ctx: Context, new: Release, then=None, count: int = 1, reserved=None) -> list:
-    """`count` new web servers from `new` (or those `reserved`), healthy on their own (out of
-    rotation); `then(records)` runs next. If either fails, the new servers are removed and the
-    site keeps its release."""
+def launch_or_clean_up(ctx: Context, new: Release, then=None, count: int = 1) -> list:
+    """`count` new web servers from `new`, healthy on their own (out of rotation); `then(records)`
+    runs next. If either fails, the new servers are removed and the site keeps its release."""
     try:
-        return launch_or_remove_many(ctx, new, count, in_service=False, then=then, reserved=reserved)
+        return launch_or_remove_many(ctx, new, count, in_service=False, then=then)
     except Exception as exc:
         raise stopped(ctx, new, exc) from exc
+
+
+class Launch:
+    """`count` new web servers launched from `new`, out of rotation, in a thread of their own,
+    while the caller goes on (reads the migration plan, runs the worker's side). Their records are
+    in the state before the thread starts (destroy finds them after a crash), and the thread has
+    a context of its own, so that the caller's `using_release` and the launch's do not cross."""
+
+    def __init__(self, ctx: Context, new: Release, count: int):
+        self.ctx, self.new = ctx, new
+        self.reserved = reserve_web_servers(ctx, new, count)
+        own = copy.copy(ctx)
+        own.release = new
+        pool = ThreadPoolExecutor(max_workers=1)
+        self._future: Future[list[ServerRecord]] = pool.submit(
+            launch_or_remove_many, own, new, count, False, None, self.reserved)
+        pool.shutdown(wait=False)   # the thread ends with the launch
+
+    def records(self) -> list[ServerRecord]:
+        """The new servers, healthy on their own, once launched; if the launch failed, its error,
+        as the deploy's (the servers are removed: the site keeps its release)."""
+        try:
+            return self._future.result()
+        except Exception as exc:
+            raise stopped(self.ctx, self.new, exc) from exc
+
+    def remove(self) -> None:
+        """The deploy stopped before they took traffic: once launched, they go."""
+        try:
+            records = self._future.result()
+        except Exception:   # noqa: BLE001 - a failed launch removed its servers itself
+            return
+        retire_web_servers(self.ctx, [r.name for r in records])
 
 
 def stopped(ctx: Context, new: Release, exc: Exception) -> FabulaError:
@@ -138,51 +193,66 @@ def stopped(ctx: Context, new: Release, exc: Exception) -> FabulaError:
                        f"fix the release and deploy again; `fabula history {ctx.env_name}` shows what ran")
 
 
-def serial(ctx: Context, op, new: Release, old_servers: list[str], surge: int | None = None) -> None:
+def serial(ctx: Context, op, new: Release, old_servers: list[str], surge: int | None = None,
+           launch: Launch | None = None) -> None:
     """New web servers beside the old ones, `surge` at a time (default: as many as there are
     old ones, launched at once, as an autoscaling group's maximum surge): each batch healthy and in
     service, then as many old ones drained together and removed. The migrations and the worker
-    run once, when the first new servers are healthy and before they take traffic."""
+    run once, when the first new servers are healthy and before they take traffic. `launch`: the
+    first batch, already under way."""
     old = ctx.release
     surge = surge or len(old_servers)
     for start in range(0, len(old_servers), surge):
         retiring = old_servers[start:start + surge]
         with op.phase(f"replace {', '.join(retiring)}"):
-            if start == 0 and ctx.state.by_role("worker"):
-                launch_beside_the_worker(ctx, op, new, old, len(retiring))
+            if start == 0:
+                first = launch or Launch(ctx, new, len(retiring))
+                if ctx.state.by_role("worker"):
+                    beside_the_worker(ctx, op, new, old, first)
+                else:
+                    into_service_after_migrations(ctx, op, new, old, first)
             else:
-                def into_service(records, first=start == 0):
-                    if first:  # the new code is healthy: now the migrations on it, once
-                        with op.phase("migrations"):
-                            migrate_and_update_workers(ctx, new, old, records[0])
-                    bring_into_service(ctx, [r.name for r in records])
-                launch_or_clean_up(ctx, new, then=into_service, count=len(retiring))
+                launch_or_clean_up(ctx, new, then=lambda records: bring_into_service(ctx, [r.name for r in records]),
+                                   count=len(retiring))
             retire_web_servers(ctx, retiring)
 
 
-def launch_beside_the_worker(ctx: Context, op, new: Release, old: Release | None, count: int) -> None:
-    """The first new web servers, launched while the worker runs the migrations and restarts
-    Celery on the new release (each takes seconds). They take traffic once the migrations are
-    done; the old ones leave once Celery runs the new release too. If the worker's side fails, the
-    new servers are removed (the old ones still serve) and the worker goes back to the old release."""
+def into_service_after_migrations(ctx: Context, op, new: Release, old: Release | None, launch: Launch) -> None:
+    """Without a worker: the migrations on the first new server, once healthy, then the new
+    servers in service; if either fails, they go."""
+    records = launch.records()
+    try:
+        with op.phase("migrations"):
+            migrate_and_update_workers(ctx, new, old, records[0])
+        bring_into_service(ctx, [r.name for r in records])
+    except Exception as exc:
+        retire_web_servers(ctx, [r.name for r in records])
+        raise stopped(ctx, new, exc) from exc
+
+
+def beside_the_worker(ctx: Context, op, new: Release, old: Release | None, launch: Launch) -> None:
+    """The first new web servers (`launch`, under way) come up while the worker runs the
+    migrations and restarts Celery on the new release (each takes seconds). They take traffic
+    once the migrations are done; the old ones leave once Celery runs the new release too. If the
+    worker's side fails, the new servers are removed (the old ones still serve) and the worker goes
+    back to the old release."""
     migrated = threading.Event()
     with ThreadPoolExecutor(max_workers=1) as pool, using_release(ctx, new):
-        # recorded before the worker's thread starts: from then on neither thread adds a server
-        reserved = reserve_web_servers(ctx, new, count)
-
         def worker_side() -> None:
             with op.phase("migrations and worker"):
                 migrate_and_update_workers(ctx, new, old, None, migrated)
         worker = pool.submit(worker_side)
-
-        def into_service(records) -> None:
-            while not migrated.wait(0.1):
-                if worker.done():
-                    worker.result()   # its error (the worker is back on the old release) stops the deploy
-                    break
-            bring_into_service(ctx, [r.name for r in records])
         try:
-            records = launch_or_clean_up(ctx, new, then=into_service, count=count, reserved=reserved)
+            records = launch.records()
+            try:
+                while not migrated.wait(0.1):
+                    if worker.done():
+                        worker.result()   # its error (the worker is back on the old release) stops the deploy
+                        break
+                bring_into_service(ctx, [r.name for r in records])
+            except Exception as exc:
+                retire_web_servers(ctx, [r.name for r in records])
+                raise stopped(ctx, new, exc) from exc
         except Exception:
             # the launch failed, perhaps while the worker went on to the new release: back with it
             if worker.exception() is None and old is not None:
@@ -211,16 +281,24 @@ def migrate_and_update_workers(ctx: Context, new: Release, old: Release | None, 
         raise
 
 
-def full(ctx: Context, op, new: Release, old_servers: list[str]) -> None:
-    set_maintenance(ctx, True)
+def full(ctx: Context, op, new: Release, old_servers: list[str], launch: Launch | None = None) -> None:
+    """`launch`: the new web servers, already under way."""
+    launch = launch or Launch(ctx, new, len(old_servers))
     try:
-        def upgrade_page(records) -> None:   # on the new servers too, until the swap
-            for record in records:
-                set_host(ctx.host(record.name), True)
-
+        set_maintenance(ctx, True, old_servers)
+    except BaseException:
+        launch.remove()
+        raise
+    try:
         with op.phase("new web servers"):
-            records = launch_or_clean_up(ctx, new, count=len(old_servers), then=upgrade_page)
+            records = launch.records()
             new_servers = [r.name for r in records]
+            try:   # the upgrade page on the new servers too, until the swap
+                for name in new_servers:
+                    set_host(ctx.host(name), True)
+            except Exception as exc:
+                retire_web_servers(ctx, new_servers)
+                raise stopped(ctx, new, exc) from exc
         with op.phase("migrations and worker"):
             if ctx.state.by_role("worker"):
                 update_workers(ctx, new)
@@ -270,7 +348,8 @@ def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, p
         # as it is now (the autoscaler may have changed it)
         ctx.release = releases.load(ctx, require_created(ctx))
         new = require_built(ctx, release_id) if release_id else build_release(ctx, rev or "HEAD")[0]
-        plan = plan_deploy(ctx, new, requested)
+        group = ctx.provider.web_group(ctx)
+        plan, launch = plan_while_launching(ctx, new, requested, own_group=group is None)
         op.details.update(from_release=plan.from_release, to_release=new.id, strategy=plan.strategy,
                           reason=plan.reason)
         if not plan.migrations:
@@ -280,7 +359,6 @@ def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, p
             ctx.state.migrated_release = new.id
         ctx.out.step("deploy", f"{plan.strategy} deploy of {new.id}: {plan.reason}"
                      + (" (in place: a fixed inventory)" if ctx.env.fixed_inventory else ""))
-        group = ctx.provider.web_group(ctx)
         if ctx.env.fixed_inventory:  # the web group cannot make servers: each host takes the release
             if plan.strategy == "serial":
                 in_place.serial(ctx, op, new, plan.replace, migrate_and_update_workers)
@@ -292,9 +370,9 @@ def deploy(ctx: Context, rev: str | None = None, requested: str | None = None, p
             else:
                 native.full(ctx, op, group, new, plan.replace, update_workers)
         elif plan.strategy == "serial":
-            serial(ctx, op, new, plan.replace)
+            serial(ctx, op, new, plan.replace, launch=launch)
         else:
-            full(ctx, op, new, plan.replace)
+            full(ctx, op, new, plan.replace, launch)
         if plan.from_release != new.id:
             ctx.state.previous_release = plan.from_release
         ctx.state.release = new.id

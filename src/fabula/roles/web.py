@@ -38,6 +38,10 @@ class Web(Role):
              "--workers", str(ctx.env.gunicorn_workers), "--chdir", str(cur / "code"),
              # no access log of its own: nginx's, in front of it, has every request with its time
              "--pythonpath", str(cur / "fabula"), "--graceful-timeout", "30",
+             # the app imported once, then forked into the workers: a server starts on about half
+             # the CPU (all new web servers of a deploy start at once). The price: a HUP does not
+             # load new code, so a moved release restarts gunicorn (below)
+             "--preload",
              "fabula_wsgi:application"],
             user=host.accounts.app, directory=str(cur / "code"),
             environment={**appserver.app_environment(ctx, host),
@@ -70,7 +74,7 @@ class Web(Role):
         started = supervisor.apply([bouncer, self.gunicorn(ctx, host), nginx])
         appserver.reload_changed(host, started, {"pgbouncer": bouncer_changed is not None, "nginx": nginx_changed,
                                                  "gunicorn": moved},
-                                 how={"nginx": "HUP", "gunicorn": "HUP",
+                                 how={"nginx": "HUP",
                                       **({"pgbouncer": "HUP"} if bouncer_changed == "HUP" else {})})
         supervisor.wait_running(["pgbouncer", "gunicorn", "nginx"])
         wait_port(host, "127.0.0.1", appserver.APP_PORT, what="gunicorn")
