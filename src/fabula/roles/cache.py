@@ -62,5 +62,8 @@ class Cache(Role):
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(conf_dir / "enabled_plugins"),
             "RABBITMQ_MNESIA_BASE": str(data_dir / "mnesia"), "RABBITMQ_LOG_BASE": str(log_dir),
             "RABBITMQ_PID_FILE": str(data_dir / "rabbitmq.pid"), "ERL_EPMD_ADDRESS": "127.0.0.1",
+            # Erlang's schedulers spin while they wait for work, by default: CPU taken from every
+            # other server of the machine (RabbitMQ's own start among them)
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "+sbwt none +sbwtdcpu none +sbwtdio none",
         }
         return environment, changed

@@ -6,9 +6,16 @@ app's WSGI module is imported when this module is (a broken app fails to boot).
 """
 import importlib
 import os
+import traceback
 
 _module, _, _attribute = os.environ["FABULA_WSGI_APP"].partition(":")
-_app = getattr(importlib.import_module(_module), _attribute or "application")
+try:
+    _app = getattr(importlib.import_module(_module), _attribute or "application")
+except BaseException:
+    # gunicorn imports this once, in its master (--preload), which logs only the error's message;
+    # the traceback (the exception's type, and where it was raised) is what says what to fix
+    traceback.print_exc()
+    raise
 
 HEALTH_PATH = "/healthcheck.html"
 # the same for every release: the health check is reachable from outside, through the load
