@@ -141,10 +141,17 @@ def _build_in(ctx: Context, builder: Builder, commit: str, prefix: str) -> None:
     uv, work = builder.uv, builder.work
     builder.step("creating the virtualenv", [uv, "venv", "--relocatable", "--python", app.python, str(work / "venv")])
     python = str(work / "venv" / "bin" / "python")
-    builder.step("installing the requirements", [uv, "pip", "install", "--python", python,
+    # compiled to bytecode here, once: the release is read-only on the servers, where every
+    # process would otherwise compile what it imports each time it starts (a Django and Celery
+    # start took 1.6 s of CPU without, 0.55 s with)
+    builder.step("installing the requirements", [uv, "pip", "install", "--compile-bytecode", "--python", python,
                                                  "-r", str(work / "code" / app.requirements)])
     if not builder.succeeds([python, "-c", "import gunicorn"]):
-        builder.step("installing gunicorn", [uv, "pip", "install", "--python", python, "gunicorn==23.0.0"])
+        builder.step("installing gunicorn", [uv, "pip", "install", "--compile-bytecode", "--python", python,
+                                             "gunicorn==23.0.0"])
+    # the app's own modules too; a file that does not compile (a template named .py, say) fails
+    # only when something imports it, as it would have anyway
+    builder.succeeds([python, "-m", "compileall", "-q", "-j", "0", str(work / "code")])
     if app.celery and not builder.succeeds([python, "-c", "import celery"]):
         raise FabulaError(f"release {release_id}: app.celery is set but celery is not in "
                           f"{app.requirements}", f"add celery to {app.requirements}")

@@ -76,9 +76,10 @@ class Web(Role):
                                                  "gunicorn": moved},
                                  how={"nginx": "HUP",
                                       **({"pgbouncer": "HUP"} if bouncer_changed == "HUP" else {})})
-        supervisor.wait_running(["pgbouncer", "gunicorn", "nginx"])
-        wait_port(host, "127.0.0.1", appserver.APP_PORT, what="gunicorn")
+        supervisor.wait_running(["pgbouncer", "nginx"])
         wait_port(host, host.address, HTTPS_PORT, what="nginx")
+        # gunicorn's start is watched by the health check, which fails at once, with the app's
+        # error from gunicorn's log, if it dies (with --preload a broken app stops the master)
         wait_healthy_here(ctx, host)
         ctx.out.step(host.name, f"nginx and gunicorn serving release {ctx.require_release().id}")
 
