@@ -284,3 +284,9 @@ def test_db_psql_runs_as_the_db_user_in_the_apps_database_on_the_primary_unless_
     with pytest.raises(FabulaError, match="no database server 'web1'") as refused:
         psql_session(ctx, "web1", [])
     assert primary in (refused.value.hint or "")
+
+
+def test_gunicorn_imports_the_app_once_and_forks_its_workers_unless_told_not_to(ctx):
+    assert "--preload" in ini_value(converge(ctx, "web1").programs()["gunicorn"], "command")
+    ctx.env = ctx.env.model_copy(update={"gunicorn_preload": False})
+    assert "--preload" not in ini_value(converge(ctx, "web2").programs()["gunicorn"], "command")

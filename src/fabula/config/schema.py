@@ -147,6 +147,10 @@ class EnvironmentConfig(Strict):
     users: Annotated[list[SysadminUser], Field(max_length=64)] = Field(
         default_factory=list, description="`provider: ssh`: sysadmin accounts on every host")
     gunicorn_workers: Annotated[int, Field(ge=1, le=64)] = 2
+    gunicorn_preload: bool = Field(default=True, description=(
+        "gunicorn imports the app once and forks its workers from it (--preload): a web server starts on "
+        "less CPU and memory. Turn it off for an app that opens connections or starts threads when its WSGI "
+        "module is imported (they would be shared by the forked workers)"))
     celery_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
     celery_drain_timeout: Annotated[int, Field(ge=1, le=86400, description=(
         "seconds a stopping Celery worker may take to finish the tasks in flight"))] = 600

@@ -38,10 +38,10 @@ class Web(Role):
              "--workers", str(ctx.env.gunicorn_workers), "--chdir", str(cur / "code"),
              # no access log of its own: nginx's, in front of it, has every request with its time
              "--pythonpath", str(cur / "fabula"), "--graceful-timeout", "30",
-             # the app imported once, then forked into the workers: a server starts on about half
-             # the CPU (all new web servers of a deploy start at once). The price: a HUP does not
-             # load new code, so a moved release restarts gunicorn (below)
-             "--preload",
+             # the app imported once, then forked into the workers: a server starts on less CPU
+             # (all new web servers of a deploy start at once). Either way a moved release
+             # restarts gunicorn (below): with --preload a HUP would not load the new code
+             *(["--preload"] if ctx.env.gunicorn_preload else []),
              "fabula_wsgi:application"],
             user=host.accounts.app, directory=str(cur / "code"),
             environment={**appserver.app_environment(ctx, host),
