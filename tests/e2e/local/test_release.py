@@ -102,3 +102,8 @@ def test_the_build_runs_the_apps_code_as_the_environments_user_with_its_real_set
     changed = environment.exec("web1", "runuser", "-u", environment.accounts.app, "--", "touch",
                                str(release_dir / "code" / "manage.py"))
     assert changed.returncode != 0
+    # compiled when built, also what the build itself did not import (gunicorn's arbiter, the
+    # app's views): the servers, which cannot write into the release, do not compile at each start
+    for compiled in ("venv/lib/python3*/site-packages/gunicorn/__pycache__/arbiter.*.pyc",
+                     "code/notes/__pycache__/views.*.pyc"):
+        assert list(release_dir.glob(compiled)), f"{compiled} is missing from the release"
