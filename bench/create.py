@@ -78,7 +78,8 @@ def scenario(base: Path, label: str, webs: int, cold: bool) -> dict:
         raise SystemExit(f"{label}: create rc={created.returncode} destroy rc={destroyed.returncode}\n"
                          f"{created.stderr[-3000:]}\n{destroyed.stderr[-2000:]}")
     return {"scenario": label, "web": webs, "servers": webs + 4, "cold": cold, "create_s": round(create_s, 1),
-            "destroy_s": round(destroy_s, 1), "peak_pss_mib": round(sampler.peak / 1024), "phases": phases}
+            "destroy_s": round(destroy_s, 1), "peak_pss_mib": round(sampler.peak / 1024), "phases": phases,
+            "output": created.stderr.splitlines()}  # each step with its time: where the seconds go
 
 
 def main() -> None:
@@ -94,7 +95,7 @@ def main() -> None:
     try:
         for label, webs, cold in plan:
             results.append(scenario(base, label, webs, cold))
-            print(f"{label}: {results[-1]}", file=sys.stderr)
+            print(f"{label}: { {k: v for k, v in results[-1].items() if k != 'output'} }", file=sys.stderr)
     finally:
         remove_unless_left(base)
     figures = table("fabula create (sample app, local provider)",

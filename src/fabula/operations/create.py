@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 from fabula import pki, release, secrets
 from fabula.autoscaling.controller import start_controller
@@ -129,18 +128,9 @@ def create(ctx: Context) -> None:
                 migrate(ctx, webs[0])
                 at_once(webs[1:], lambda h: converge(ctx, h))
 
-        own_group = group is None and not ctx.env.fixed_inventory
-        with op.phase("load balancer" + (" and autoscaler" if own_group else "")):
+        with op.phase("load balancer"):
             ctx.provider.load_balancer.ensure([Backend(h.name, h.address, HTTPS_PORT) for h in webs])
-            if own_group:
-                # fabula's own autoscaler (re)starts while the web servers pass their health checks:
-                # each of its rounds changes nothing while this command holds the environment's lock.
-                # (A platform group's keeper and a fixed inventory's watcher act without the lock:
-                # they start at the end.)
-                at_once([partial(wait_in_service, ctx, [h.name for h in webs]), partial(start_controller, ctx)],
-                        lambda job: job())
-            else:
-                wait_in_service(ctx, [h.name for h in webs])
+            wait_in_service(ctx, [h.name for h in webs])
         built = ctx.require_release()
         for record in ctx.state.servers.values():
             if record.role in ("web", "worker") and not record.warm:
@@ -156,9 +146,8 @@ def create(ctx: Context) -> None:
                          "policy keeps its size")
         # keeps the web group at its size and healthy from now on (on a platform's group: converges
         # what the group launches by itself; on a fixed inventory: watches the hosts)
-        if not own_group:
-            with op.phase("autoscaler"):
-                start_controller(ctx)
+        with op.phase("autoscaler"):
+            start_controller(ctx)
     activity = ctx.provider.activity()
     if activity is not None:
         ctx.out.step(ctx.provider.name, activity)
