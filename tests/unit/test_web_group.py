@@ -5,6 +5,7 @@ server behind."""
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -337,3 +338,25 @@ def test_a_providers_own_group_launches_nothing_before_the_plan(ctx, monkeypatch
     plan, launch = rollout.plan_while_launching(ctx, new, None, own_group=False)
     assert launch is None and plan.strategy == "serial"
     assert sorted(r.name for r in ctx.state.by_role("web")) == ["web1", "web2", "web3"]
+
+
+def test_an_interrupted_deploy_waits_for_its_launch_before_it_lets_go(ctx, monkeypatch):
+    """The lock is let go on the way out: a launch still running then could race the next command."""
+    started, go_on = threading.Event(), threading.Event()
+    start_web = group._start_web
+
+    def slow(c, host):
+        started.set()
+        go_on.wait(10)
+        start_web(c, host)
+    monkeypatch.setattr(group, "_start_web", slow)
+    launch = rollout.Launch(ctx, Release("fedcba987654", "fedcba9876543210", ctx.require_release().path), 1)
+    started.wait(10)
+
+    def interrupted(timeout=None):   # Ctrl-C while the deploy waits for the launch
+        threading.Timer(0.3, go_on.set).start()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(launch._future, "result", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        launch.records()
+    assert launch._future.done() and "gunicorn" in ctx.provider.hosts["web4"].programs()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,18 +169,27 @@ class Launch:
             launch_or_remove_many, own, new, count, False, None, self.reserved)
         pool.shutdown(wait=False)   # the thread ends with the launch
 
+    def _result(self) -> list[ServerRecord]:
+        try:
+            return self._future.result()
+        except (KeyboardInterrupt, SystemExit):
+            # interrupted while waiting: the launch finishes first (its servers are in the state,
+            # for the next create or destroy), so that the lock is not let go while it runs
+            wait([self._future])
+            raise
+
     def records(self) -> list[ServerRecord]:
         """The new servers, healthy on their own, once launched; if the launch failed, its error,
         as the deploy's (the servers are removed: the site keeps its release)."""
         try:
-            return self._future.result()
+            return self._result()
         except Exception as exc:
             raise stopped(self.ctx, self.new, exc) from exc
 
     def remove(self) -> None:
         """The deploy stopped before they took traffic: once launched, they go."""
         try:
-            records = self._future.result()
+            records = self._result()
         except Exception:   # noqa: BLE001 - a failed launch removed its servers itself
             return
         retire_web_servers(self.ctx, [r.name for r in records])
