@@ -166,7 +166,10 @@ def test_scale_sets_the_desired_count_and_converges_now(env):
     result = env.fabula("scale", ENV, "--desired", "2", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["retired"] == [newest]  # the newest leaves first
-    assert group_is(env, 2) and newest not in web_servers(env)
+    assert newest not in web_servers(env)
+    # the scale-in reloads HAProxy: its new process starts every server "UP 1/2" (up, one failed
+    # check from out) until its first check of it passes, within a check interval (1 s)
+    wait_for(lambda: group_is(env, 2), timeout=5, message="the group of 2 all UP in the load balancer")
     report = env.describe()["autoscaling"]
     assert report["desired"] == 2 and report["suspended"] == ["scaling"]
     assert [(d["action"], d.get("to")) for d in decisions(env) if d["by"] != "autoscaler"] == \
