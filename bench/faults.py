@@ -85,8 +85,9 @@ class FaultEnv(Environment):
         if program == "haproxy":  # an answer, not a connection: the socket holder accepts those
             return self.in_server(server, ["curl", "-skf", "-m", "2", "-o", "/dev/null", f"{self.url}/api/info"])
         if program == "gunicorn":
+            socket = self.env_dir / "servers" / server / "run" / "gunicorn" / "gunicorn.sock"
             return self.in_server(server, ["curl", "-sf", "-o", "/dev/null", "-H", "Host: healthcheck",
-                                           "http://127.0.0.1:8000/healthcheck.html"])
+                                           "--unix-socket", str(socket), "http://127.0.0.1/healthcheck.html"])
         if program == "postgresql":
             return self.in_server(server, [PG_ISREADY, "-q", "-h", address, "-p", "5432"])
         if program == "celery":

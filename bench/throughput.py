@@ -2,14 +2,14 @@
 side in one run, with wrk (keep-alive connections):
 
 1. a small JSON view (`/api/info`) through the load balancer, 2 web servers behind it (HAProxy's
-   TLS, then each server's nginx TLS, then gunicorn) ÷ the same view from one web server's
-   gunicorn directly (127.0.0.1:8000 in its namespace, wrk there too);
+   TLS, then each server's nginx TLS, then gunicorn on its Unix socket) ÷ the same view from one
+   web server's gunicorn directly: a copy of it (same release, user, settings, workers and
+   PgBouncer) on 127.0.0.1:8002 in the server's namespace, wrk there too;
 2. a view doing one query (`GET /api/entries`: a count) with Django's default CONN_MAX_AGE = 0, so a
    new database connection per request: through the web server's PgBouncer (as fabula runs the
-   app: its Unix socket, peer authentication) ÷ straight to PostgreSQL over TLS (SCRAM). For the
-   second, a copy of the server's gunicorn (same release, user, settings and workers) listens on
-   127.0.0.1:8001 with DATABASE_URL set to the primary's port 5432 (sslmode=require); both are
-   loaded from inside the web server's namespace, in alternating rounds.
+   app: its Unix socket, peer authentication; the copy on 8002) ÷ straight to PostgreSQL over TLS
+   (SCRAM): a second copy on 127.0.0.1:8001 with DATABASE_URL set to the primary's port 5432
+   (sslmode=require); both are loaded from inside the web server's namespace, in alternating rounds.
 
 Run as root: `.venv/bin/python bench/throughput.py [--duration 10] [--connections 16] [--rounds 2]`.
 """
@@ -44,6 +44,7 @@ from harness import (
 )
 
 ENV = "bench"
+COPY_PORT = 8002      # the server's own gunicorn listens on a Unix socket (for nginx), which wrk cannot load
 DIRECT_PORT = 8001
 # what Django wants of a request that did not come through nginx (ALLOWED_HOSTS, the proxy's TLS header)
 HEADERS = ["-H", "Host: 127.0.0.1", "-H", "X-Forwarded-Proto: https"]
@@ -113,19 +114,20 @@ def gunicorn_master(env: Environment, server: str) -> int:
     raise BenchError(f"no gunicorn master of {server} found")
 
 
-def start_direct_copy(env: Environment, server: str) -> subprocess.Popen:
-    """The server's gunicorn again, on DIRECT_PORT, its DATABASE_URL the primary's PostgreSQL."""
-    pid = gunicorn_master(env, server)
-    proc = Path("/proc") / str(pid)
+def start_copy(env: Environment, server: str, master: int, port: int, direct: bool) -> subprocess.Popen:
+    """The server's gunicorn (its master's pid) again, on 127.0.0.1:`port`; with `direct`, its
+    DATABASE_URL the primary's PostgreSQL instead of the server's PgBouncer."""
+    proc = Path("/proc") / str(master)
     argv = (proc / "cmdline").read_bytes().decode().split("\0")[:-1]
-    argv[argv.index("--bind") + 1] = f"127.0.0.1:{DIRECT_PORT}"
+    argv[argv.index("--bind") + 1] = f"127.0.0.1:{port}"
     variables = dict(line.split("=", 1) for line in (proc / "environ").read_bytes().decode().split("\0") if "=" in line)
-    direct = f"postgres://app:{env.app_password()}@{env.address(env.primary())}:5432/{env.db}?sslmode=require"
     # the server's own: PgBouncer's Unix socket in the server's run/pgbouncer, as the app's OS user
     socket_dir = quote(str(env.env_dir / "servers" / server / "run" / "pgbouncer"), safe="")
     if f"@{socket_dir}:6432/" not in variables.get("DATABASE_URL", ""):
         raise BenchError("the server's gunicorn has no DATABASE_URL of its PgBouncer's socket")
-    variables["DATABASE_URL"] = direct
+    if direct:
+        variables["DATABASE_URL"] = (f"postgres://app:{env.app_password()}@{env.address(env.primary())}:5432/"
+                                     f"{env.db}?sslmode=require")
     status = (proc / "status").read_text()
     uid = re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)   # type: ignore[union-attr]
     gid = re.search(r"^Gid:\s+(\d+)", status, re.M).group(1)   # type: ignore[union-attr]
@@ -136,12 +138,12 @@ def start_direct_copy(env: Environment, server: str) -> subprocess.Popen:
 
     def serving() -> bool:
         if copy.poll() is not None:
-            raise BenchError(f"the direct gunicorn exited: {copy.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            raise BenchError(f"the gunicorn on {port} exited: {copy.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
         probe = subprocess.run(["ip", "netns", "exec", env.netns(server), "curl", "-s", "-o", "/dev/null",
-                                "-w", "%{http_code}", *HEADERS, f"http://127.0.0.1:{DIRECT_PORT}/api/entries"],
+                                "-w", "%{http_code}", *HEADERS, f"http://127.0.0.1:{port}/api/entries"],
                                capture_output=True, text=True)
         return probe.stdout == "200"
-    wait_for(serving, timeout=60, message="the direct gunicorn serving /api/entries")
+    wait_for(serving, timeout=60, message=f"the gunicorn on {port} serving /api/entries")
     return copy
 
 
@@ -168,19 +170,22 @@ def main() -> int:
     base = temp_base("fabula-bench-throughput-")
     env = Environment.new(base, f"bthru-{secrets.token_hex(2)}", ENV,
                           servers="{web: 2, worker: 1, cache: 1, db-primary: 1, db-replica: 0}")
-    copy = None
+    copies: list[subprocess.Popen] = []
     try:
         created = env.fabula("create", ENV, timeout=1200)
         if created.returncode:
             raise BenchError(f"create failed (rc {created.returncode}):\n{created.stderr[-3000:]}")
         web = env.netns("web1")
-        copy = start_direct_copy(env, "web1")
+        master = gunicorn_master(env, "web1")
+        for port, direct in ((COPY_PORT, False), (DIRECT_PORT, True)):
+            copies.append(start_copy(env, "web1", master, port, direct))
         d, c = args.duration, args.connections
+        copy_url = f"http://127.0.0.1:{COPY_PORT}"
         runs: dict[str, list[dict]] = {"lb": [], "gunicorn": [], "pgbouncer": [], "postgresql": []}
         for _ in range(args.rounds):   # alternating, so that drift in the machine's load hits both sides
             runs["lb"].append(cpu_during(lambda: wrk(f"{env.url}/api/info", d, c)))
-            runs["gunicorn"].append(cpu_during(lambda: wrk("http://127.0.0.1:8000/api/info", d, c, web, HEADERS)))
-            runs["pgbouncer"].append(wrk("http://127.0.0.1:8000/api/entries", d, c, web, HEADERS))
+            runs["gunicorn"].append(cpu_during(lambda: wrk(f"{copy_url}/api/info", d, c, web, HEADERS)))
+            runs["pgbouncer"].append(wrk(f"{copy_url}/api/entries", d, c, web, HEADERS))
             runs["postgresql"].append(wrk(f"http://127.0.0.1:{DIRECT_PORT}/api/entries", d, c, web, HEADERS))
         mean = {k: sum(r["rps"] for r in v) / len(v) for k, v in runs.items()}
         failed = {k: sum(r["bad"] + r["socket_errors"] for r in v) for k, v in runs.items()}
@@ -218,7 +223,7 @@ def main() -> int:
                                     "duration": d, "connections": c, "when": time.time()})
         return 0
     finally:
-        if copy is not None:
+        for copy in copies:
             stop(copy)
         problem = env.destroy(attempts=2)
         left = remove_unless_left(base, [env])

@@ -11,8 +11,8 @@ from fabula.context import Context, Release
 from fabula.errors import FabulaError
 from fabula.output import Output
 from fabula.pki import CertificateAuthority
-from fabula.providers.base import EgressRule, IngressRule, Result
-from fabula.roles import ROLES, appserver, firewall_rules
+from fabula.providers.base import EgressRule, FileState, IngressRule, Result
+from fabula.roles import ROLES, appserver, firewall_rules, web
 from fabula.roles.postgres import PG_BIN
 from fabula.secrets import Secrets
 from fabula.state import EnvPaths, EnvState
@@ -150,6 +150,30 @@ def test_a_socket_path_too_long_for_a_socket_address_falls_back_to_tcp_with_the_
     environment = ini_value(host.programs()["gunicorn"], "environment")
     assert f'DATABASE_URL="postgres://app:{SECRETS.db_app_password}@127.0.0.1:6432/polls"' in environment
     assert "longer than a Unix socket's 107 bytes" in capsys.readouterr().err
+
+
+def test_nginx_reaches_gunicorn_on_a_unix_socket_in_a_folder_only_the_environments_users_may_enter(ctx):
+    host = converge(ctx, "web1")
+    socket = host.path("run", "gunicorn", "gunicorn.sock")
+    command = ini_value(host.programs()["gunicorn"], "command").split()
+    assert command[command.index("--bind") + 1] == f"unix:{socket}" and "127.0.0.1:8000" not in command
+    assert f"server unix:{socket};" in host.text(host.path("etc", "nginx", "nginx.conf"))
+    # gunicorn (the app user) makes the socket; the group (nginx's workers) may pass, others not
+    assert host.dirs[socket.parent] == FileState(0o710, host.accounts.app)
+
+
+def test_a_gunicorn_socket_path_too_long_falls_back_to_tcp_on_127_0_0_1(ctx, capsys):
+    ctx.out = Output()
+    host = ctx.host("web1")
+    tail = "/run/gunicorn/gunicorn.sock"
+    for length, fits in ((107, True), (108, False)):
+        host.root = PurePosixPath("/" + "r" * (length - len(tail) - 1))
+        assert (web.gunicorn_socket(host) is not None) is fits
+    ROLES[host.role].converge(ctx, host)
+    command = ini_value(host.programs()["gunicorn"], "command").split()
+    assert command[command.index("--bind") + 1] == "127.0.0.1:8000"
+    assert "server 127.0.0.1:8000;" in host.text(host.path("etc", "nginx", "nginx.conf"))
+    assert "gunicorn.sock is longer than a Unix socket's 107 bytes" in capsys.readouterr().err
 
 
 def test_worker_migrates_as_the_app_user_with_the_apps_variables_then_starts_celery(ctx):

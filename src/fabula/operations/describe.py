@@ -1,7 +1,9 @@
 """`fabula describe`: every server's state, services, release and load-balancer health."""
 from __future__ import annotations
 
+import shlex
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
 
 from fabula.autoscaling.report import group_report
 from fabula.context import Context
@@ -12,26 +14,37 @@ from fabula.providers.base import Host
 from fabula.roles import ROLES
 from fabula.roles.appserver import APP_PORT, PGBOUNCER_PORT
 from fabula.roles.cache import AMQP_PORT, REDIS_PORT
-from fabula.roles.web import HTTPS_PORT
+from fabula.roles.web import HTTPS_PORT, gunicorn_socket
 from fabula.supervisor import RUNNING, WAKEUP, Supervisor
 
 POSTGRES_PORT = 5432
 
 
-def endpoints(address: str) -> dict[str, tuple[str, int]]:
-    """Service -> where it accepts connections once it serves: a program its supervisor calls
-    RUNNING (it has stayed up `startsecs`) may still be booting (RabbitMQ, PostgreSQL's recovery)."""
-    return {"nginx": (address, HTTPS_PORT), "gunicorn": ("127.0.0.1", APP_PORT),
+def endpoints(host: Host) -> dict[str, tuple[str, int] | PurePosixPath]:
+    """Service -> where it accepts connections once it serves (an address and port, or a Unix
+    socket): a program its supervisor calls RUNNING (it has stayed up `startsecs`) may still be
+    booting (RabbitMQ, PostgreSQL's recovery)."""
+    address = host.address
+    return {"nginx": (address, HTTPS_PORT), "gunicorn": gunicorn_socket(host) or ("127.0.0.1", APP_PORT),
             "pgbouncer": ("127.0.0.1", PGBOUNCER_PORT), "redis": (address, REDIS_PORT),
             "rabbitmq": (address, AMQP_PORT), "postgresql": (address, POSTGRES_PORT)}
 
 
-def accepting(host: Host, targets: dict[str, tuple[str, int]]) -> set[str]:
-    """Those of `targets` that accept a TCP connection, tried from inside the server."""
+# connects to the Unix socket $1 (bash's /dev/tcp has no Unix sockets; curl would send a request)
+UNIX_CONNECT = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+
+
+def accepting(host: Host, targets: dict[str, tuple[str, int] | PurePosixPath]) -> set[str]:
+    """Those of `targets` that accept a connection, tried from inside the server."""
     if not targets:
         return set()
-    script = "; ".join(f"(exec 3<>/dev/tcp/{address}/{port}) 2>/dev/null && echo {name}"
-                       for name, (address, port) in sorted(targets.items()))
+
+    def attempt(target: tuple[str, int] | PurePosixPath) -> str:
+        if isinstance(target, PurePosixPath):
+            return f"python3 -c {shlex.quote(UNIX_CONNECT)} {shlex.quote(str(target))}"
+        address, port = target
+        return f"(exec 3<>/dev/tcp/{address}/{port})"
+    script = "; ".join(f"{attempt(target)} 2>/dev/null && echo {name}" for name, target in sorted(targets.items()))
     return set(host.run(["timeout", "3", "bash", "-c", script], timeout=10).stdout.split())
 
 
@@ -58,7 +71,7 @@ def _running_report(ctx: Context, name: str, record, expected, report: dict) -> 
         return report
     # a program is up once it is RUNNING and, for a server, accepts connections: "down" while a
     # killed one is being started again, "starting", "backoff" or "fatal" (supervisor's states)
-    ports = endpoints(record.address)
+    ports = endpoints(ctx.host(name))
     listening = accepting(ctx.host(name), {s: ports[s] for s in expected
                                            if s in ports and states.get(s) == RUNNING})
     services = {s: ("up" if s in listening or s not in ports else "down") if states.get(s) == RUNNING

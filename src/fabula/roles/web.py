@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import PurePosixPath
 
 from fabula import maintenance
 from fabula.context import Context
@@ -34,7 +35,7 @@ class Web(Role):
         cur = appserver.current(host)
         return Program(
             "gunicorn",
-            [appserver.python(host), "-m", "gunicorn", "--bind", f"127.0.0.1:{appserver.APP_PORT}",
+            [appserver.python(host), "-m", "gunicorn", "--bind", gunicorn_bind(host),
              "--workers", str(ctx.env.gunicorn_workers), "--chdir", str(cur / "code"),
              # no access log of its own: nginx's, in front of it, has every request with its time
              "--pythonpath", str(cur / "fabula"), "--graceful-timeout", "30",
@@ -56,7 +57,7 @@ class Web(Role):
         maintenance.install_page(ctx, host)
         text = render(__file__, "nginx.conf.j2", name=host.name, root=host.root, address=host.address,
                       user=host.accounts.web, group=host.accounts.group,
-                      conf_dir=conf_dir, app_port=appserver.APP_PORT,
+                      conf_dir=conf_dir, app_upstream=gunicorn_bind(host),
                       maintenance_dir=maintenance.directory(host))
         conf = conf_dir / "nginx.conf"
         changed |= host.put_file(conf, text)
@@ -67,6 +68,16 @@ class Web(Role):
 
     def converge(self, ctx: Context, host: Host) -> None:
         appserver.prepare_app_dirs(host)
+        socket = gunicorn_socket(host)
+        if socket is None:
+            ctx.out.warn(f"{host.name}: {gunicorn_socket_path(host)} is longer than a Unix socket's "
+                         f"{appserver.SOCKET_PATH_MAX} bytes: nginx reaches gunicorn on 127.0.0.1:{appserver.APP_PORT} "
+                         "(each request's connection then passes the server's firewall); a shorter state "
+                         "directory (FABULA_STATE_DIR) or shorter names avoid it")
+        else:
+            # gunicorn (the app user) makes its socket here; nginx's workers, of the environment's
+            # group, may reach it, and no one else
+            host.make_dirs([socket.parent], mode=0o710, owner=host.accounts.app)
         moved = appserver.install_release(ctx, host)
         bouncer, bouncer_changed = appserver.pgbouncer(ctx, host)
         nginx, nginx_changed = self.nginx(ctx, host)
@@ -82,6 +93,25 @@ class Web(Role):
         # error from gunicorn's log, if it dies (with --preload a broken app stops the master)
         wait_healthy_here(ctx, host)
         ctx.out.step(host.name, f"nginx and gunicorn serving release {ctx.require_release().id}")
+
+
+def gunicorn_socket_path(host: Host) -> PurePosixPath:
+    return host.path("run", "gunicorn", "gunicorn.sock")
+
+
+def gunicorn_socket(host: Host) -> PurePosixPath | None:
+    """Where gunicorn listens for nginx: a Unix socket, which spares each request's new connection
+    the loopback's TCP and the firewall's connection tracking (about a fifth of the requests/s
+    through the load balancer, measured by bench/throughput.py); None when the path is too long
+    for a socket address: then 127.0.0.1:APP_PORT."""
+    path = gunicorn_socket_path(host)
+    return path if len(str(path).encode()) <= appserver.SOCKET_PATH_MAX else None
+
+
+def gunicorn_bind(host: Host) -> str:
+    """gunicorn's --bind, and nginx's upstream server (its own notation is the same)."""
+    socket = gunicorn_socket(host)
+    return f"unix:{socket}" if socket else f"127.0.0.1:{appserver.APP_PORT}"
 
 
 def wait_healthy_here(ctx: Context, host: Host, timeout: float = 45) -> None:

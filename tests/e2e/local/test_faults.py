@@ -63,10 +63,15 @@ def accepts(env, server: str, program: str) -> bool:
     checks to call it up); programs without a port: RUNNING is all there is."""
     if program not in ENDPOINTS and program != "gunicorn":
         return True
-    address = "127.0.0.1" if program in ("pgbouncer", "gunicorn") else env.addresses[server]
-    port = 8000 if program == "gunicorn" else ENDPOINTS[program]
-    return subprocess.run(["ip", "netns", "exec", f"fab.{env.project}.{ENV}.{server}", "bash", "-c",
-                           f"exec 3<>/dev/tcp/{address}/{port}"], capture_output=True, timeout=10).returncode == 0
+    netns = ["ip", "netns", "exec", f"fab.{env.project}.{ENV}.{server}"]
+    if program == "gunicorn":   # nginx's way in: its Unix socket
+        socket = env.env_dir / "servers" / server / "run" / "gunicorn" / "gunicorn.sock"
+        connect = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+        return subprocess.run([*netns, "python3", "-c", connect, str(socket)], capture_output=True,
+                              timeout=10).returncode == 0
+    address = "127.0.0.1" if program == "pgbouncer" else env.addresses[server]
+    return subprocess.run([*netns, "bash", "-c", f"exec 3<>/dev/tcp/{address}/{ENDPOINTS[program]}"],
+                          capture_output=True, timeout=10).returncode == 0
 
 
 def wait_back(env, server: str, program: str, old_pid: int) -> None:
