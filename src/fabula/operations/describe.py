@@ -71,8 +71,9 @@ def _running_report(ctx: Context, name: str, record, expected, report: dict) -> 
         return report
     # a program is up once it is RUNNING and, for a server, accepts connections: "down" while a
     # killed one is being started again, "starting", "backoff" or "fatal" (supervisor's states)
-    ports = endpoints(ctx.host(name))
-    listening = accepting(ctx.host(name), {s: ports[s] for s in expected
+    host = ctx.host(name)
+    ports = endpoints(host)
+    listening = accepting(host, {s: ports[s] for s in expected
                                            if s in ports and states.get(s) == RUNNING})
     services = {s: ("up" if s in listening or s not in ports else "down") if states.get(s) == RUNNING
                 else (states.get(s) or "missing").lower() for s in expected}

@@ -53,6 +53,10 @@ def install_release(ctx: Context, host: Host) -> bool:
 SOCKET_PATH_MAX = 107
 
 
+def fits_socket_address(path: PurePosixPath | str) -> bool:
+    return len(str(path).encode()) <= SOCKET_PATH_MAX
+
+
 def pgbouncer_run_dir(host: Host) -> PurePosixPath:
     return host.path("run", "pgbouncer")
 
@@ -62,7 +66,7 @@ def pgbouncer_socket_dir(host: Host) -> PurePosixPath | None:
     socket's path would be too long for a socket address (a deep state directory, long names):
     the app then reaches PgBouncer on 127.0.0.1:6432 with the `app` role's password, as before."""
     folder = pgbouncer_run_dir(host)
-    return folder if len(f"{folder}/.s.PGSQL.{PGBOUNCER_PORT}".encode()) <= SOCKET_PATH_MAX else None
+    return folder if fits_socket_address(f"{folder}/.s.PGSQL.{PGBOUNCER_PORT}") else None
 
 
 def app_environment(ctx: Context, host: Host) -> dict[str, str]:

@@ -105,7 +105,7 @@ def gunicorn_socket(host: Host) -> PurePosixPath | None:
     through the load balancer, measured by bench/throughput.py); None when the path is too long
     for a socket address: then 127.0.0.1:APP_PORT."""
     path = gunicorn_socket_path(host)
-    return path if len(str(path).encode()) <= appserver.SOCKET_PATH_MAX else None
+    return path if appserver.fits_socket_address(path) else None
 
 
 def gunicorn_bind(host: Host) -> str:

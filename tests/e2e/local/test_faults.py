@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from fabula.operations.describe import UNIX_CONNECT
 from fabula.sample import RequestLoad
 from tests.e2e.local.conftest import ENV, running_environment
 from tests.helpers import wait_for
@@ -66,8 +67,7 @@ def accepts(env, server: str, program: str) -> bool:
     netns = ["ip", "netns", "exec", f"fab.{env.project}.{ENV}.{server}"]
     if program == "gunicorn":   # nginx's way in: its Unix socket
         socket = env.env_dir / "servers" / server / "run" / "gunicorn" / "gunicorn.sock"
-        connect = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
-        return subprocess.run([*netns, "python3", "-c", connect, str(socket)], capture_output=True,
+        return subprocess.run([*netns, "python3", "-c", UNIX_CONNECT, str(socket)], capture_output=True,
                               timeout=10).returncode == 0
     address = "127.0.0.1" if program == "pgbouncer" else env.addresses[server]
     return subprocess.run([*netns, "bash", "-c", f"exec 3<>/dev/tcp/{address}/{ENDPOINTS[program]}"],
