@@ -29,16 +29,18 @@ def state_root() -> Path:
     return Path(os.environ.get("FABULA_STATE_DIR", DEFAULT_STATE_ROOT))
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write so that a crash leaves either the old file or the new one, never half of one."""
+def write_atomically(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Write so that a crash leaves either the old file or the new one, never half of one.
+    `durable=False` skips the fsync, for files that a machine's crash makes moot anyway."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -82,6 +82,7 @@ class LocalProvider(Provider):
         self.paths, self.env, self.state = paths, env, state
         self.euid = euid  # who runs fabula: the local provider needs root
         self.bridge = f"fb{paths.tag}"
+        self._packages_seen: set[str] = set()  # every server shares this machine's packages
         # the load balancer's own supervisor runs in the machine's namespace
         platform = LocalHost("lb", "lb", str(env.local.bind), paths.lb_dir, netns=None)
         self.load_balancer = HAProxyLoadBalancer(platform, env.lb, paths.pki_dir / "ca.pem", paths.project,
@@ -239,8 +240,9 @@ class LocalProvider(Provider):
     def prepare_host(self, host: Host, packages: tuple[str, ...]) -> None:
         """Every server shares this machine's packages (`make setup` installs them, with the
         distribution's services kept from starting): only check that they are there."""
-        missing = [p for p in packages
-                   if "install ok installed" not in run_local(["dpkg-query", "-W", "-f=${Status}", p]).stdout]
+        missing = [p for p in packages if p not in self._packages_seen
+                   and "install ok installed" not in run_local(["dpkg-query", "-W", "-f=${Status}", p]).stdout]
+        self._packages_seen.update(p for p in packages if p not in missing)
         if missing:
             raise PrerequisiteError(f"{host.name} ({host.role}) needs the Debian package(s) {', '.join(missing)}",
                                     f"run `make setup` or `apt-get install {' '.join(missing)}`")

@@ -76,8 +76,20 @@ class LocalHost(Host):
 
     def write(self, path, data: bytes, *, mode: int, owner: str) -> None:
         uid, gid = _ids(owner)
-        write_atomically(Path(path), data, mode=mode)
+        # no fsync: a local server's files never outlive the machine's namespaces, and after a
+        # crash `create` rewrites every file whose content differs. Each fsync waited on the
+        # disk's journal, behind every other server's (0.1 s of a web server's create)
+        write_atomically(Path(path), data, mode=mode, durable=False)
         os.chown(path, uid, gid)
+
+    def make_dirs(self, paths: list[PurePosixPath], *, mode: int = 0o755, owner: str = "root") -> None:
+        # as Host.make_dirs's `mkdir -p; chown; chmod`, without a process in the namespace (a
+        # server's files are this machine's): about ten of them for each app server
+        uid, gid = _ids(owner)
+        for path in paths:
+            os.makedirs(path, exist_ok=True)
+            os.chown(path, uid, gid)
+            os.chmod(path, mode)
 
     def stat(self, path) -> FileState | None:
         try:
