@@ -1,13 +1,13 @@
 """Rendering of the configuration files that sit beside the code that uses them."""
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jinja2
 
 
-@lru_cache(maxsize=None)
+@cache
 def _templates(folder: Path) -> jinja2.Environment:
     # one per folder, for the process: each template is compiled once, not once per server
     # (Jinja's own cache lives in its Environment)
