@@ -151,6 +151,24 @@ def test_nothing_changes_while_another_command_holds_the_lock(world):
     assert world.calls == [("replace", "web1")]
 
 
+def test_nothing_is_kept_before_the_first_create_has_finished(world):
+    """create installs the autoscaler beside the app servers; a first create that fails (or has
+    not reached its load balancer yet) leaves servers nobody should heal or scale."""
+    state = EnvState.load(world.paths)
+    state.release = None
+    state.save(world.paths)
+    world.lb.rate, world.lb.status["web1"] = 40, "DOWN"
+    run(world, 30)
+    assert world.calls == [] and logged(world) == []
+    state.release = "r1"   # the create's end: kept from now on
+    state.save(world.paths)
+    world.lb.status["web1"] = "UP"
+    run(world, 2)
+    world.lb.status["web1"] = "DOWN"
+    run(world, 5)
+    assert world.calls == [("replace", "web1")]
+
+
 def test_a_failing_server_is_replaced_before_any_scaling(world):
     run(world, 2)
     world.lb.rate, world.lb.status["web1"] = 40, "DOWN"

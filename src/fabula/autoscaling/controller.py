@@ -13,8 +13,9 @@ When another command holds the lock (a deploy, `fabula scale`), the round is ski
 decision and every change wanted but held back (cooldown, max, suspended, locked) is appended
 to <env dir>/autoscaler.jsonl with its reason, and printed to the program's log.
 
-`create` installs it under the platform's supervisor (start_controller); it runs as
-`python -I -m fabula autoscaler ENV` (the hidden command of cli/scaling.py).
+`create` installs it under the platform's supervisor (install_controller, then
+wait_controller); it runs as `python -I -m fabula autoscaler ENV` (the hidden command of
+cli/scaling.py). It keeps nothing before the environment's first create has finished.
 """
 from __future__ import annotations
 
@@ -85,17 +86,25 @@ def controller_program(ctx: Context, home: ProgramHome) -> Program:
         directory=str(there.env_dir), stopsignal="TERM", stopwaitsecs=20)
 
 
-def start_controller(ctx: Context) -> None:
-    """(Re)start the autoscaler under the platform's supervisor, so it runs the current code.
-    On a platform's own group (AWS) it is the group's keeper: it converges what the group
-    launches by itself; the group's own policy keeps its size."""
+def install_controller(ctx: Context) -> None:
+    """(Re)start the autoscaler under the platform's supervisor, so it runs the current code;
+    wait_controller() waits until it runs. While `create` holds the environment's lock it
+    changes nothing, so create installs it early, beside the app servers, where supervisord's
+    wait for a program to count as running (STARTSECS) is off create's path."""
     host = ctx.provider.platform_host()
     home = ctx.provider.program_home(ctx.config.path, ctx.paths.root, ctx.config.project.app.python)
     supervisor = Supervisor(host)
     supervisor.ensure_running()
     if not supervisor.apply([controller_program(ctx, home)]):
         supervisor.restart(PROGRAM)
-    supervisor.wait_running([PROGRAM], timeout=30)
+
+
+def wait_controller(ctx: Context) -> None:
+    """Wait until the installed autoscaler runs, and say what it keeps. On a platform's own
+    group (AWS) it is the group's keeper: it converges what the group launches by itself; the
+    group's own policy keeps its size."""
+    host = ctx.provider.platform_host()
+    Supervisor(host).wait_running([PROGRAM], timeout=30)
     if ctx.provider.web_group(ctx) is not None:
         ctx.out.step(PROGRAM, f"running on {host.name}: it converges and puts in service the web servers the "
                               "platform's group launches by itself (its scaling policy, replacements)")
@@ -225,6 +234,9 @@ class Controller:
         sharing.refresh(ctx)
         if not ctx.paths.state_file.exists():
             return group.interval  # not created yet, or destroyed: nothing to keep
+        if ctx.state.release is None:
+            # the first create has not finished (or failed): its web servers are not in service yet
+            return group.interval
         if not self.recovered:
             self.recover(ctx)
             self.out.step(PROGRAM, f"watching {ctx.project}/{ctx.env_name}: min {group.min}, max {group.max}, "

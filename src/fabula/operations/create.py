@@ -2,8 +2,9 @@
 
 Order: servers and firewalls; then the databases, the cache and the release build side by
 side, each app server starting as soon as what it needs is there (a web server: its release; the
-worker, which runs the migrations: the databases too); the load balancer last, so web servers take
-traffic only once the schema is in place.
+worker, which runs the migrations: the databases too); the web servers join the load balancer last,
+so they take traffic only once the schema is in place (the load balancer itself starts beside them,
+with no web servers).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fabula import pki, release, secrets
-from fabula.autoscaling.controller import start_controller
+from fabula.autoscaling.controller import install_controller, wait_controller
 from fabula.autoscaling.policy import desired_for_create
 from fabula.context import Context
 from fabula.db.topology import apply_synchronous
@@ -99,14 +100,22 @@ def create(ctx: Context) -> None:
         workers = [ctx.host(s.name) for s in ctx.state.by_role("worker")]
         # the platform's web group launches its instances from the built release: they join after
         webs = [] if group is not None else [ctx.host(s.name) for s in ctx.state.by_role("web")]
+        def platform_programs() -> None:
+            # the load balancer (with no web servers yet) and the autoscaler (which changes nothing
+            # while this create holds the lock) start beside the app servers, off create's path; on
+            # the platform's own group the autoscaler is installed last, once its instances are known
+            ctx.provider.load_balancer.start_ahead()
+            if group is None:
+                install_controller(ctx)
+
         # each app server starts as soon as what it needs is there, not after the slowest (RabbitMQ):
         # a web server needs its release (its health check needs no database, and it takes no
         # traffic before the load balancer below, which waits for the migrations); the worker
         # needs the databases too, for the migrations it runs (Celery reaches the broker once up)
         with op.phase("databases+cache+build+app servers"), \
-                ThreadPoolExecutor(max_workers=3 + len(workers) + len(webs)) as pool:
+                ThreadPoolExecutor(max_workers=4 + len(workers) + len(webs)) as pool:
             primary = pool.submit(databases)
-            jobs = [primary, release_built, pool.submit(cache)]
+            jobs = [primary, release_built, pool.submit(cache), pool.submit(platform_programs)]
 
             def app_server(host: Host) -> None:
                 release_built.result()
@@ -147,7 +156,9 @@ def create(ctx: Context) -> None:
         # keeps the web group at its size and healthy from now on (on a platform's group: converges
         # what the group launches by itself; on a fixed inventory: watches the hosts)
         with op.phase("autoscaler"):
-            start_controller(ctx)
+            if group is not None:
+                install_controller(ctx)
+            wait_controller(ctx)
     activity = ctx.provider.activity()
     if activity is not None:
         ctx.out.step(ctx.provider.name, activity)

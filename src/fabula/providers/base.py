@@ -175,6 +175,12 @@ class LoadBalancer(abc.ABC):
     def ensure(self, backends: list[Backend]) -> None:
         """Create or update it so that it forwards to exactly these backends."""
 
+    def start_ahead(self) -> None:
+        """Bring a load balancer that is not running yet up with no backends (it answers 503),
+        while the web servers are still being made, so that its own start is not on `create`'s
+        path; one that runs is left as it is. Default: nothing (ensure() does it all)."""
+        return None
+
     @abc.abstractmethod
     def health(self) -> dict[str, str]:
         """Each backend's health as the load balancer sees it ("UP", "DOWN", ...)."""

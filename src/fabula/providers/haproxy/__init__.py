@@ -14,7 +14,7 @@ from fabula.config import LoadBalancerConfig
 from fabula.errors import FabulaError
 from fabula.pki import LB_VALIDITY, internal_name, needs_renewal, self_signed
 from fabula.providers.base import Backend, Host, LoadBalancer
-from fabula.supervisor import Program, Supervisor
+from fabula.supervisor import RUNNING, Program, Supervisor
 from fabula.templates import render
 
 # what the load balancer's host needs (python3: the socket holder)
@@ -115,6 +115,12 @@ class HAProxyLoadBalancer(LoadBalancer):
             # seamless reload: the master starts new workers, old ones finish their connections
             self.supervisor.signal("haproxy", "USR2")
         self.supervisor.wait_running(["haproxy"], timeout=30)
+
+    def start_ahead(self) -> None:
+        # supervisord waits STARTSECS (1 s) before HAProxy counts as running: spent here, beside the
+        # app servers' start, the load balancer phase is a reload
+        if not (self.supervisor.is_running() and self.supervisor.status().get("haproxy") == RUNNING):
+            self.ensure([])
 
     def _address(self, port: int) -> str:
         return f"[{self.bind}]:{port}" if ":" in str(self.bind) else f"{self.bind}:{port}"
