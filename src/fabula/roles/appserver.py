@@ -77,7 +77,11 @@ def app_environment(ctx: Context, host: Host) -> dict[str, str]:
                          # a home of the server's own: tools that keep files in ~ (gunicorn's
                          # control socket) don't collide
                          home=str(host.path("data", "home")),
-                         app_user=host.accounts.app, pgbouncer_dir=str(socket_dir) if socket_dir else None)
+                         app_user=host.accounts.app, pgbouncer_dir=str(socket_dir) if socket_dir else None) | {
+        # the server's own: what the app and its libraries leave in the temporary folder (billiard's
+        # pymp-* of Celery's pool, killed before it removes them) goes with the server, not to the
+        # machine's /tmp (Python's tempfile falls back to /tmp where the folder is missing)
+        "TMPDIR": str(host.path("data", "tmp"))}
 
 
 def app_variables(ctx: Context, *, server: str, role: str, address: str, static_root: str,
@@ -193,7 +197,7 @@ def reload_changed(host: Host, started: set[str], changed: dict[str, bool], how:
 
 
 def prepare_app_dirs(host: Host) -> None:
-    host.make_dirs([host.path("data", "home")], mode=0o700, owner=host.accounts.app)
+    host.make_dirs([host.path("data", "home"), host.path("data", "tmp")], mode=0o700, owner=host.accounts.app)
 
 
 def manage_argv(ctx: Context, host: Host, *args: str) -> list[str]:

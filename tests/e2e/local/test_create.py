@@ -66,6 +66,13 @@ def shared_memory_of(uids: set[int]) -> list[str]:
     return [entry.name for entry in os.scandir("/dev/shm") if entry.stat(follow_symlinks=False).st_uid in uids]
 
 
+def temporary_files_of(uids: set[int], since: float) -> list[str]:
+    """What these users made in the machine's /tmp since then (an earlier environment, whose users
+    had the same ids, may have left something there)."""
+    return [entry.name for entry in os.scandir("/tmp")
+            if entry.stat(follow_symlinks=False).st_uid in uids and entry.stat(follow_symlinks=False).st_mtime >= since]
+
+
 def link_exists(name: str) -> bool:
     return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
 
@@ -81,10 +88,13 @@ def test_destroy_leaves_nothing_behind(environment):
     # PostgreSQL's dynamic shared memory, in RAM: left by a killed server unless removed
     uids = {pwd.getpwnam(name).pw_uid for name in environment.accounts.users().values()}
     assert shared_memory_of(uids), "PostgreSQL runs: it has shared memory segments in /dev/shm"
+    created = (environment.env_dir / "secrets" / "secrets.json").stat().st_mtime  # written once, at create
     result = environment.fabula("destroy", ENV, "--yes")
     assert result.returncode == 0, result.stderr
     assert leftovers(environment) == []
     assert shared_memory_of(uids) == []
+    # the app's temporary files (Celery's pool makes some) were in its servers' own folders
+    assert temporary_files_of(uids, since=created) == []
     # its files were moved out of the way at once; their removal finishes in the background
     trash = environment.state_dir / ".trash"
     wait_for(lambda: not any(trash.iterdir()), timeout=60, message="the destroyed files removed")
