@@ -69,8 +69,8 @@ def shared_memory_of(uids: set[int]) -> list[str]:
 def temporary_files_of(uids: set[int], since: float) -> list[str]:
     """What these users made in the machine's /tmp since then (an earlier environment, whose users
     had the same ids, may have left something there)."""
-    return [entry.name for entry in os.scandir("/tmp")
-            if entry.stat(follow_symlinks=False).st_uid in uids and entry.stat(follow_symlinks=False).st_mtime >= since]
+    found = ((entry.name, entry.stat(follow_symlinks=False)) for entry in os.scandir("/tmp"))
+    return [name for name, st in found if st.st_uid in uids and st.st_mtime >= since]
 
 
 def link_exists(name: str) -> bool:

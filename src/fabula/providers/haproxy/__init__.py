@@ -119,7 +119,7 @@ class HAProxyLoadBalancer(LoadBalancer):
     def start_ahead(self) -> None:
         # supervisord waits STARTSECS (1 s) before HAProxy counts as running: spent here, beside the
         # app servers' start, the load balancer phase is a reload
-        if not (self.supervisor.is_running() and self.supervisor.status().get("haproxy") == RUNNING):
+        if self.supervisor.status().get("haproxy") != RUNNING:   # {} when supervisord does not answer
             self.ensure([])
 
     def _address(self, port: int) -> str:
