@@ -4,7 +4,7 @@ Scenarios, in one run: a cold create (empty wheel cache) and a warm one of the 7
 environment (2 web servers), then warm creates with 1, 4 and 8 web servers, each environment
 kept (idle: its CPU shows as "other load") until all are created, then destroyed one after
 another (each destroy's time is reported too); last, the 7-part create again, right after
-those destroys (see `main` for why the two differ on this machine). Memory is the sum of
+those destroys (see `main` for why creates are kept apart from destroys). Memory is the sum of
 the proportional set size (PSS, so shared libraries are not counted twice) of every process in
 the environment's namespaces plus its load balancer, sampled every 0.5 s during and after create.
 
@@ -140,7 +140,8 @@ def main() -> None:
         while kept:
             destroyed(kept[0], results[len(results) - len(kept)])
             kept.pop(0)
-        # and that cost, measured: the same create, right after those destroys
+        # and, for comparison, the same create right after those destroys (what it pays depends
+        # on where its folders land)
         kept.append(new_environment(base, 2))
         figures = created(kept[-1], "warm, 2 web, right after destroys", 2, False)
         destroyed(kept[-1], figures)
